@@ -1,0 +1,80 @@
+"""forgeml: from raw data to a fast, explained, deployed model.
+
+Every stage is a Python function; the ``forgeml`` command is a thin layer over these.
+Imports are deferred so ``import forgeml`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from forgeml.models.registry import ModelFamily
+    from forgeml.recipe import Recipe
+
+__version__ = "0.1.0"
+
+
+def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: tuple[str, ...] = ()) -> Recipe:
+    """A Recipe from a Recipe, a YAML path, a built-in recipe name or a plain dict (+ --set style overrides)."""
+    from forgeml.recipe import Recipe, apply_overrides, load_recipe, validate_recipe
+
+    if isinstance(recipe, Recipe):
+        return validate_recipe(apply_overrides(recipe.model_dump(mode="json"), overrides)) if overrides else recipe
+    if isinstance(recipe, dict):
+        return validate_recipe(apply_overrides(dict(recipe), overrides))
+    return load_recipe(recipe, overrides)
+
+
+def run(
+    recipe: Recipe | str | Path | dict[str, Any] = "default",
+    run_dir: str | Path | None = None,
+    *,
+    overrides: tuple[str, ...] = (),
+    force: bool = False,
+) -> dict[str, Any]:
+    """Every stage of ``recipe`` in order (skipping the up-to-date ones) into ``run_dir`` (default runs/<name>)."""
+    from forgeml.pipeline import run_stages
+
+    return run_stages(as_recipe(recipe, overrides), run_dir, force=force)
+
+
+def prepare(
+    recipe: Recipe | str | Path | dict[str, Any], run_dir: str | Path | None = None, *, force: bool = False
+) -> Any:
+    """Read, check and split the data into ``run_dir/data``."""
+    from forgeml.pipeline import run_stages
+
+    return run_stages(as_recipe(recipe), run_dir, until="prepare", force=force)["prepare"]
+
+
+def train(
+    recipe: Recipe | str | Path | dict[str, Any], run_dir: str | Path | None = None, *, force: bool = False
+) -> Any:
+    """Prepare (if needed) and train; the model lands in ``run_dir/train/model``."""
+    from forgeml.pipeline import run_stages
+
+    return run_stages(as_recipe(recipe), run_dir, until="train", force=force)["train"]
+
+
+def report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` from whatever the run directory holds."""
+    from forgeml.report.html import write_report
+
+    return write_report(Path(run_dir))
+
+
+def load(run_dir: str | Path) -> ModelFamily:
+    """The trained model of a run (or a model folder), with its preprocessing, ready to predict."""
+    from forgeml.errors import RunDirError
+    from forgeml.models.registry import META_FILE, load_family
+
+    path = Path(run_dir)
+    folder = path if (path / META_FILE).exists() else path / "train" / "model"
+    if not (folder / META_FILE).exists():
+        raise RunDirError(f"{path} holds no trained model (no {folder / META_FILE}); train one with `forgeml run`")
+    return load_family(folder)
+
+
+__all__ = ["as_recipe", "load", "prepare", "report", "run", "train"]

@@ -1,0 +1,3 @@
+from forgeml.cli import main
+
+main()

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message and exits 2, without a traceback."""
+
+
+class ForgeError(Exception):
+    """A problem with the user's input (file, row, column, option) and how to fix it."""
+
+
+class RecipeError(ForgeError):
+    """The recipe or a --set override is invalid."""
+
+
+class DataError(ForgeError):
+    """A data source cannot be read or does not fit the recipe."""
+
+
+class RunDirError(ForgeError):
+    """The run directory is missing something, or holds a run that must not be overwritten."""

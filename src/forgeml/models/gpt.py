@@ -1,0 +1,372 @@
+"""A decoder-only transformer trained from scratch, nanoGPT style.
+
+Read top to bottom: the config, the network (attention, MLP, block, model), the two tokenizers
+(raw UTF-8 bytes, or a byte-level BPE trained on the training split), then the family that
+turns text rows into next-token batches and saves everything as JSON + safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, PositiveInt, model_validator
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from torch.nn import functional as F
+
+from forgeml.errors import DataError, ForgeError
+from forgeml.models.registry import META_FILE, MODELS, Batch, ModelFamily, Splits
+from forgeml.section import Section
+
+EOT = "<|endoftext|>"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class GPTConfig(Section):
+    """A small GPT: depth, width, context length and tokenizer."""
+
+    name: Literal["gpt"]
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = Field(128, description="model width; a multiple of n_head")
+    block_size: PositiveInt = Field(128, description="context length in tokens")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    bias: bool = Field(True, description="biases in Linear and LayerNorm layers")
+    tokenizer: Literal["byte", "bpe"] = Field("byte", description="byte: UTF-8 bytes; bpe: trained on train")
+    vocab_size: Annotated[int, Field(ge=260)] = Field(2048, description="bpe only: vocabulary to train")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> GPTConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+# ---------------------------------------------------------------- network
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)
+        # Heads are counted from the width, not stored, so a column-sharded c_attn holds fewer heads.
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTNetwork(nn.Module):
+    def __init__(self, config: GPTConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.block_size = config.block_size
+        self.wte = nn.Embedding(vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.size(1)
+        if T > self.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size ({self.block_size})")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; like nanoGPT, non-embedding leaves out only the position embeddings,
+        since the token embedding doubles as the output layer."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def join_documents(docs: Sequence[np.ndarray], eot_id: int) -> np.ndarray:
+    """One int64 token stream with ``eot_id`` between documents."""
+    stream = np.full(sum(len(d) for d in docs) + max(len(docs) - 1, 0), eot_id, dtype=np.int64)
+    start = 0
+    for doc in docs:
+        stream[start : start + len(doc)] = doc
+        start += len(doc) + 1
+    return stream
+
+
+class ByteTokenizer:
+    """UTF-8 bytes (ids 0-255) and an end-of-text id, 256."""
+
+    eot_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Sampled bytes need not be valid UTF-8: undecodable ones become U+FFFD.
+        # End-of-text reads as "<|endoftext|>", as the BPE tokenizer decodes it.
+        docs: list[str] = []
+        doc = bytearray()
+        for i in ids:
+            if i == self.eot_id:
+                docs.append(doc.decode("utf-8", errors="replace"))
+                doc = bytearray()
+            else:
+                doc.append(i)
+        docs.append(doc.decode("utf-8", errors="replace"))
+        return EOT.join(docs)
+
+    def encode_stream(self, texts: Sequence[str]) -> np.ndarray:
+        """All texts as one int64 stream, end-of-text between documents."""
+        return join_documents([np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts], self.eot_id)
+
+
+class BPETokenizer:
+    """A byte-level BPE (GPT-2 style) from the ``tokenizers`` library."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        # A literal "<|endoftext|>" in the data is text, not a document boundary (not saved in the JSON).
+        tokenizer.encode_special_tokens = True
+        self.tokenizer = tokenizer
+        self.eot_id: int = tokenizer.token_to_id(EOT)
+        self.vocab_size: int = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Sequence[str], vocab_size: int) -> BPETokenizer:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes, seen or not
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+        return cls(tokenizer)
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: Path) -> None:
+        self.tokenizer.save(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def encode_stream(self, texts: Sequence[str]) -> np.ndarray:
+        """All texts as one int64 stream, end-of-text between documents."""
+        encodings = self.tokenizer.encode_batch_fast(list(texts))  # in Rust, on all cores
+        return join_documents([np.asarray(e.ids, dtype=np.int64) for e in encodings], self.eot_id)
+
+
+TextTokenizer = ByteTokenizer | BPETokenizer
+
+
+# ---------------------------------------------------------------- family
+
+
+class TokenChunks(torch.utils.data.Dataset):
+    """Rows of a (n, block_size + 1) token matrix: inputs and their next tokens in one chunk."""
+
+    def __init__(self, chunks: torch.Tensor) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return self.chunks.size(0)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.chunks[index]
+
+
+@MODELS.register("gpt", GPTConfig)
+class GPT(ModelFamily):
+    name = "gpt"
+    inputs = "text"
+    task = "lm"
+
+    def __init__(self, config: GPTConfig, tokenizer: TextTokenizer, network: GPTNetwork, text_column: str) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.network = network
+        self.text_column = text_column
+        self.labels = []
+
+    @classmethod
+    def create(cls, config: GPTConfig, splits: Splits, seed: int) -> GPT:
+        if splits.text_column is None:
+            raise DataError("the gpt model needs a text column: set data.text_column")
+        tokenizer: TextTokenizer = ByteTokenizer()
+        if config.tokenizer == "bpe":
+            texts = splits.train[splits.text_column].astype(str).tolist()
+            tokenizer = BPETokenizer.train(texts, config.vocab_size)
+        torch.manual_seed(seed)
+        network = GPTNetwork(config, tokenizer.vocab_size)
+        return cls(config, tokenizer, network, splits.text_column)
+
+    def dataset(self, frame: pd.DataFrame) -> TokenChunks:
+        stream = self.tokenizer.encode_stream(frame[self.text_column].astype(str).tolist())
+        size = self.config.block_size + 1
+        n = len(stream) // size
+        if n == 0:
+            raise DataError(
+                f"{len(frame)} rows encode to {len(stream)} tokens, fewer than one chunk of "
+                f"block_size + 1 = {size}; lower model.block_size or use more rows"
+            )
+        return TokenChunks(torch.from_numpy(stream[: n * size]).view(n, size))
+
+    def collate(self, items: list[torch.Tensor], augment: Any | None, generator: torch.Generator | None) -> Batch:
+        x = torch.stack(items)
+        targets = x[:, 1:].contiguous()
+        return Batch(
+            inputs={"input_ids": x[:, :-1].contiguous()},
+            targets=targets,
+            size=x.size(0),
+            tokens=targets.numel(),
+        )
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # lm_head.weight is wte.weight; safetensors refuses shared tensors, so store it once.
+        state = {k: v.contiguous() for k, v in self.network.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = {"config": self.config.model_dump(mode="json"), "vocab_size": self.tokenizer.vocab_size}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if isinstance(self.tokenizer, BPETokenizer):
+            self.tokenizer.save(directory / TOKENIZER_FILE)
+        self.write_meta(directory, text_column=self.text_column)
+
+    @classmethod
+    def load(cls, directory: Path) -> GPT:
+        saved = json.loads((directory / CONFIG_FILE).read_text())
+        config = GPTConfig.model_validate(saved["config"])
+        tokenizer: TextTokenizer = ByteTokenizer()
+        if config.tokenizer == "bpe":
+            tokenizer = BPETokenizer.load(directory / TOKENIZER_FILE)
+        if tokenizer.vocab_size != saved["vocab_size"]:
+            raise ForgeError(
+                f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                f"was saved with {saved['vocab_size']}"
+            )
+        network = GPTNetwork(config, tokenizer.vocab_size)
+        missing, unexpected = network.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
+        if missing != ["lm_head.weight"] or unexpected:
+            raise ForgeError(f"{directory / WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
+        network.eval()
+        meta = json.loads((directory / META_FILE).read_text())
+        return cls(config, tokenizer, network, meta["text_column"])
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the weights plus attention's 12*L*H*Q*T (nanoGPT, PaLM)."""
+        c = self.config
+        n = self.network.num_params(non_embedding=True)
+        return float(6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> str:
+        """The continuation of ``prompt`` (without the prompt), up to ``max_new_tokens`` tokens;
+        it stops early at end-of-text. ``temperature`` 0 picks the most likely token."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        # An empty prompt starts a new document, which in training follows end-of-text.
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        device = next(self.network.parameters()).device
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        new: list[int] = []
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            for _ in range(max_new_tokens):
+                # No KV cache yet: rerun the last block_size tokens each step.
+                logits = self.network(idx[:, -self.config.block_size :])[:, -1, :]
+                if temperature == 0:
+                    token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                if token.item() == self.tokenizer.eot_id:
+                    break
+                new.append(int(token.item()))
+                idx = torch.cat([idx, token], dim=1)
+        finally:
+            self.network.train(was_training)
+        return self.tokenizer.decode(new)

@@ -1,0 +1,109 @@
+"""``mlp``: a multi-layer perceptron for tables, with feature scaling inside the network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, PositiveInt
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from forgeml.models.registry import MODELS, Batch, ModelFamily, Splits
+from forgeml.section import Section
+
+
+class MLPConfig(Section):
+    name: Literal["mlp"]
+    hidden_sizes: list[PositiveInt] = [128, 64]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+
+class MLPNetwork(nn.Module):
+    """Standardise with the training split's statistics (kept as buffers), then Linear-GELU-Dropout blocks."""
+
+    def __init__(self, n_features: int, hidden_sizes: list[int], n_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        layers: list[nn.Module] = []
+        width = n_features
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, n_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers((features - self.mean) / self.std)
+
+
+@MODELS.register("mlp", MLPConfig)
+class MLP(ModelFamily):
+    name = "mlp"
+    inputs = "features"
+    task = "classification"
+
+    def __init__(self, config: MLPConfig, features: list[str], labels: list[str], label_column: str | None) -> None:
+        self.config = config
+        self.features = features
+        self.labels = labels
+        self.label_column = label_column
+        self.network = MLPNetwork(len(features), config.hidden_sizes, len(labels), config.dropout)
+
+    @classmethod
+    def create(cls, config: MLPConfig, splits: Splits, seed: int) -> MLP:
+        torch.manual_seed(seed)
+        family = cls(config, splits.feature_columns, splits.labels, splits.label_column)
+        x = torch.tensor(splits.train[family.features].to_numpy(np.float32))
+        family.network.mean.copy_(x.mean(0))
+        # Constant columns would divide by zero; leave them unscaled.
+        family.network.std.copy_(torch.where(x.std(0) > 0, x.std(0), torch.ones(())))
+        return family
+
+    def dataset(self, frame: pd.DataFrame) -> torch.utils.data.Dataset:
+        x = torch.tensor(frame[self.features].to_numpy(np.float32))
+        y = torch.tensor(frame[self.label_column].to_numpy(np.int64))
+        return torch.utils.data.TensorDataset(x, y)
+
+    def collate(self, items: list[Any], augment: Any | None, generator: torch.Generator | None) -> Batch:
+        x = torch.stack([item[0] for item in items])
+        y = torch.stack([item[1] for item in items])
+        targets: torch.Tensor = y
+        if augment is not None and augment.gaussian_noise > 0:
+            # Noise in standardised units, so every feature is perturbed alike.
+            noise = torch.randn(x.shape, generator=generator) * augment.gaussian_noise
+            x = x + noise * self.network.std
+        if augment is not None and augment.mixup_alpha > 0:
+            alpha = torch.tensor(augment.mixup_alpha)
+            lam = float(torch.distributions.Beta(alpha, alpha).sample())
+            perm = torch.randperm(len(items), generator=generator)
+            onehot = nn.functional.one_hot(y, len(self.labels)).float()
+            x = lam * x + (1 - lam) * x[perm]
+            targets = lam * onehot + (1 - lam) * onehot[perm]
+        return Batch({"features": x}, targets, len(items))
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.network.state_dict(), directory / "model.safetensors")
+        config = {**self.config.model_dump(mode="json"), "features": self.features, "labels": self.labels}
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        self.write_meta(directory, feature_columns=self.features, label_column=self.label_column)
+
+    @classmethod
+    def load(cls, directory: Path) -> MLP:
+        config = json.loads((directory / "config.json").read_text())
+        meta = json.loads((directory / "forgeml.json").read_text())
+        features, labels = config.pop("features"), config.pop("labels")
+        family = cls(MLPConfig(**config), features, labels, meta.get("label_column"))
+        family.network.load_state_dict(load_file(directory / "model.safetensors"))
+        return family
+
+    def encode_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Raw feature objects -> network inputs (for prediction)."""
+        x = torch.tensor([[float(row[f]) for f in self.features] for row in rows], dtype=torch.float32)
+        return {"features": x}

@@ -1,0 +1,114 @@
+"""The model-family contract and its registry.
+
+A family turns prepared data into batches for one kind of network, builds that network,
+and saves/loads it with its preprocessing (tokenizer, feature scaling) so that
+``forgeml.load`` gives back a model that predicts from raw inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pandas as pd
+import torch
+from torch import nn
+
+from forgeml.registry import Registry
+
+MODELS: Registry[type[ModelFamily]] = Registry("model")
+
+META_FILE = "forgeml.json"
+
+
+@dataclass
+class Splits:
+    """Prepared rows of each split, and what the columns mean."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    text_column: str | None = None
+    feature_columns: list[str] = field(default_factory=list)
+    label_column: str | None = None
+    labels: list[str] = field(default_factory=list)  # class names; the label column holds their indices
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # passed to the network as keyword arguments
+    targets: torch.Tensor  # class indices, class probabilities (mixup) or next tokens
+    size: int  # number of rows (samples or sequences)
+    tokens: int = 0  # number of target tokens (language models), for throughput
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
+            self.targets.to(device, non_blocking=True),
+            self.size,
+            self.tokens,
+        )
+
+
+class ModelFamily(ABC):
+    """One kind of model: its network, its preprocessing, its file format."""
+
+    name: ClassVar[str]
+    inputs: ClassVar[Literal["text", "features"]]
+    task: ClassVar[Literal["classification", "lm"]]
+
+    network: nn.Module
+    labels: list[str]
+
+    @classmethod
+    @abstractmethod
+    def create(cls, config: Any, splits: Splits, seed: int) -> ModelFamily:
+        """Build a fresh network (and fit its preprocessing on the training split)."""
+
+    @abstractmethod
+    def dataset(self, frame: pd.DataFrame) -> torch.utils.data.Dataset:
+        """Encode rows once (tokenize, scale) into items for ``collate``."""
+
+    @abstractmethod
+    def collate(self, items: list[Any], augment: Any | None, generator: torch.Generator | None) -> Batch:
+        """Stack items into a batch; ``augment`` (an AugmentConfig) is given for training batches only."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write the network as safetensors with its config and preprocessing, no pickle."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: Path) -> ModelFamily:
+        """Rebuild from ``save``'s files."""
+
+    def encode_inputs(self, inputs: list[Any]) -> dict[str, torch.Tensor]:
+        """Raw inputs (texts or feature objects) -> network inputs, for prediction."""
+        raise NotImplementedError(f"{self.name} does not classify inputs")
+
+    @torch.no_grad()
+    def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
+        """Class probabilities for raw inputs, in eval mode."""
+        self.network.eval()
+        return logits_of(self.network(**self.encode_inputs(inputs))).float().softmax(-1)
+
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per token (forward + backward), where the family can say."""
+        return None
+
+    def write_meta(self, directory: Path, **extra: Any) -> None:
+        meta = {"family": self.name, "task": self.task, "labels": self.labels, **extra}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Networks return a tensor, or a transformers output holding ``logits``."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def load_family(directory: Path) -> ModelFamily:
+    meta = json.loads((directory / META_FILE).read_text())
+    return MODELS.get(meta["family"]).build.load(directory)

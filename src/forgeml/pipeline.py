@@ -1,0 +1,107 @@
+"""``forgeml run``: the stages in order, skipping those whose config and inputs are unchanged.
+
+Each stage reads what earlier stages left in the run directory and writes its own folder;
+``run.json`` records a hash of its config slice and of its input files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from forgeml.data.prepare import prepare
+from forgeml.data.sources import source_fingerprint
+from forgeml.recipe import Recipe
+from forgeml.report.html import write_report
+from forgeml.run import RunDir, sha256_file, sha256_json
+from forgeml.train.stage import train
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # the recipe sections its output depends on
+    inputs: Callable[[Recipe, RunDir], dict[str, str]]  # fingerprints of what it reads
+    call: Callable[[Recipe, RunDir, Console], Any]
+
+
+def file_hashes(*relative: str) -> Callable[[Recipe, RunDir], dict[str, str]]:
+    def hashes(recipe: Recipe, run: RunDir) -> dict[str, str]:
+        paths = {name: run.path / name for name in relative}
+        return {name: sha256_file(path) for name, path in paths.items() if path.exists()}
+
+    return hashes
+
+
+STAGES = (
+    Stage(
+        "prepare",
+        ("data", "prepare", "model.name"),
+        lambda recipe, run: {"source": source_fingerprint(recipe.data)},
+        lambda recipe, run, console: prepare(recipe, run),
+    ),
+    Stage(
+        "train",
+        ("data", "prepare", "model", "train"),
+        file_hashes("data/manifest.json"),
+        lambda recipe, run, console: train(recipe, run, console),
+    ),
+    Stage(
+        "report",
+        (),
+        file_hashes("recipe.yaml", "data/manifest.json", "train/eval.json", "train/metrics.jsonl"),
+        lambda recipe, run, console: write_report(run.path),
+    ),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def config_slice(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
+    dump = recipe.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for dotted in sections:
+        value: Any = dump
+        for part in dotted.split("."):
+            value = value[part]
+        out[dotted] = value
+    return out
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path("runs") / recipe.name
+
+
+def run_stages(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    *,
+    until: str = STAGES[-1].name,
+    force: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the stages up to and including ``until``; returns each stage's result (None when skipped)."""
+    console = console or Console(stderr=True)
+    run = RunDir(run_dir or default_run_dir(recipe))
+    chosen = STAGES[: STAGE_NAMES.index(until) + 1]
+    hashes = {stage.name: sha256_json(config_slice(recipe, stage.sections)) for stage in chosen}
+    run.claim(recipe.to_yaml(), hashes, force)
+    results: dict[str, Any] = {}
+    for stage in chosen:
+        inputs = stage.inputs(recipe, run)
+        if not force and run.is_done(stage.name, hashes[stage.name], inputs):
+            console.print(f"[dim]{stage.name}: up to date, skipped[/dim]")
+            results[stage.name] = None
+            continue
+        console.print(f"[bold cyan]{stage.name}[/bold cyan] ...")
+        started = run.start(stage.name, hashes[stage.name], inputs)
+        try:
+            results[stage.name] = stage.call(recipe, run, console)
+        except BaseException as exc:
+            run.finish(stage.name, started, error=f"{type(exc).__name__}: {exc}")
+            raise
+        run.finish(stage.name, started)
+    return results

@@ -1,0 +1,287 @@
+"""The recipe: pydantic models of each section, YAML loading, --set overrides, clear errors."""
+
+from __future__ import annotations
+
+import types
+import typing
+from difflib import get_close_matches
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
+
+from forgeml.errors import RecipeError
+from forgeml.models import MODELS
+from forgeml.section import Section
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class DataConfig(Section):
+    """Where the rows come from and which columns matter."""
+
+    source: str = Field(description="a built-in dataset name, or a CSV/Parquet/JSONL path or fsspec URL")
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+    text_column: str | None = None
+    feature_columns: list[str] | None = None
+    label_column: str | None = None
+    max_rows: PositiveInt | None = Field(None, description="keep a seeded random sample of this many rows")
+    seed: int = 0
+    # Options of the built-in datasets.
+    top_k_labels: PositiveInt | None = Field(None, description="stdlib-docstrings: keep the k largest packages")
+    n_samples: PositiveInt | None = Field(None, description="synthetic-imbalanced: number of rows")
+    n_features: PositiveInt | None = Field(None, description="synthetic-imbalanced: number of features")
+    n_classes: Annotated[int, Field(ge=2)] | None = Field(None, description="synthetic-imbalanced: classes")
+    class_ratio: Annotated[float, Field(ge=1.0)] | None = Field(
+        None, description="synthetic-imbalanced: size of the largest class / the smallest"
+    )
+
+
+class AuditConfig(Section):
+    """Data audit thresholds (the audit stage reads them)."""
+
+
+class PrepareConfig(Section):
+    """How the rows are split into train / validation / test."""
+
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    stratify: bool = True
+    seed: int = 0
+
+
+class EarlyStoppingConfig(Section):
+    metric: Literal["loss", "accuracy", "macro_f1", "perplexity"] = "loss"
+    patience: PositiveInt = 3
+    min_delta: NonNegativeFloat = 0.0
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation; 0 turns an option off."""
+
+    token_dropout: Probability = Field(0.0, description="text: drop each token with this probability")
+    random_mask: Probability = Field(0.0, description="text: replace each token by [MASK] with this probability")
+    gaussian_noise: NonNegativeFloat = Field(0.0, description="tables: std of noise added to standardised features")
+    mixup_alpha: NonNegativeFloat = Field(0.0, description="tables: Beta(alpha, alpha) mixup of rows and labels")
+
+
+class TrainConfig(Section):
+    max_steps: PositiveInt | None = None
+    max_epochs: Annotated[float, Field(gt=0)] | None = None
+    global_batch_size: PositiveInt = 32
+    micro_batch_size: PositiveInt | None = Field(None, description="defaults to global_batch_size")
+    lr: Annotated[float, Field(gt=0, le=1)] = 3e-4
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    weight_decay: NonNegativeFloat = 0.01
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: PositiveInt | None = Field(None, description="CPU threads for torch; default: torch's choice")
+    seed: int = 0
+    eval_every: PositiveInt | None = Field(None, description="steps between evaluations; default: once per epoch")
+    eval_batch_size: PositiveInt = 64
+    checkpoint_every: PositiveInt | None = None
+    keep_last: PositiveInt = 2
+    log_every: PositiveInt = 10
+    early_stopping: EarlyStoppingConfig | None = None
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: NonNegativeFloat = 2.0
+    label_smoothing: Probability = 0.0
+    class_weights: Literal["balanced"] | list[Annotated[float, Field(gt=0)]] | None = None
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> TrainConfig:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set train.max_steps or train.max_epochs (or both: training stops at the first)")
+        micro = self.micro_batch_size or self.global_batch_size
+        if self.global_batch_size % micro:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({micro})"
+            )
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.global_batch_size
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // self.micro_batch
+
+
+class TuneConfig(Section):
+    """Hyperparameter search (the tune stage reads it)."""
+
+
+class CompressConfig(Section):
+    """Compression variants (the compress stage reads it)."""
+
+
+class ServeConfig(Section):
+    """Model server options (the serve command reads it)."""
+
+
+class ExplainConfig(Section):
+    """Explanation methods (the explain stage reads it)."""
+
+
+ModelConfig = Annotated[Union[tuple(MODELS.configs())], Field(discriminator="name")]  # noqa: UP007
+
+
+class Recipe(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name: runs/<name>")
+    data: DataConfig
+    audit: AuditConfig = AuditConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig
+    train: TrainConfig
+    tune: TuneConfig = TuneConfig()
+    compress: CompressConfig = CompressConfig()
+    serve: ServeConfig = ServeConfig()
+    explain: ExplainConfig = ExplainConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def section_dump(self, *names: str) -> dict[str, Any]:
+        return {n: getattr(self, n).model_dump(mode="json") for n in names}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = resources.files("forgeml") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A path to a YAML file, or the name of a built-in recipe (default, tabular, lm, ...)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    builtins = builtin_recipes()
+    if str(recipe) in builtins:
+        return builtins[str(recipe)]
+    raise RecipeError(
+        f"recipe {str(recipe)!r} not found: no such file, and no built-in recipe of that name "
+        f"(built-in: {', '.join(sorted(builtins))})"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{path}: {where}invalid YAML ({problem})") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (data, model, train, ...)")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML (``3``, ``1e-4``, ``[1, 2]``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise RecipeError(f"--set {item!r}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = resolve_recipe_path(recipe)
+    return validate_recipe(apply_overrides(read_yaml(path), overrides), source=str(path))
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [describe_error(err) for err in exc.errors()]
+        raise RecipeError(f"{source}: invalid recipe\n" + "\n".join(f"  {line}" for line in lines)) from exc
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The model classes an annotation may hold (Optional, Annotated and unions unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [c for arg in typing.get_args(annotation) for c in _unwrap(arg)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Follow an error location through the models: the readable path, and the model at its end."""
+    cls: type[BaseModel] | None = Recipe
+    path: list[str] = []
+    items = list(loc)
+    while items:
+        key = items.pop(0)
+        path.append(str(key))
+        if cls is None or key not in cls.model_fields:
+            cls = None
+            continue
+        candidates = _unwrap(cls.model_fields[key].annotation)
+        tagged = {_tag(c): c for c in candidates if _tag(c)}
+        if items and items[0] in tagged:  # a discriminated union puts the tag in the location
+            cls = tagged[items.pop(0)]
+        else:
+            cls = candidates[0] if len(candidates) == 1 else None
+    return path, cls
+
+
+def _tag(cls: type[BaseModel]) -> str | None:
+    field = cls.model_fields.get("name")
+    args = typing.get_args(field.annotation) if field else ()
+    return args[0] if field and typing.get_origin(field.annotation) is Literal else None
+
+
+def describe_error(err: Any) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        path, _ = _walk(err["loc"])
+        _, parent = _walk(err["loc"][:-1])
+        fields = sorted(parent.model_fields) if parent else []
+        near = get_close_matches(path[-1], fields, n=1)
+        hint = f"did you mean {'.'.join(path[:-1] + near)}?" if near else f"known keys: {', '.join(fields)}"
+        return f"{'.'.join(path)}: unknown key; {hint}"
+    path, _ = _walk(err["loc"])
+    where = ".".join(path) or "recipe"
+    if kind == "missing":
+        return f"{where}: required but missing"
+    if kind == "union_tag_invalid":
+        return f"{where}.name: unknown model {ctx.get('tag')!r}; known models: {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"{where}.name: required; known models: {', '.join(repr(n) for n in MODELS.names())}"
+    if kind == "literal_error":
+        return f"{where}: {value!r} is not allowed; allowed values: {ctx.get('expected')}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {message} (got {value!r})" if not isinstance(value, dict) else f"{where}: {message}"

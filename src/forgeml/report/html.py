@@ -1,0 +1,315 @@
+"""One self-contained report.html per run: inline CSS, images as base64 data URIs, no scripts.
+
+The report is a list of section builders (`SECTIONS`). Each takes the loaded run and returns an
+HTML fragment, or None to leave the section out. To add a section, write a builder and put it
+in the list (or replace the matching placeholder).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from forgeml.errors import RunDirError
+from forgeml.report import plots
+
+REPORT_NAME = "report.html"
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
+       margin: 0; background: #fafafa; line-height: 1.45; }
+main { max-width: 1000px; margin: 0 auto; padding: 1.5rem; background: #fff; }
+h1 { margin-top: 0; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
+table { border-collapse: collapse; margin: .5rem 0 1rem; }
+th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; }
+th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f4f4f4; padding: .75rem; overflow-x: auto; font-size: .85rem; }
+img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
+.note { color: #555; font-style: italic; }
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the run directory holds; None for every file that is missing or unreadable."""
+
+    name: str
+    recipe: str | None
+    stages: Mapping[str, Any]
+    manifest: Mapping[str, Any] | None
+    metrics: list[Mapping[str, Any]]
+    eval: Mapping[str, Any] | None
+
+
+Builder = Callable[[Run], str | None]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[Mapping[str, Any]]:
+    """Object lines of a JSONL file; bad lines (e.g. a half-written last line) are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _dict_or_none(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def load_run(run_dir: Path) -> Run:
+    try:
+        recipe = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    except OSError:
+        recipe = None
+    run_json = _dict_or_none(_read_json(run_dir / "run.json")) or {}
+    return Run(
+        name=run_dir.resolve().name,
+        recipe=recipe,
+        stages=_dict_or_none(run_json.get("stages")) or {},
+        manifest=_dict_or_none(_read_json(run_dir / "data" / "manifest.json")),
+        metrics=_read_jsonl(run_dir / "train" / "metrics.jsonl"),
+        eval=_dict_or_none(_read_json(run_dir / "train" / "eval.json")),
+    )
+
+
+# --- HTML helpers ---------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    """A value as escaped cell text: floats to 4 decimals, missing as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return escape(str(value))
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(
+            f'<td class="num">{_fmt(c)}</td>' if isinstance(c, (int, float)) else f"<td>{_fmt(c)}</td>"
+            for c in row
+        ) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{escape(title)}</h2>\n{body}\n</section>"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{escape(text)}</p>'
+
+
+def _absent(title: str, run: Run, stage: str) -> str:
+    """Section body for a stage whose outputs are missing, worded by its recorded status."""
+    status = (_dict_or_none(run.stages.get(stage)) or {}).get("status")
+    if status == "failed":
+        return _section(title, _note(f"The {stage} stage failed; it left no results."))
+    if status == "running":
+        return _section(title, _note(f"The {stage} stage is still running or was interrupted."))
+    return placeholder(title)(run)
+
+
+def placeholder(title: str) -> Builder:
+    """Builder for a stage that has no output in this run."""
+    return lambda run: _section(title, _note(f"{title} did not run in this run."))
+
+
+# --- Sections -------------------------------------------------------------------------------
+
+
+def _header(run: Run) -> str:
+    rows = [
+        (stage, info.get("status"), info.get("started"), _duration(info.get("duration_s")))
+        for stage, info in run.stages.items()
+        if isinstance(info, dict)
+    ]
+    if not rows:
+        table = _note("No stages recorded.")
+    else:
+        table = _table(["stage", "status", "started", "duration"], rows)
+    return f"<header><h1>Run report: {escape(run.name)}</h1>\n{table}\n</header>"
+
+
+def _recipe(run: Run) -> str:
+    if run.recipe is None:
+        return _section("Recipe", _note("No recipe.yaml in this run."))
+    return _section("Recipe", f"<pre>{escape(run.recipe)}</pre>")
+
+
+def _data(run: Run) -> str:
+    m = run.manifest
+    if m is None:
+        return _absent("Data", run, "data")
+    parts = []
+    details = [(key, m.get(key)) for key in ("source", "label_column", "text_column") if m.get(key)]
+    if isinstance(m.get("feature_columns"), list) and m["feature_columns"]:
+        details.append(("feature_columns", ", ".join(map(str, m["feature_columns"]))))
+    if details:
+        parts.append(_table(["field", "value"], details))
+    splits = _dict_or_none(m.get("splits")) or {}
+    if splits:
+        rows = [(name, (_dict_or_none(info) or {}).get("rows")) for name, info in splits.items()]
+        parts.append(_table(["split", "rows"], rows))
+    all_counts = _dict_or_none(m.get("class_counts")) or {}
+    split = "train" if "train" in all_counts else next(iter(all_counts), None)
+    counts = {
+        str(label): n
+        for label, n in (_dict_or_none(all_counts.get(split)) or {}).items()
+        if isinstance(n, (int, float))
+    }
+    if counts:
+        parts.append(f"<h3>Class counts ({escape(str(split))} split)</h3>")
+        parts.append(_img(plots.class_counts(counts), f"class counts, {split} split"))
+    return _section("Data", "\n".join(parts) or _note("The manifest lists no splits."))
+
+
+def _scalar_metrics(metrics: Any) -> dict[str, Any]:
+    """The numeric metrics of one split (drops labels, confusion matrix, per-class table)."""
+    metrics = _dict_or_none(metrics) or {}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _training(run: Run) -> str:
+    ev = run.eval or {}
+    if not run.metrics and not ev:
+        return _absent("Training", run, "train")
+    parts = []
+    if run.metrics:
+        best = ev.get("best_step") if isinstance(ev.get("best_step"), int) else None
+        parts.append(_img(plots.loss_curves(run.metrics, best), "loss curves"))
+    if ev:
+        val, test = _scalar_metrics(ev.get("val")), _scalar_metrics(ev.get("test"))
+        names = list(dict.fromkeys([*test, *val]))
+        if names:
+            parts.append("<h3>Final metrics (held-out test, with validation)</h3>")
+            rows = [(name, test.get(name), val.get(name)) for name in names]
+            parts.append(_table(["metric", "test", "val"], rows))
+        steps, best = ev.get("steps"), ev.get("best_step")
+        after = f" after {steps} steps" if isinstance(steps, int) else ""
+        ended = "Early stopping ended training" if ev.get("stopped_early") else "Training ran to completion"
+        best_at = f"Best validation at step {best}." if best is not None else "No best step was recorded."
+        parts.append(_note(f"{ended}{after}. {best_at}"))
+    return _section("Training", "\n".join(parts))
+
+
+def _evaluation(run: Run) -> str:
+    ev = run.eval
+    if ev is None:
+        return _absent("Evaluation", run, "train")
+    split = "test" if _dict_or_none(ev.get("test")) else "val"
+    metrics = _dict_or_none(ev.get(split)) or {}
+    parts = [f"<p>On the {split} split.</p>"]
+    if ev.get("task") == "lm":
+        rows = [(name, metrics.get(name)) for name in ("perplexity", "loss")]
+        parts.append(_table(["metric", "value"], rows))
+        return _section("Evaluation", "\n".join(parts))
+
+    labels = [str(label) for label in metrics.get("labels") or []]
+    matrix = metrics.get("confusion_matrix")
+    if labels and matrix:
+        try:
+            png = plots.confusion_matrix(matrix, labels)
+            parts.append(_img(png, f"confusion matrix, {split} split"))
+        except (ValueError, TypeError) as err:
+            parts.append(_note(f"Confusion matrix not drawn: {err}"))
+    per_class = _dict_or_none(metrics.get("per_class")) or {}
+    if per_class:
+        order = [label for label in labels if label in per_class]
+        order += [label for label in per_class if label not in order]
+        keys = ("precision", "recall", "f1", "support")
+        rows = [(label, *((_dict_or_none(per_class[label]) or {}).get(k) for k in keys)) for label in order]
+        parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
+    return _section("Evaluation", "\n".join(parts))
+
+
+SECTIONS: list[Builder] = [
+    _header,
+    _recipe,
+    _data,
+    placeholder("Data audit"),
+    _training,
+    _evaluation,
+    placeholder("Tuning"),
+    placeholder("Compression"),
+    placeholder("Explanations"),
+]
+
+
+# --- Writing --------------------------------------------------------------------------------
+
+
+def render(run: Run, sections: Sequence[Builder] = SECTIONS) -> str:
+    body = "\n".join(fragment for build in sections if (fragment := build(run)) is not None)
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{escape(run.name)} · forgeml report</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory, fsync it, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(run_dir: Path) -> Path:
+    """Build `report.html` in `run_dir` from whatever the run left there; return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist; pass the folder a run wrote")
+    path = run_dir / REPORT_NAME
+    _atomic_write(path, render(load_run(run_dir)))
+    return path

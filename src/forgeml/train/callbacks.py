@@ -1,0 +1,145 @@
+"""Callbacks watch the loop: progress bar, metric logs, early stopping. They never change its order."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from forgeml.train.metrics import HIGHER_IS_BETTER
+
+
+@dataclass
+class LoopState:
+    """What the loop exposes to callbacks after each step and evaluation."""
+
+    network: torch.nn.Module
+    total_steps: int
+    steps_per_epoch: int
+    step: int = 0
+    loss: float = float("nan")
+    lr: float = 0.0
+    samples: int = 0  # rows seen so far
+    tokens: int = 0  # target tokens seen so far (language models)
+    samples_per_s: float = 0.0  # over the last log_every steps, evaluation excluded
+    tokens_per_s: float = 0.0
+    should_stop: bool = False
+    best_step: int | None = None
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+
+class Callback:
+    def on_step_end(self, state: LoopState) -> None: ...
+
+    def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None: ...
+
+    def on_fit_end(self, state: LoopState) -> None: ...
+
+
+class ProgressBar(Callback):
+    def __init__(self, console: Console | None = None, log_every: int = 1) -> None:
+        self.log_every = log_every
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task: Any = None
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.total_steps, loss="-", speed="")
+        if state.step % self.log_every and state.step != state.total_steps:
+            return
+        speed = f"{state.tokens_per_s:,.0f} tok/s" if state.tokens else f"{state.samples_per_s:,.1f} samples/s"
+        self.progress.update(self.task, completed=state.step, loss=f"{state.loss:.4f}", speed=speed)
+
+    def on_fit_end(self, state: LoopState) -> None:
+        self.progress.stop()
+
+
+class MetricsLogger(Callback):
+    """metrics.jsonl (one JSON object a line) and TensorBoard event files in the same folder."""
+
+    def __init__(self, folder: Path, log_every: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = (folder / "metrics.jsonl").open("w")
+        self.tensorboard = SummaryWriter(log_dir=str(folder / "tensorboard"))
+        self.log_every = log_every
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key not in ("split", "step") and isinstance(value, int | float):
+                self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.step % self.log_every and state.step != state.total_steps:
+            return
+        row = {
+            "split": "train",
+            "step": state.step,
+            "epoch": round(state.epoch, 4),
+            "loss": state.loss,
+            "lr": state.lr,
+            "samples_per_s": state.samples_per_s,
+        }
+        if state.tokens:
+            row["tokens_per_s"] = state.tokens_per_s
+        self._write(row)
+
+    def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        self._write({"split": "val", "step": state.step, "epoch": round(state.epoch, 4), **scalars})
+
+    def on_fit_end(self, state: LoopState) -> None:
+        self.file.close()
+        self.tensorboard.close()
+
+
+class EarlyStopping(Callback):
+    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` evaluations; restore the best weights."""
+
+    def __init__(self, metric: str, patience: int, min_delta: float) -> None:
+        self.metric = metric
+        self.patience = patience
+        self.min_delta = min_delta
+        self.sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+        self.best: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+
+    def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None:
+        value = self.sign * metrics[self.metric]
+        if self.best is None or value > self.best + self.min_delta:
+            self.best, self.bad_evals, state.best_step = value, 0, state.step
+            self.best_state = {k: v.detach().clone() for k, v in state.network.state_dict().items()}
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            state.should_stop = state.stopped_early = True
+
+    def on_fit_end(self, state: LoopState) -> None:
+        if self.best_state is not None:
+            state.network.load_state_dict(self.best_state)

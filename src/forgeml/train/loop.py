@@ -1,0 +1,151 @@
+"""The training loop. It reads top to bottom; strategies wrap the model, callbacks watch.
+
+One optimizer step = ``accumulation`` micro-batches. Each micro-batch's mean loss is scaled
+by its share of the global batch's normalizer (rows, tokens or class weight), so the
+accumulated gradient equals the gradient of the global batch's mean loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from forgeml.errors import ForgeError
+from forgeml.models.registry import Batch, logits_of
+from forgeml.recipe import TrainConfig
+from forgeml.train.callbacks import Callback, LoopState
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decoupled weight decay on matrices only: no decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    schedule = partial(warmup_cosine, warmup=cfg.warmup_steps, total=total, min_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CPU or CUDA; fp16 with a grad scaler on CUDA only."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "fp16" and device.type != "cuda":
+        raise ForgeError("train.precision: fp16 needs a CUDA device; on CPU use bf16 (or fp32)")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    limits = [cfg.max_steps] if cfg.max_steps else []
+    if cfg.max_epochs:
+        limits.append(max(1, math.ceil(cfg.max_epochs * steps_per_epoch)))
+    return min(limits)
+
+
+def endless(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
+    """Micro-batches across epochs; the loader's seeded sampler reshuffles each epoch."""
+    while True:
+        yield from loader
+
+
+def fit(
+    network: nn.Module,
+    train_loader: torch.utils.data.DataLoader,
+    cfg: TrainConfig,
+    loss_fn: Any,
+    strategy: Any,
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+    callbacks: list[Callback] = (),
+) -> LoopState:
+    """Train ``network`` in place; returns the final loop state (steps, best step, early stop)."""
+    steps_per_epoch = len(train_loader) // cfg.accumulation
+    if steps_per_epoch == 0:
+        raise ForgeError(
+            f"the training split gives {len(train_loader)} micro-batches of {cfg.micro_batch} rows, fewer than "
+            f"one global batch ({cfg.global_batch_size}); lower train.global_batch_size or add data"
+        )
+    total = total_steps(cfg, steps_per_epoch)
+    eval_every = cfg.eval_every or steps_per_epoch
+    device = strategy.device
+    model = strategy.wrap(network)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    autocast = autocast_for(cfg.precision, device)
+    state = LoopState(network=network, total_steps=total, steps_per_epoch=steps_per_epoch)
+    window: deque[tuple[float, int, int]] = deque(maxlen=cfg.log_every)
+    batches = endless(train_loader)
+
+    model.train()
+    for step in range(1, total + 1):
+        started = time.perf_counter()
+        micro = [next(batches).to(device) for _ in range(cfg.accumulation)]
+        norm = sum(loss_fn.normalizer(b.targets) for b in micro)
+        step_loss = torch.zeros((), device=device)
+        for batch in micro:
+            with autocast():
+                logits = logits_of(model(**batch.inputs))
+            loss = loss_fn(logits, batch.targets) * (loss_fn.normalizer(batch.targets) / norm)
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if cfg.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        samples, tokens = sum(b.size for b in micro), sum(b.tokens for b in micro)
+        window.append((time.perf_counter() - started, samples, tokens))
+        elapsed = sum(w[0] for w in window)
+        state.step, state.loss, state.lr = step, step_loss.item(), scheduler.get_last_lr()[0]
+        state.samples += samples
+        state.tokens += tokens
+        state.samples_per_s = sum(w[1] for w in window) / elapsed
+        state.tokens_per_s = sum(w[2] for w in window) / elapsed
+        if not math.isfinite(state.loss):
+            raise ForgeError(
+                f"the training loss became {state.loss} at step {step}; lower train.lr or set train.grad_clip"
+            )
+        for callback in callbacks:
+            callback.on_step_end(state)
+
+        if evaluate is not None and (step % eval_every == 0 or step == total):
+            metrics = evaluate(model)
+            state.history.append({"step": step, **metrics})
+            for callback in callbacks:
+                callback.on_eval(state, metrics)
+            if state.should_stop:
+                break
+
+    for callback in callbacks:
+        callback.on_fit_end(state)
+    return state

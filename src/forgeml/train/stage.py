@@ -1,0 +1,142 @@
+"""The train stage: prepared splits in, trained model + metrics out (``train/`` in the run directory)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from forgeml.data.prepare import load_splits
+from forgeml.errors import ForgeError
+from forgeml.models import MODELS
+from forgeml.models.registry import ModelFamily, Splits
+from forgeml.recipe import Recipe, TrainConfig
+from forgeml.run import RunDir, write_json
+from forgeml.train.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
+from forgeml.train.losses import ClassificationLoss, NextTokenLoss, balanced_weights
+from forgeml.train.loop import autocast_for, fit
+from forgeml.train.metrics import TASK_METRICS, evaluate
+from forgeml.train.strategies import Single, resolve_device
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_step: int | None
+    stopped_early: bool
+    val: dict[str, Any]
+    test: dict[str, Any]
+    model_dir: Path
+
+
+def build_loss(cfg: TrainConfig, task: str, splits: Splits) -> ClassificationLoss | NextTokenLoss:
+    if task == "lm":
+        return NextTokenLoss()
+    weights = None
+    if cfg.class_weights == "balanced":
+        labels = torch.as_tensor(splits.train[splits.label_column].to_numpy())
+        weights = balanced_weights(labels, len(splits.labels))
+    elif cfg.class_weights is not None:
+        if len(cfg.class_weights) != len(splits.labels):
+            raise ForgeError(
+                f"train.class_weights: {len(cfg.class_weights)} weights for {len(splits.labels)} classes "
+                f"({', '.join(splits.labels)}); give one per class, in that order, or 'balanced'"
+            )
+        weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    return ClassificationLoss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
+
+
+def loaders(family: ModelFamily, splits: Splits, cfg: TrainConfig) -> dict[str, DataLoader]:
+    """Seeded shuffling and augmentation for training; plain, ordered batches for evaluation."""
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    augment = torch.Generator().manual_seed(cfg.seed + 1)
+    result = {
+        "train": DataLoader(
+            family.dataset(splits.train),
+            batch_size=cfg.micro_batch,
+            shuffle=True,
+            drop_last=True,
+            generator=shuffle,
+            collate_fn=partial(family.collate, augment=cfg.augment, generator=augment),
+        )
+    }
+    for name in ("val", "test"):
+        data = family.dataset(getattr(splits, name))
+        if len(data) == 0:
+            raise ForgeError(f"the {name} split yields no examples for {family.name}; add data or raise its fraction")
+        result[name] = DataLoader(
+            data, batch_size=cfg.eval_batch_size, collate_fn=partial(family.collate, augment=None, generator=None)
+        )
+    return result
+
+
+def save_model(family: ModelFamily, destination: Path) -> None:
+    """Write the export beside the old one, then swap, so a crash never leaves half a model."""
+    staging = destination.with_name(f".{destination.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    family.save(staging)
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        destination.rename(old)
+        staging.rename(destination)
+        shutil.rmtree(old)
+    else:
+        staging.rename(destination)
+
+
+def train(recipe: Recipe, run: RunDir, console: Console | None = None) -> TrainResult:
+    cfg = recipe.train
+    family_cls = MODELS.get(recipe.model.name).build
+    if cfg.early_stopping and cfg.early_stopping.metric not in TASK_METRICS[family_cls.task]:
+        raise ForgeError(
+            f"train.early_stopping.metric: {cfg.early_stopping.metric!r} is not measured for "
+            f"{family_cls.task} models; use one of {', '.join(TASK_METRICS[family_cls.task])}"
+        )
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    splits = load_splits(run)
+    strategy = Single(resolve_device(cfg.device))
+    family = family_cls.create(recipe.model, splits, seed=cfg.seed)
+    data = loaders(family, splits, cfg)
+    autocast = autocast_for(cfg.precision, strategy.device)
+    measure = partial(evaluate, task=family.task, labels=family.labels, device=strategy.device, autocast=autocast)
+
+    out = run.stage_dir("train")
+    callbacks: list[Callback] = [ProgressBar(console, cfg.log_every), MetricsLogger(out, cfg.log_every)]
+    if cfg.early_stopping:
+        es = cfg.early_stopping
+        callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
+
+    torch.manual_seed(cfg.seed)  # dropout
+    state = fit(
+        family.network,
+        data["train"],
+        cfg,
+        build_loss(cfg, family.task, splits),
+        strategy,
+        evaluate=lambda model: measure(model, data["val"]),
+        callbacks=callbacks,
+    )
+    model = strategy.wrap(family.network)
+    val, test = measure(model, data["val"]), measure(model, data["test"])
+    save_model(family, out / "model")
+    result = TrainResult(state.step, state.best_step, state.stopped_early, val, test, out / "model")
+    write_json(
+        out / "eval.json",
+        {
+            "task": family.task,
+            "steps": state.step,
+            "best_step": state.best_step,
+            "stopped_early": state.stopped_early,
+            "val": val,
+            "test": test,
+        },
+    )
+    return result

@@ -1,0 +1,135 @@
+"""The CLI end to end, on real data with tiny settings: the default recipe, skips, errors, overwrite guard."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+TINY_DEFAULT = [
+    "--set", "data.top_k_labels=3",
+    "--set", "data.max_rows=300",
+    "--set", "model.max_length=32",
+    "--set", "train.max_steps=6",
+    "--set", "train.eval_every=3",
+    "--set", "train.global_batch_size=16",
+    "--set", "train.warmup_steps=1",
+]  # fmt: skip
+
+
+def forgeml(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "forgeml", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    result = forgeml("run", *TINY_DEFAULT, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd, result
+
+
+def test_default_recipe_runs_end_to_end(default_run):
+    cwd, result = default_run
+    run = cwd / "runs" / "default"
+    assert "accuracy" in result.stdout and "macro-f1" in result.stdout
+    assert (run / "report.html").exists() and "report.html" in result.stdout
+    stages = json.loads((run / "run.json").read_text())["stages"]
+    assert [stages[s]["status"] for s in ("prepare", "train", "report")] == ["done"] * 3
+    assert all(stages[s]["duration_s"] >= 0 and stages[s]["config_hash"] for s in stages)
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert sum(manifest["splits"][s]["rows"] for s in ("train", "val", "test")) == 300
+    assert len(manifest["labels"]) == 3
+    evaluation = json.loads((run / "train" / "eval.json").read_text())
+    assert evaluation["steps"] == 6 and 0.0 <= evaluation["test"]["accuracy"] <= 1.0
+    lines = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "val"} <= {line["split"] for line in lines}
+    assert list((run / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["max_steps"] == 6
+
+
+def test_rerun_skips_up_to_date_stages(default_run):
+    cwd, _ = default_run
+    before = (cwd / "runs/default/train/model/model.safetensors").stat().st_mtime_ns
+    result = forgeml("run", *TINY_DEFAULT, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "prepare: up to date, skipped" in result.stderr and "train: up to date, skipped" in result.stderr
+    assert (cwd / "runs/default/train/model/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_finished_run_of_another_recipe_is_not_overwritten(default_run):
+    cwd, _ = default_run
+    result = forgeml("run", *TINY_DEFAULT, "--set", "train.lr=0.01", cwd=cwd)
+    assert result.returncode == 2
+    assert "finished run of another recipe" in result.stderr and "train.lr" in result.stderr
+    assert "--force" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_loads_with_plain_transformers(default_run):
+    cwd, _ = default_run
+    model_dir = cwd / "runs/default/train/model"
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(model_dir)!r})\n"
+        f"t = AutoTokenizer.from_pretrained({str(model_dir)!r})\n"
+        "out = m(**t(['Return the base name of a path.'], return_tensors='pt'))\n"
+        "assert out.logits.shape == (1, 3), out.logits.shape\n"
+        "assert 'forgeml' not in sys.modules\n"
+        "print(sorted(m.config.id2label.values()))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt"))
+
+
+def test_forgeml_load_predicts(default_run):
+    import forgeml
+
+    cwd, _ = default_run
+    model = forgeml.load(cwd / "runs/default")
+    probs = model.predict_proba(["Return the base name of a path.", "Send an email message."])
+    assert probs.shape == (2, 3)
+    assert probs.sum(-1).sub(1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "no-such-recipe"], "not found"),
+        (["run", "tabular", "--set", "train.lrr=1"], "did you mean train.lr?"),
+        (["run", "tabular", "--set", "model.name=resnet"], "known models"),
+        (["run", "tabular", "--set", "data.source=no-such-dataset"], "breast-cancer"),
+        (["run", "tabular", "--set", "data.source=missing.csv"], "missing.csv"),
+        (["run", "tabular", "--set", "train.lr"], "expected section.key=value"),
+        (["report", "no/such/run"], "no such run directory"),
+    ],
+)
+def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, args, expected):
+    result = forgeml(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = forgeml("run", "no-such-recipe", "--debug", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_help_lists_commands(tmp_path):
+    result = forgeml("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("run", "train", "report"):
+        assert command in result.stdout
+    assert forgeml("run", "--help", cwd=tmp_path).returncode == 0
+    assert forgeml("train", "--help", cwd=tmp_path).returncode == 0

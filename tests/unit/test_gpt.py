@@ -1,0 +1,171 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+from torch.nn import functional as F
+
+from forgeml.models.gpt import GPT, BPETokenizer, ByteTokenizer, GPTConfig, GPTNetwork
+from forgeml.models.registry import MODELS, Splits
+
+
+def tiny(**overrides: object) -> GPTConfig:
+    fields = {"name": "gpt", "n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16, "dropout": 0.0}
+    return GPTConfig(**{**fields, **overrides})
+
+
+@pytest.fixture
+def splits() -> Splits:
+    def frame(texts: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"text": texts})
+
+    train = [f"doc {i}: hello world, the quick brown fox — ünïcödé 😀" for i in range(40)]
+    return Splits(
+        train=frame(train),
+        val=frame(["zyzzyva jam " * 5] * 4),  # letters never seen in training
+        test=frame(["hello world " * 5] * 4),
+        text_column="text",
+    )
+
+
+def test_registered() -> None:
+    entry = MODELS.get("gpt")
+    assert entry.build is GPT and entry.config is GPTConfig
+    assert (GPT.name, GPT.inputs, GPT.task) == ("gpt", "text", "lm")
+
+
+def test_n_embd_must_divide_by_n_head() -> None:
+    with pytest.raises(ValidationError, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):
+        tiny(n_embd=30)
+
+
+def test_shapes_and_block_size_overflow() -> None:
+    net = GPTNetwork(tiny(), vocab_size=257)
+    assert net(torch.randint(0, 257, (3, 16))).shape == (3, 16, 257)
+    assert net(torch.randint(0, 257, (2, 5))).shape == (2, 5, 257)
+    with pytest.raises(ValueError, match=r"17 tokens .* block_size \(16\)"):
+        net(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_causal() -> None:
+    torch.manual_seed(0)
+    net = GPTNetwork(tiny(), vocab_size=257).eval()
+    x = torch.randint(0, 256, (2, 16))
+    changed = x.clone()
+    changed[:, 10] = (x[:, 10] + 1) % 256
+    a, b = net(x), net(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_weight_tying_and_param_count() -> None:
+    net = GPTNetwork(tiny(), vocab_size=257)
+    assert net.lm_head.weight is net.wte.weight
+    # per block: 2 LayerNorms, c_attn, attn.c_proj, c_fc, mlp.c_proj (weights + biases)
+    block = 2 * 64 + (32 * 96 + 96) + (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
+    non_embedding = 2 * block + 257 * 32 + 64  # blocks, tied wte/lm_head, ln_f
+    assert net.num_params() == non_embedding
+    assert net.num_params(non_embedding=False) == non_embedding + 16 * 32
+
+
+def test_flops_per_token(splits: Splits) -> None:
+    model = GPT.create(tiny(), splits, seed=0)
+    n = model.network.num_params(non_embedding=True)
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 8 * 16
+
+
+def test_deterministic_init(splits: Splits) -> None:
+    a = GPT.create(tiny(), splits, seed=3).network.state_dict()
+    b = GPT.create(tiny(), splits, seed=3).network.state_dict()
+    c = GPT.create(tiny(), splits, seed=4).network.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["wte.weight"], c["wte.weight"])
+
+
+def test_byte_tokenizer_round_trip() -> None:
+    tok = ByteTokenizer()
+    text = "naïve café — 日本語 😀\n\ttabs"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == text
+    assert (tok.eot_id, tok.vocab_size) == (256, 257)
+
+
+def test_bpe_tokenizer_trains_on_train_only(splits: Splits) -> None:
+    model = GPT.create(tiny(tokenizer="bpe", vocab_size=300), splits, seed=0)
+    tok = model.tokenizer
+    assert isinstance(tok, BPETokenizer)
+    assert 257 < tok.vocab_size <= 300
+    vocab = tok.tokenizer.get_vocab()
+    assert "Ġhello" in vocab  # Ġ: byte-level BPE's space
+    assert not any(len(t) > 1 and ("z" in t or "j" in t) for t in vocab)  # val's words were not merged
+    for text in ["hello world — ünïcödé 😀", "zyzzyva jam", "<|endoftext|> is text here"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.eot_id not in tok.encode("a <|endoftext|> b")
+
+
+def test_dataset_chunks_and_collate(splits: Splits) -> None:
+    model = GPT.create(tiny(), splits, seed=0)
+    texts = splits.train["text"].tolist()
+    stream = []
+    for i, text in enumerate(texts):
+        stream += ([256] if i else []) + list(text.encode("utf-8"))
+    data = model.dataset(splits.train)
+    assert len(data) == len(stream) // 17
+    assert torch.cat([data[i] for i in range(len(data))]).tolist() == stream[: len(data) * 17]
+    assert data[0].dtype == torch.long
+
+    batch = model.collate([data[0], data[1], data[2]], augment=None, generator=None)
+    x = batch.inputs["input_ids"]
+    assert x.shape == batch.targets.shape == (3, 16)
+    assert (batch.size, batch.tokens) == (3, 48)
+    assert torch.equal(x[:, 1:], batch.targets[:, :-1])
+    assert torch.equal(batch.targets[:, -1], torch.stack([data[i][-1] for i in range(3)]))
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_save_load_round_trip(splits: Splits, tmp_path: Path, tokenizer: str) -> None:
+    model = GPT.create(tiny(tokenizer=tokenizer, vocab_size=300), splits, seed=0)
+    model.save(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert all(name.endswith((".json", ".safetensors")) for name in files)
+    assert ("tokenizer.json" in files) == (tokenizer == "bpe")
+
+    loaded = GPT.load(tmp_path)
+    assert loaded.network.lm_head.weight is loaded.network.wte.weight
+    assert loaded.config == model.config and loaded.text_column == "text"
+    x = torch.tensor([loaded.tokenizer.encode("hello world, the quick")[:16]])
+    assert torch.equal(model.network.eval()(x), loaded.network(x))
+    assert loaded.tokenizer.encode("ünïcödé fox") == model.tokenizer.encode("ünïcödé fox")
+
+
+def test_training_reduces_loss() -> None:
+    text = pd.DataFrame({"text": ["abcdefgh" * 40]})
+    model = GPT.create(tiny(), Splits(train=text, val=text, test=text, text_column="text"), seed=0)
+    data = model.dataset(text)
+    batch = model.collate([data[i] for i in range(len(data))], augment=None, generator=None)
+    optimizer = torch.optim.AdamW(model.network.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        logits = model.network(**batch.inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_generate(splits: Splits) -> None:
+    model = GPT.create(tiny(), splits, seed=0)
+    model.network.train()
+    gen = torch.Generator().manual_seed(0)
+    out = model.generate("hello", max_new_tokens=20, temperature=0.8, top_k=10, generator=gen)
+    assert isinstance(out, str)
+    assert len(out) <= 20  # a byte decodes to at most one character
+    assert model.generate("", max_new_tokens=0) == ""
+    assert model.generate("x" * 40, max_new_tokens=5, temperature=0) == model.generate(
+        "x" * 40, max_new_tokens=5, temperature=0
+    )  # prompts past block_size are cropped; greedy is deterministic
+    assert model.network.training  # the mode is restored

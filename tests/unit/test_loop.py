@@ -1,0 +1,180 @@
+"""The training loop on a real (small) MLP: accumulation, early stopping, precision, losses, schedule."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forgeml.errors import ForgeError
+from forgeml.models.mlp import MLP, MLPConfig
+from forgeml.models.registry import Splits
+from forgeml.recipe import TrainConfig
+from forgeml.train.callbacks import Callback
+from forgeml.train.losses import ClassificationLoss, balanced_weights
+from forgeml.train.loop import fit, warmup_cosine
+from forgeml.train.stage import loaders
+from forgeml.train.strategies import Single
+
+
+def table(n: int = 160, seed: int = 0) -> Splits:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1).astype(np.int64)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)]).assign(label=y)
+    return Splits(
+        train=frame.iloc[:128],
+        val=frame.iloc[128:144],
+        test=frame.iloc[144:],
+        feature_columns=[f"f{i}" for i in range(6)],
+        label_column="label",
+        labels=["a", "b", "c"],
+    )
+
+
+def train_mlp(splits: Splits, dropout: float = 0.0, loss=None, callbacks=(), evaluate=None, **train):
+    cfg = TrainConfig(**{"max_steps": 8, "lr": 1e-2, "warmup_steps": 0, "seed": 0, **train})
+    family = MLP.create(MLPConfig(name="mlp", hidden_sizes=[16], dropout=dropout), splits, seed=0)
+    data = loaders(family, splits, cfg)
+    state = fit(
+        family.network,
+        data["train"],
+        cfg,
+        loss or ClassificationLoss(),
+        Single(torch.device("cpu")),
+        evaluate=evaluate,
+        callbacks=list(callbacks),
+    )
+    return family, state
+
+
+def weights(family) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in family.network.parameters()])
+
+
+def test_accumulation_4x8_equals_batch_32():
+    splits = table()
+    full, _ = train_mlp(splits, global_batch_size=32)
+    accumulated, _ = train_mlp(splits, global_batch_size=32, micro_batch_size=8)
+    assert weights(full).sub(weights(accumulated)).abs().max() < 1e-5
+
+
+def test_accumulation_is_exact_with_class_weights():
+    splits = table()
+    class_weights = torch.tensor([1.0, 3.0, 10.0])
+    full, _ = train_mlp(splits, loss=ClassificationLoss(class_weights=class_weights), global_batch_size=32)
+    acc, _ = train_mlp(
+        splits, loss=ClassificationLoss(class_weights=class_weights), global_batch_size=32, micro_batch_size=8
+    )
+    assert weights(full).sub(weights(acc)).abs().max() < 1e-5
+
+
+def test_training_is_deterministic_for_a_seed():
+    splits = table()
+    a, _ = train_mlp(splits, dropout=0.2, global_batch_size=16)
+    b, _ = train_mlp(splits, dropout=0.2, global_batch_size=16)
+    assert torch.equal(weights(a), weights(b))
+
+
+class Snapshots(Callback):
+    def __init__(self):
+        self.at: dict[int, torch.Tensor] = {}
+
+    def on_eval(self, state, metrics):
+        self.at[state.step] = torch.cat([p.detach().flatten().clone() for p in state.network.parameters()])
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    from forgeml.train.callbacks import EarlyStopping
+
+    losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0])
+    snapshots = Snapshots()
+    stopper = EarlyStopping("loss", patience=2, min_delta=0.0)
+    family, state = train_mlp(
+        table(),
+        global_batch_size=16,
+        eval_every=1,
+        max_steps=8,
+        evaluate=lambda model: {"loss": next(losses)},
+        callbacks=[snapshots, stopper],
+    )
+    assert state.stopped_early and state.step == 4 and state.best_step == 2
+    assert torch.equal(weights(family), snapshots.at[2])
+    assert not torch.equal(weights(family), snapshots.at[4])
+
+
+def test_bf16_autocast_trains_on_cpu():
+    splits = table()
+    _, before = train_mlp(splits, max_steps=1, global_batch_size=32, precision="bf16")
+    _, after = train_mlp(splits, max_steps=24, global_batch_size=32, precision="bf16")
+    assert math.isfinite(after.loss) and after.loss < before.loss
+
+
+def test_fp16_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ForgeError, match="fp16 needs a CUDA device"):
+        train_mlp(table(), precision="fp16")
+
+
+def test_too_little_data_for_one_batch_is_a_clear_error():
+    with pytest.raises(ForgeError, match="fewer than one global batch"):
+        train_mlp(table(), global_batch_size=256)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    from forgeml.train.loop import param_groups
+
+    network = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(network, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_then_cosine_schedule():
+    values = [warmup_cosine(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    assert values[:4] == sorted(values[:4]) and values[3] < 1.0
+    assert values[4] == pytest.approx(1.0)
+    assert values[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy():
+    logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(10) % 4
+    focal = ClassificationLoss("focal", focal_gamma=0.0)(logits, targets)
+    assert focal == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+
+
+def test_focal_loss_down_weights_easy_examples():
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0]])
+    targets = torch.tensor([0, 0])
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    focal = ClassificationLoss("focal", focal_gamma=2.0)
+    easy, hard = (focal(logits[i : i + 1], targets[i : i + 1]).item() / ce[i].item() for i in range(2))
+    assert easy < hard < 1.0
+
+
+def test_balanced_weights_match_sklearn():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 1)
+    ours = balanced_weights(labels, 3).numpy()
+    theirs = compute_class_weight("balanced", classes=np.arange(3), y=labels.numpy())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def test_mixup_and_noise_augment_training_batches_only():
+    from forgeml.recipe import AugmentConfig
+
+    splits = table()
+    family = MLP.create(MLPConfig(name="mlp", hidden_sizes=[8]), splits, seed=0)
+    items = list(family.dataset(splits.train))[:8]
+    plain = family.collate(items, augment=None, generator=None)
+    augment = AugmentConfig(gaussian_noise=0.1, mixup_alpha=0.4)
+    mixed = family.collate(items, augment=augment, generator=torch.Generator().manual_seed(0))
+    assert plain.targets.dtype == torch.long
+    assert mixed.targets.shape == (8, 3) and torch.allclose(mixed.targets.sum(1), torch.ones(8))
+    assert not torch.equal(mixed.inputs["features"], plain.inputs["features"])

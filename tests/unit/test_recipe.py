@@ -1,0 +1,148 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from forgeml.errors import RecipeError
+from forgeml.recipe import Recipe, apply_overrides, builtin_recipes, load_recipe, validate_recipe
+
+BASE = {
+    "data": {"source": "breast-cancer"},
+    "model": {"name": "mlp"},
+    "train": {"max_steps": 5},
+}
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(data)
+    return str(info.value)
+
+
+def with_(section: str, **values) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data.setdefault(section, {}).update(values)
+    return data
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipes_validate(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert validate_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+def test_unknown_key_suggests_the_close_match():
+    message = error_of(with_("train", lrr=0.1))
+    assert "train.lrr: unknown key; did you mean train.lr?" in message
+
+
+def test_unknown_key_in_a_model_section_suggests_its_fields():
+    message = error_of(with_("model", hiden_sizes=[3]))
+    assert "model.hiden_sizes: unknown key; did you mean model.hidden_sizes?" in message
+
+
+def test_unknown_top_level_section_lists_nearest():
+    data = dict(BASE, trian={})
+    assert "trian: unknown key; did you mean train?" in error_of(data)
+
+
+def test_wrong_literal_names_value_and_allowed_values():
+    message = error_of(with_("train", precision="fp8"))
+    assert "train.precision" in message and "'fp8'" in message and "'bf16'" in message
+
+
+def test_out_of_range_names_key_and_value():
+    message = error_of(with_("train", lr=-1))
+    assert "train.lr" in message and "greater than 0" in message and "-1" in message
+
+
+def test_wrong_type_names_key():
+    assert "train.max_steps" in error_of(with_("train", max_steps="many"))
+
+
+def test_unknown_model_lists_known_models():
+    message = error_of(with_("model", name="resnet"))
+    assert "unknown model 'resnet'" in message and "'mlp'" in message and "'text-classifier'" in message
+
+
+def test_missing_sections_are_named():
+    message = error_of({"model": {"name": "mlp"}})
+    assert "data: required but missing" in message and "train: required but missing" in message
+
+
+def test_batch_sizes_must_divide():
+    message = error_of(with_("train", global_batch_size=30, micro_batch_size=8))
+    assert "global_batch_size (30)" in message and "micro_batch_size (8)" in message
+
+
+def test_steps_or_epochs_required():
+    data = with_("train", max_steps=None)
+    assert "max_steps or train.max_epochs" in error_of(data)
+
+
+def test_accumulation_is_derived():
+    recipe = validate_recipe(with_("train", global_batch_size=32, micro_batch_size=8))
+    assert recipe.train.accumulation == 4 and recipe.train.micro_batch == 8
+
+
+def test_overrides_are_typed_like_yaml():
+    data = apply_overrides(
+        yaml.safe_load(yaml.safe_dump(BASE)),
+        ["train.lr=1e-4", "train.early_stopping.patience=2", "model.hidden_sizes=[8, 4]", "train.grad_clip=null"],
+    )
+    recipe = validate_recipe(data)
+    assert recipe.train.lr == 1e-4
+    assert recipe.train.early_stopping.patience == 2
+    assert recipe.model.hidden_sizes == [8, 4]
+    assert recipe.train.grad_clip is None
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(RecipeError, match="train.lr is a value"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=2"])
+
+
+def test_override_of_unknown_key_gets_the_suggestion(tmp_path: Path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(RecipeError, match="did you mean train.max_steps"):
+        load_recipe(path, ["train.max_stepz=3"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  source: x\nmodel: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: line \d+"):
+        load_recipe(path)
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(RecipeError, match="built-in: default"):
+        load_recipe("no-such-recipe")
+
+
+KEY = st.text(alphabet="abcdefghij_", min_size=1, max_size=6)
+SCALAR = st.one_of(st.integers(), st.booleans(), st.none(), st.text(alphabet="abcxyz", min_size=1, max_size=5))
+
+
+@given(path=st.lists(KEY, min_size=1, max_size=4), value=SCALAR)
+def test_override_sets_exactly_the_leaf(path, value):
+    original = {"keep": {"me": 1}}
+    literal = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    data = apply_overrides(yaml.safe_load(yaml.safe_dump(original)), [f"{'.'.join(path)}={literal}"])
+    node = data
+    for part in path[:-1]:
+        node = node[part]
+    assert node[path[-1]] == value
+    if path[0] != "keep":
+        assert data["keep"] == {"me": 1}
+
+
+def test_recipe_round_trips_through_yaml():
+    recipe = Recipe.model_validate(BASE)
+    assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe

@@ -1,0 +1,190 @@
+"""The HTML report: self-contained, escaped, and tolerant of missing run files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from forgeml.report import plots
+from forgeml.report.html import write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DATA_URI = "data:image/png;base64,"
+LABELS = ["negative", "neutral", "positive"]
+RECIPE = "name: demo\ndescription: \"<script>alert('x')</script> & more\"\ntrain:\n  steps: 40\n"
+PLACEHOLDERS = ("Data audit", "Tuning", "Compression", "Explanations")
+
+
+class _Collector(HTMLParser):
+    """Collects <img> attributes and every src/href value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[dict[str, str | None]] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs))
+        self.links += [v or "" for k, v in attrs if k in ("src", "href")]
+
+
+def _write(path: Path, content: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+
+
+def _stage(status: str, seconds: float) -> dict:
+    return {
+        "status": status,
+        "config_hash": "abc123",
+        "input_hashes": {},
+        "started": "2025-01-01T10:00:00",
+        "ended": "2025-01-01T10:01:00",
+        "duration_s": seconds,
+    }
+
+
+def _base_run(tmp_path: Path, name: str, stages: dict) -> Path:
+    run_dir = tmp_path / "runs" / name
+    _write(run_dir / "recipe.yaml", RECIPE)
+    _write(run_dir / "run.json", {"stages": stages})
+    return run_dir
+
+
+def _metrics(run_dir: Path, val_extra: Callable[[int], dict]) -> None:
+    rows = [
+        {"split": "train", "step": s, "epoch": s / 20, "loss": 1.1 - 0.02 * s, "lr": 1e-3,
+         "samples_per_s": 500.0}
+        for s in range(0, 41, 5)
+    ]
+    rows += [
+        {"split": "val", "step": s, "epoch": s / 20, "loss": 1.0 - 0.01 * s, **val_extra(s)}
+        for s in (10, 20, 30, 40)
+    ]
+    lines = [json.dumps(r) for r in rows] + ['{"split": "train", "step": 45, "lo']  # torn last line
+    _write(run_dir / "train" / "metrics.jsonl", "\n".join(lines))
+
+
+@pytest.fixture
+def classification_run(tmp_path: Path) -> Path:
+    run_dir = _base_run(tmp_path, "clf-run", {"data": _stage("done", 1.5), "train": _stage("done", 125.0)})
+    _write(run_dir / "data" / "manifest.json", {
+        "splits": {"train": {"rows": 60}, "val": {"rows": 12}, "test": {"rows": 12}},
+        "labels": LABELS,
+        "class_counts": {"train": {"negative": 25, "neutral": 10, "positive": 25}},
+        "text_column": "text", "feature_columns": [], "label_column": "label", "source": "reviews.csv",
+    })
+    _metrics(run_dir, lambda s: {"accuracy": 0.5 + s / 100, "macro_f1": 0.4 + s / 100})
+    matrix = [[4, 1, 0], [1, 2, 1], [0, 0, 3]]
+    per_class = {
+        "negative": {"precision": 0.8, "recall": 0.8, "f1": 0.8, "support": 5},
+        "neutral": {"precision": 0.6667, "recall": 0.5, "f1": 0.5714, "support": 4},
+        "positive": {"precision": 0.75, "recall": 1.0, "f1": 0.8571, "support": 3},
+    }
+    test = {"loss": 0.61, "accuracy": 0.75, "macro_f1": 0.7428, "labels": LABELS,
+            "confusion_matrix": matrix, "per_class": per_class}
+    _write(run_dir / "train" / "eval.json", {
+        "task": "classification", "best_step": 30, "stopped_early": True, "steps": 40,
+        "val": {**test, "accuracy": 0.8333}, "test": test,
+    })
+    return run_dir
+
+
+@pytest.fixture
+def lm_run(tmp_path: Path) -> Path:
+    run_dir = _base_run(tmp_path, "lm-run", {"data": _stage("done", 0.4), "train": _stage("done", 30.0)})
+    _write(run_dir / "data" / "manifest.json", {
+        "splits": {"train": {"rows": 200}, "val": {"rows": 20}, "test": {"rows": 20}},
+        "labels": [], "class_counts": {}, "text_column": "text", "source": "corpus.txt",
+    })
+    _metrics(run_dir, lambda s: {"perplexity": 40.0 - s / 2})
+    _write(run_dir / "train" / "eval.json", {
+        "task": "lm", "best_step": 40, "stopped_early": False, "steps": 40,
+        "val": {"loss": 3.0, "perplexity": 20.0855}, "test": {"loss": 3.1, "perplexity": 22.198},
+    })
+    return run_dir
+
+
+def _parse(report: Path) -> tuple[str, _Collector]:
+    assert report.is_file() and report.name == "report.html"
+    text = report.read_text(encoding="utf-8")
+    collector = _Collector()
+    collector.feed(text)
+    collector.close()
+    return text, collector
+
+
+def _check_self_contained(text: str, collector: _Collector) -> None:
+    for img in collector.images:
+        src = img["src"] or ""
+        assert src.startswith(DATA_URI)
+        assert base64.b64decode(src[len(DATA_URI):], validate=True).startswith(PNG_SIGNATURE)
+    assert not any(link.startswith(("http://", "https://", "//")) for link in collector.links)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    assert "<script" not in text  # no JavaScript, and the recipe's tag is escaped
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in text
+
+
+def test_classification_report(classification_run: Path) -> None:
+    report = write_report(classification_run)
+    assert report == classification_run / "report.html"
+    text, collector = _parse(report)
+    _check_self_contained(text, collector)
+    assert len(collector.images) == 3  # class counts, loss curves, confusion matrix
+    assert "clf-run" in text and "2 min 5 s" in text
+
+    per_class = text[text.index("<th>class</th>"):]
+    per_class = per_class[: per_class.index("</table>")]
+    for label in LABELS:
+        assert f"<td>{label}</td>" in per_class
+    assert "0.7500" in text  # test accuracy
+    assert "Early stopping ended training after 40 steps. Best validation at step 30." in text
+    for stage in PLACEHOLDERS:
+        assert f"{stage} did not run in this run." in text
+    assert not list(classification_run.glob(".report.html.*"))  # temp file renamed away
+
+
+def test_lm_report(lm_run: Path) -> None:
+    text, collector = _parse(write_report(lm_run))
+    _check_self_contained(text, collector)
+    assert len(collector.images) == 1  # loss curves only: no classes, no confusion matrix
+    assert "perplexity" in text and "22.1980" in text
+    assert "Training ran to completion after 40 steps." in text
+
+
+def test_report_with_only_recipe_and_run_json(tmp_path: Path) -> None:
+    run_dir = _base_run(tmp_path, "early", {"data": _stage("failed", 0.2)})
+    text, collector = _parse(write_report(run_dir))
+    _check_self_contained(text, collector)
+    assert collector.images == []
+    assert "The data stage failed; it left no results." in text
+    for stage in ("Training", "Evaluation", *PLACEHOLDERS):
+        assert f"{stage} did not run in this run." in text
+
+
+def test_rewrite_replaces_report(classification_run: Path) -> None:
+    first = write_report(classification_run).read_text(encoding="utf-8")
+    (classification_run / "train" / "eval.json").unlink()
+    second = write_report(classification_run).read_text(encoding="utf-8")
+    assert first != second and "Evaluation did not run in this run." in second
+
+
+def test_plots_return_png() -> None:
+    rows = [{"split": "val", "step": 1, "loss": 2.0, "perplexity": 7.4}]
+    many = [f"class ${i}$ with a long name" for i in range(12)]  # '$' must not trigger mathtext
+    for png in (
+        plots.loss_curves([]),
+        plots.loss_curves(rows, best_step=1),
+        plots.confusion_matrix([[i == j for j in range(12)] for i in range(12)], many),
+        plots.class_counts(dict.fromkeys(many, 3)),
+    ):
+        assert png.startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError):
+        plots.confusion_matrix([[1, 2]], ["a", "b"])

@@ -59,7 +59,8 @@ class ProgressBar(Callback):
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console,
-            transient=False,
+            # No background refresh thread: it would compete with torch for the cores; we refresh on update.
+            auto_refresh=False,
         )
         self.task: Any = None
 
@@ -70,7 +71,7 @@ class ProgressBar(Callback):
         if state.step % self.log_every and state.step != state.total_steps:
             return
         speed = f"{state.tokens_per_s:,.0f} tok/s" if state.tokens else f"{state.samples_per_s:,.1f} samples/s"
-        self.progress.update(self.task, completed=state.step, loss=f"{state.loss:.4f}", speed=speed)
+        self.progress.update(self.task, completed=state.step, loss=f"{state.loss:.4f}", speed=speed, refresh=True)
 
     def on_fit_end(self, state: LoopState) -> None:
         self.progress.stop()

@@ -1,0 +1,182 @@
+"""Trainer overhead: forgeml's loop against a minimal hand-written PyTorch loop, in one process.
+
+Both train the `lm` recipe's small GPT on stdlib-code from the same initial weights, on the same
+batches in the same order, with the same AdamW groups, schedule, clipping and precision. Runs
+alternate (forgeml, hand, hand, forgeml, ...) so drift in machine speed hits both alike. Prints one
+JSON line: median step times and their ratio (goal <= 1.05), the max absolute difference of the
+final weights (goal: 0), tokens/s, and MFU against this machine's measured matmul peak.
+
+    python benchmarks/train_overhead.py [--steps 40] [--rounds 3] [--precision fp32|bf16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+import forgeml
+from forgeml.data.prepare import load_splits
+from forgeml.models import MODELS
+from forgeml.run import RunDir
+from forgeml.train.callbacks import Callback, MetricsLogger, ProgressBar
+from forgeml.train.losses import NextTokenLoss
+from forgeml.train.loop import fit
+from forgeml.train.strategies import Single
+
+
+def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of an n x n x n matrix multiply on this machine, for the dtype."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+class StepClock(Callback):
+    def __init__(self) -> None:
+        self.stamps = [time.perf_counter()]
+
+    def on_step_end(self, state) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def step_times(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def run_forgeml(network, loader, cfg, logs: Path) -> list[float]:
+    clock = StepClock()
+    quiet = Console(file=io.StringIO())
+    callbacks = [clock, ProgressBar(quiet, cfg.log_every), MetricsLogger(logs, cfg.log_every)]
+    fit(network, loader, cfg, NextTokenLoss(), Single(torch.device("cpu")), callbacks=callbacks)
+    return step_times(clock.stamps)
+
+
+def run_by_hand(network, loader, cfg) -> list[float]:
+    """What a user would write without a framework."""
+    matrices = [p for p in network.parameters() if p.dim() >= 2]
+    vectors = [p for p in network.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    use_bf16 = cfg.precision == "bf16"
+    network.train()
+    stamps = [time.perf_counter()]
+    batches = iter(loader)
+    for _ in range(cfg.max_steps):
+        batch = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = network(batch.inputs["input_ids"])
+        loss = F.cross_entropy(logits.float().flatten(0, -2), batch.targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        stamps.append(time.perf_counter())
+    return step_times(stamps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup-steps", type=int, default=3, help="first steps of each run left out of the medians")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    recipe = forgeml.as_recipe(
+        "lm", (f"train.max_steps={args.steps}", f"train.precision={args.precision}", "train.warmup_steps=5")
+    )
+    cfg = recipe.train
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(Path(tmp) / "run")
+        forgeml.prepare(recipe, run.path)
+        splits = load_splits(run)
+        family = MODELS.get(recipe.model.name).build.create(recipe.model, splits, seed=cfg.seed)
+        dataset = family.dataset(splits.train)
+        initial = {k: v.clone() for k, v in family.network.state_dict().items()}
+
+        times: dict[str, list[float]] = {"forgeml": [], "hand": []}
+        max_diff = 0.0
+        for round_ in range(args.rounds):
+            finals = {}
+            order = ("forgeml", "hand") if round_ % 2 == 0 else ("hand", "forgeml")
+            for who in order:
+                family.network.load_state_dict(initial)
+                torch.manual_seed(cfg.seed)
+                loader = DataLoader(
+                    dataset,
+                    batch_size=cfg.micro_batch,
+                    shuffle=True,
+                    drop_last=True,
+                    generator=torch.Generator().manual_seed(cfg.seed),
+                    collate_fn=partial(family.collate, augment=None, generator=None),
+                )
+                if who == "forgeml":
+                    measured = run_forgeml(family.network, loader, cfg, Path(tmp) / f"logs-{round_}")
+                else:
+                    measured = run_by_hand(family.network, loader, cfg)
+                times[who] += measured[args.warmup_steps :]
+                finals[who] = torch.cat([p.detach().flatten() for p in family.network.parameters()])
+            max_diff = max(max_diff, (finals["forgeml"] - finals["hand"]).abs().max().item())
+
+    ours, hand = statistics.median(times["forgeml"]), statistics.median(times["hand"])
+    tokens_per_step = cfg.global_batch_size * recipe.model.block_size
+    flops_per_token = family.flops_per_token()
+    peak = matmul_peak_flops(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    tokens_per_s = tokens_per_step / ours
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_overhead",
+                "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{recipe.model.block_size}",
+                "precision": args.precision,
+                "threads": args.threads,
+                "steps_per_run": args.steps,
+                "rounds": args.rounds,
+                "global_batch": cfg.global_batch_size,
+                "forgeml_step_ms": round(ours * 1e3, 2),
+                "baseline_step_ms": round(hand * 1e3, 2),
+                "step_time_ratio": round(ours / hand, 4),
+                "max_abs_weight_diff": max_diff,
+                "tokens_per_s": round(tokens_per_s, 1),
+                "baseline_tokens_per_s": round(tokens_per_step / hand, 1),
+                "flops_per_token": flops_per_token,
+                "matmul_peak_gflops": round(peak / 1e9, 1),
+                "mfu": round(flops_per_token * tokens_per_s / peak, 4),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -31,8 +31,8 @@ from forgeml.data.prepare import load_splits
 from forgeml.models import MODELS
 from forgeml.run import RunDir
 from forgeml.train.callbacks import Callback, MetricsLogger, ProgressBar
-from forgeml.train.losses import NextTokenLoss
 from forgeml.train.loop import fit
+from forgeml.train.losses import NextTokenLoss
 from forgeml.train.strategies import Single
 
 

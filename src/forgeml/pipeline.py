@@ -26,7 +26,7 @@ class Stage:
     name: str
     sections: tuple[str, ...]  # the recipe sections its output depends on
     inputs: Callable[[Recipe, RunDir], dict[str, str]]  # fingerprints of what it reads
-    call: Callable[[Recipe, RunDir, Console], Any]
+    call: Callable[[Recipe, RunDir, Console, bool], Any]  # (recipe, run, console, resume)
 
 
 def file_hashes(*relative: str) -> Callable[[Recipe, RunDir], dict[str, str]]:
@@ -42,19 +42,19 @@ STAGES = (
         "prepare",
         ("data", "prepare", "model.name"),
         lambda recipe, run: {"source": source_fingerprint(recipe.data)},
-        lambda recipe, run, console: prepare(recipe, run),
+        lambda recipe, run, console, resume: prepare(recipe, run),
     ),
     Stage(
         "train",
         ("data", "prepare", "model", "train"),
         file_hashes("data/manifest.json"),
-        lambda recipe, run, console: train(recipe, run, console),
+        lambda recipe, run, console, resume: train(recipe, run, console, resume),
     ),
     Stage(
         "report",
         (),
         file_hashes("recipe.yaml", "data/manifest.json", "train/eval.json", "train/metrics.jsonl"),
-        lambda recipe, run, console: write_report(run.path),
+        lambda recipe, run, console, resume: write_report(run.path),
     ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
@@ -96,10 +96,12 @@ def run_stages(
             console.print(f"[dim]{stage.name}: up to date, skipped[/dim]")
             results[stage.name] = None
             continue
-        console.print(f"[bold cyan]{stage.name}[/bold cyan] ...")
+        # An interrupted attempt with the same config and inputs continues from its checkpoints.
+        resume = not force and run.was_interrupted(stage.name, hashes[stage.name], inputs)
+        console.print(f"[bold cyan]{stage.name}[/bold cyan] {'(resuming) ' if resume else ''}...")
         started = run.start(stage.name, hashes[stage.name], inputs)
         try:
-            results[stage.name] = stage.call(recipe, run, console)
+            results[stage.name] = stage.call(recipe, run, console, resume)
         except BaseException as exc:
             run.finish(stage.name, started, error=f"{type(exc).__name__}: {exc}")
             raise

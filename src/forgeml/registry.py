@@ -47,7 +47,5 @@ class Registry(Generic[F]):
         if name not in self._entries:
             hint = get_close_matches(name, self.names(), n=1)
             maybe = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ForgeError(
-                f"unknown {self.kind} {name!r}{maybe} Known {self.kind}s: {', '.join(self.names())}"
-            )
+            raise ForgeError(f"unknown {self.kind} {name!r}{maybe} Known {self.kind}s: {', '.join(self.names())}")
         return self._entries[name]

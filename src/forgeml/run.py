@@ -106,6 +106,13 @@ class RunDir:
             rec and rec.status == "done" and rec.config_hash == config_hash and rec.input_hashes == input_hashes
         )
 
+    def was_interrupted(self, stage: str, config_hash: str, input_hashes: dict[str, str]) -> bool:
+        """The last attempt at this stage, with this config and these inputs, did not finish."""
+        rec = self.records().get(stage)
+        return bool(
+            rec and rec.status != "done" and rec.config_hash == config_hash and rec.input_hashes == input_hashes
+        )
+
     def start(self, stage: str, config_hash: str, input_hashes: dict[str, str]) -> float:
         records = self.records()
         records[stage] = StageRecord("running", config_hash, input_hashes, now())

@@ -13,8 +13,8 @@ from forgeml.models.mlp import MLP, MLPConfig
 from forgeml.models.registry import Splits
 from forgeml.recipe import TrainConfig
 from forgeml.train.callbacks import Callback
-from forgeml.train.losses import ClassificationLoss, balanced_weights
 from forgeml.train.loop import fit, warmup_cosine
+from forgeml.train.losses import ClassificationLoss, balanced_weights
 from forgeml.train.stage import loaders
 from forgeml.train.strategies import Single
 
@@ -34,10 +34,20 @@ def table(n: int = 160, seed: int = 0) -> Splits:
     )
 
 
-def train_mlp(splits: Splits, dropout: float = 0.0, loss=None, callbacks=(), evaluate=None, **train):
+def train_mlp(
+    splits: Splits,
+    dropout: float = 0.0,
+    loss=None,
+    callbacks=(),
+    evaluate=None,
+    checkpoints=None,
+    resume=False,
+    **train,
+):
     cfg = TrainConfig(**{"max_steps": 8, "lr": 1e-2, "warmup_steps": 0, "seed": 0, **train})
     family = MLP.create(MLPConfig(name="mlp", hidden_sizes=[16], dropout=dropout), splits, seed=0)
-    data = loaders(family, splits, cfg)
+    data, generators = loaders(family, splits, cfg)
+    torch.manual_seed(cfg.seed)
     state = fit(
         family.network,
         data["train"],
@@ -46,6 +56,9 @@ def train_mlp(splits: Splits, dropout: float = 0.0, loss=None, callbacks=(), eva
         Single(torch.device("cpu")),
         evaluate=evaluate,
         callbacks=list(callbacks),
+        generators=generators,
+        checkpoints=checkpoints,
+        resume=resume,
     )
     return family, state
 
@@ -178,3 +191,61 @@ def test_mixup_and_noise_augment_training_batches_only():
     assert plain.targets.dtype == torch.long
     assert mixed.targets.shape == (8, 3) and torch.allclose(mixed.targets.sum(1), torch.ones(8))
     assert not torch.equal(mixed.inputs["features"], plain.inputs["features"])
+
+
+class Crash(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, state):
+        if state.step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    from forgeml.recipe import AugmentConfig
+    from forgeml.train.checkpoint import Checkpoints
+
+    splits = table()
+    # Dropout, noise and mixup draw random numbers: the resumed run must draw the same ones.
+    settings = dict(
+        dropout=0.2,
+        global_batch_size=32,
+        micro_batch_size=16,
+        max_steps=10,
+        checkpoint_every=3,
+        augment=AugmentConfig(gaussian_noise=0.1, mixup_alpha=0.4),
+    )
+    straight, _ = train_mlp(splits, **settings)
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_mlp(splits, checkpoints=checkpoints, callbacks=[Crash(at=8)], **settings)
+    assert [p.name for p in checkpoints.complete()] == ["step-3", "step-6"]  # keep_last=2
+    resumed, state = train_mlp(splits, checkpoints=checkpoints, resume=True, **settings)
+    assert state.step == 10
+    assert torch.equal(weights(straight), weights(resumed))
+    assert [p.name for p in checkpoints.complete()] == ["step-9", "step-10"]
+
+
+def test_a_corrupt_checkpoint_is_refused(tmp_path):
+    from forgeml.errors import RunDirError
+    from forgeml.train.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=1)
+    train_mlp(table(), checkpoints=checkpoints, max_steps=2, global_batch_size=32)
+    newest = checkpoints.complete()[-1]
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(RunDirError, match="corrupt"):
+        train_mlp(table(), checkpoints=checkpoints, resume=True, max_steps=4, global_batch_size=32)
+
+
+def test_an_unfinished_checkpoint_is_invisible(tmp_path):
+    from forgeml.train.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=2)
+    train_mlp(table(), checkpoints=checkpoints, max_steps=2, global_batch_size=32)
+    (tmp_path / "ckpt" / "step-5.tmp").mkdir()
+    (tmp_path / "ckpt" / "step-7").mkdir()  # no checkpoint.json: never finished
+    assert [p.name for p in checkpoints.complete()] == ["step-2"]
+    assert Checkpoints(tmp_path / "ckpt", tag="other", keep_last=2).complete() == []

@@ -60,13 +60,11 @@ def _base_run(tmp_path: Path, name: str, stages: dict) -> Path:
 
 def _metrics(run_dir: Path, val_extra: Callable[[int], dict]) -> None:
     rows = [
-        {"split": "train", "step": s, "epoch": s / 20, "loss": 1.1 - 0.02 * s, "lr": 1e-3,
-         "samples_per_s": 500.0}
+        {"split": "train", "step": s, "epoch": s / 20, "loss": 1.1 - 0.02 * s, "lr": 1e-3, "samples_per_s": 500.0}
         for s in range(0, 41, 5)
     ]
     rows += [
-        {"split": "val", "step": s, "epoch": s / 20, "loss": 1.0 - 0.01 * s, **val_extra(s)}
-        for s in (10, 20, 30, 40)
+        {"split": "val", "step": s, "epoch": s / 20, "loss": 1.0 - 0.01 * s, **val_extra(s)} for s in (10, 20, 30, 40)
     ]
     lines = [json.dumps(r) for r in rows] + ['{"split": "train", "step": 45, "lo']  # torn last line
     _write(run_dir / "train" / "metrics.jsonl", "\n".join(lines))
@@ -75,12 +73,18 @@ def _metrics(run_dir: Path, val_extra: Callable[[int], dict]) -> None:
 @pytest.fixture
 def classification_run(tmp_path: Path) -> Path:
     run_dir = _base_run(tmp_path, "clf-run", {"data": _stage("done", 1.5), "train": _stage("done", 125.0)})
-    _write(run_dir / "data" / "manifest.json", {
-        "splits": {"train": {"rows": 60}, "val": {"rows": 12}, "test": {"rows": 12}},
-        "labels": LABELS,
-        "class_counts": {"train": {"negative": 25, "neutral": 10, "positive": 25}},
-        "text_column": "text", "feature_columns": [], "label_column": "label", "source": "reviews.csv",
-    })
+    _write(
+        run_dir / "data" / "manifest.json",
+        {
+            "splits": {"train": {"rows": 60}, "val": {"rows": 12}, "test": {"rows": 12}},
+            "labels": LABELS,
+            "class_counts": {"train": {"negative": 25, "neutral": 10, "positive": 25}},
+            "text_column": "text",
+            "feature_columns": [],
+            "label_column": "label",
+            "source": "reviews.csv",
+        },
+    )
     _metrics(run_dir, lambda s: {"accuracy": 0.5 + s / 100, "macro_f1": 0.4 + s / 100})
     matrix = [[4, 1, 0], [1, 2, 1], [0, 0, 3]]
     per_class = {
@@ -88,27 +92,53 @@ def classification_run(tmp_path: Path) -> Path:
         "neutral": {"precision": 0.6667, "recall": 0.5, "f1": 0.5714, "support": 4},
         "positive": {"precision": 0.75, "recall": 1.0, "f1": 0.8571, "support": 3},
     }
-    test = {"loss": 0.61, "accuracy": 0.75, "macro_f1": 0.7428, "labels": LABELS,
-            "confusion_matrix": matrix, "per_class": per_class}
-    _write(run_dir / "train" / "eval.json", {
-        "task": "classification", "best_step": 30, "stopped_early": True, "steps": 40,
-        "val": {**test, "accuracy": 0.8333}, "test": test,
-    })
+    test = {
+        "loss": 0.61,
+        "accuracy": 0.75,
+        "macro_f1": 0.7428,
+        "labels": LABELS,
+        "confusion_matrix": matrix,
+        "per_class": per_class,
+    }
+    _write(
+        run_dir / "train" / "eval.json",
+        {
+            "task": "classification",
+            "best_step": 30,
+            "stopped_early": True,
+            "steps": 40,
+            "val": {**test, "accuracy": 0.8333},
+            "test": test,
+        },
+    )
     return run_dir
 
 
 @pytest.fixture
 def lm_run(tmp_path: Path) -> Path:
     run_dir = _base_run(tmp_path, "lm-run", {"data": _stage("done", 0.4), "train": _stage("done", 30.0)})
-    _write(run_dir / "data" / "manifest.json", {
-        "splits": {"train": {"rows": 200}, "val": {"rows": 20}, "test": {"rows": 20}},
-        "labels": [], "class_counts": {}, "text_column": "text", "source": "corpus.txt",
-    })
+    _write(
+        run_dir / "data" / "manifest.json",
+        {
+            "splits": {"train": {"rows": 200}, "val": {"rows": 20}, "test": {"rows": 20}},
+            "labels": [],
+            "class_counts": {},
+            "text_column": "text",
+            "source": "corpus.txt",
+        },
+    )
     _metrics(run_dir, lambda s: {"perplexity": 40.0 - s / 2})
-    _write(run_dir / "train" / "eval.json", {
-        "task": "lm", "best_step": 40, "stopped_early": False, "steps": 40,
-        "val": {"loss": 3.0, "perplexity": 20.0855}, "test": {"loss": 3.1, "perplexity": 22.198},
-    })
+    _write(
+        run_dir / "train" / "eval.json",
+        {
+            "task": "lm",
+            "best_step": 40,
+            "stopped_early": False,
+            "steps": 40,
+            "val": {"loss": 3.0, "perplexity": 20.0855},
+            "test": {"loss": 3.1, "perplexity": 22.198},
+        },
+    )
     return run_dir
 
 
@@ -125,7 +155,7 @@ def _check_self_contained(text: str, collector: _Collector) -> None:
     for img in collector.images:
         src = img["src"] or ""
         assert src.startswith(DATA_URI)
-        assert base64.b64decode(src[len(DATA_URI):], validate=True).startswith(PNG_SIGNATURE)
+        assert base64.b64decode(src[len(DATA_URI) :], validate=True).startswith(PNG_SIGNATURE)
     assert not any(link.startswith(("http://", "https://", "//")) for link in collector.links)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
     assert "<script" not in text  # no JavaScript, and the recipe's tag is escaped
@@ -140,7 +170,7 @@ def test_classification_report(classification_run: Path) -> None:
     assert len(collector.images) == 3  # class counts, loss curves, confusion matrix
     assert "clf-run" in text and "2 min 5 s" in text
 
-    per_class = text[text.index("<th>class</th>"):]
+    per_class = text[text.index("<th>class</th>") :]
     per_class = per_class[: per_class.index("</table>")]
     for label in LABELS:
         assert f"<td>{label}</td>" in per_class

@@ -130,7 +130,7 @@ class GPTNetwork(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.size(1)
-        if T > self.block_size:
+        if self.block_size < T:
             raise ValueError(f"sequence of {T} tokens is longer than block_size ({self.block_size})")
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))

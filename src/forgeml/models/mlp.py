@@ -79,8 +79,10 @@ class MLP(ModelFamily):
             noise = torch.randn(x.shape, generator=generator) * augment.gaussian_noise
             x = x + noise * self.network.std
         if augment is not None and augment.mixup_alpha > 0:
-            alpha = torch.tensor(augment.mixup_alpha)
-            lam = float(torch.distributions.Beta(alpha, alpha).sample())
+            # Beta(alpha, alpha) from the loader's generator (torch's Beta only uses the global RNG),
+            # so a resumed run replays the same mixing.
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            lam = float(np.random.default_rng(seed).beta(augment.mixup_alpha, augment.mixup_alpha))
             perm = torch.randperm(len(items), generator=generator)
             onehot = nn.functional.one_hot(y, len(self.labels)).float()
             x = lam * x + (1 - lam) * x[perm]

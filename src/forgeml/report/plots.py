@@ -28,9 +28,7 @@ def _series(rows: Sequence[Mapping[str, Any]], split: str, key: str) -> tuple[li
     points = sorted(
         (r["step"], r[key])
         for r in rows
-        if r.get("split") == split
-        and isinstance(r.get("step"), (int, float))
-        and isinstance(r.get(key), (int, float))
+        if r.get("split") == split and isinstance(r.get("step"), (int, float)) and isinstance(r.get(key), (int, float))
     )
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -52,8 +50,14 @@ def loss_curves(metrics_rows: Sequence[Mapping[str, Any]], best_step: int | None
     if best_step is not None:
         steps, values = _series(metrics_rows, "val", "loss")
         if best_step in steps:
-            loss_ax.plot([best_step], [values[steps.index(best_step)]], "*", markersize=14,
-                         color="crimson", label=f"best (step {best_step})")
+            loss_ax.plot(
+                [best_step],
+                [values[steps.index(best_step)]],
+                "*",
+                markersize=14,
+                color="crimson",
+                label=f"best (step {best_step})",
+            )
     loss_ax.set(title="Loss", xlabel="step", ylabel="loss")
 
     if second:
@@ -99,8 +103,15 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> 
     fontsize = max(5.0, 11.0 - 0.15 * n)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=fontsize,
-                    color="white" if normalised[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(counts[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if normalised[i, j] > 0.5 else "black",
+            )
     return _png(fig)
 
 
@@ -112,8 +123,14 @@ def class_counts(counts: Mapping[str, int]) -> bytes:
     bars = ax.bar(range(len(names)), list(counts.values()), color="steelblue")
     ax.bar_label(bars, fontsize="small")
     rotate = len(names) > 6 or any(len(name) > 10 for name in names)
-    ax.set_xticks(range(len(names)), names, rotation=45 if rotate else 0,
-                  ha="right" if rotate else "center", rotation_mode="anchor", parse_math=False)
+    ax.set_xticks(
+        range(len(names)),
+        names,
+        rotation=45 if rotate else 0,
+        ha="right" if rotate else "center",
+        rotation_mode="anchor",
+        parse_math=False,
+    )
     ax.set(ylabel="examples", title="Class counts")
     ax.margins(y=0.15)
     return _png(fig)

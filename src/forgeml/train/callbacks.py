@@ -39,6 +39,9 @@ class LoopState:
 
 
 class Callback:
+    def on_fit_start(self, state: LoopState) -> None:
+        """Called once before the first step; ``state.step`` > 0 when resuming from a checkpoint."""
+
     def on_step_end(self, state: LoopState) -> None: ...
 
     def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None: ...
@@ -64,10 +67,13 @@ class ProgressBar(Callback):
         )
         self.task: Any = None
 
+    def on_fit_start(self, state: LoopState) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=state.total_steps, completed=state.step, loss="-", speed="", start=True
+        )
+
     def on_step_end(self, state: LoopState) -> None:
-        if self.task is None:
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=state.total_steps, loss="-", speed="")
         if state.step % self.log_every and state.step != state.total_steps:
             return
         speed = f"{state.tokens_per_s:,.0f} tok/s" if state.tokens else f"{state.samples_per_s:,.1f} samples/s"
@@ -81,12 +87,23 @@ class MetricsLogger(Callback):
     """metrics.jsonl (one JSON object a line) and TensorBoard event files in the same folder."""
 
     def __init__(self, folder: Path, log_every: int) -> None:
+        self.folder = folder
+        self.log_every = log_every
+
+    def on_fit_start(self, state: LoopState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        folder.mkdir(parents=True, exist_ok=True)
-        self.file = (folder / "metrics.jsonl").open("w")
-        self.tensorboard = SummaryWriter(log_dir=str(folder / "tensorboard"))
-        self.log_every = log_every
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "metrics.jsonl"
+        # When resuming, keep what was logged up to the checkpoint and drop what came after it.
+        kept = []
+        if state.step and path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= state.step]
+        self.file = path.open("w")
+        self.file.writelines(kept)
+        purge = {"purge_step": state.step + 1} if state.step else {}
+        self.tensorboard = SummaryWriter(log_dir=str(self.folder / "tensorboard"), **purge)
 
     def _write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")

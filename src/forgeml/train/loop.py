@@ -22,6 +22,7 @@ from forgeml.errors import ForgeError
 from forgeml.models.registry import Batch, logits_of
 from forgeml.recipe import TrainConfig
 from forgeml.train.callbacks import Callback, LoopState
+from forgeml.train.checkpoint import Checkpoints
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -69,10 +70,41 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return min(limits)
 
 
-def endless(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
-    """Micro-batches across epochs; the loader's seeded sampler reshuffles each epoch."""
-    while True:
-        yield from loader
+class EpochBatches:
+    """Micro-batches across epochs. It remembers the states of the loader's RNGs (shuffle,
+    augmentation) at the start of the current epoch and how far into it it is, so a resumed
+    run replays exactly the batches the interrupted one would have seen."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, generators: tuple[torch.Generator, ...]) -> None:
+        self.loader = loader
+        self.generators = generators
+        self.epoch_start = [g.get_state() for g in generators]
+        self.position = 0
+        self.iterator: Iterator[Batch] | None = None
+
+    def __next__(self) -> Batch:
+        if self.iterator is None:
+            self.epoch_start = [g.get_state() for g in self.generators]
+            self.iterator, self.position = iter(self.loader), 0
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self.iterator = None
+            return next(self)
+        self.position += 1
+        return batch
+
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        return {f"loader_rng_{i}": state for i, state in enumerate(self.epoch_start)}
+
+    def resume(self, rng_states: dict[str, torch.Tensor], position: int) -> None:
+        for i, generator in enumerate(self.generators):
+            generator.set_state(rng_states[f"loader_rng_{i}"])
+        self.epoch_start = [g.get_state() for g in self.generators]
+        self.iterator = iter(self.loader)
+        for _ in range(position):  # replay the epoch's batches up to where the checkpoint was taken
+            next(self.iterator)
+        self.position = position
 
 
 def fit(
@@ -83,8 +115,15 @@ def fit(
     strategy: Any,
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
     callbacks: list[Callback] = (),
+    generators: tuple[torch.Generator, ...] = (),
+    checkpoints: Checkpoints | None = None,
+    resume: bool = False,
 ) -> LoopState:
-    """Train ``network`` in place; returns the final loop state (steps, best step, early stop)."""
+    """Train ``network`` in place; returns the final loop state (steps, best step, early stop).
+
+    ``generators`` are the RNGs the loader draws from; with ``checkpoints``, a checkpoint is saved
+    every ``cfg.checkpoint_every`` steps and at the end, and ``resume`` continues from the newest.
+    """
     steps_per_epoch = len(train_loader) // cfg.accumulation
     if steps_per_epoch == 0:
         raise ForgeError(
@@ -101,10 +140,25 @@ def fit(
     autocast = autocast_for(cfg.precision, device)
     state = LoopState(network=network, total_steps=total, steps_per_epoch=steps_per_epoch)
     window: deque[tuple[float, int, int]] = deque(maxlen=cfg.log_every)
-    batches = endless(train_loader)
+    batches = EpochBatches(train_loader, generators)
+
+    def rng_tensors() -> dict[str, torch.Tensor]:
+        return {"torch_rng": torch.get_rng_state(), **batches.rng_states()}
+
+    if checkpoints is not None and resume:
+        tensors = rng_tensors()
+        resumed = checkpoints.restore(model, optimizer, tensors)
+        if resumed is not None:
+            scheduler.load_state_dict(resumed.extra["scheduler"])
+            scaler.load_state_dict(resumed.extra["scaler"])
+            batches.resume(tensors, resumed.extra["position"])
+            torch.set_rng_state(tensors["torch_rng"])
+            state.step, state.samples, state.tokens = resumed.step, resumed.extra["samples"], resumed.extra["tokens"]
+    for callback in callbacks:
+        callback.on_fit_start(state)
 
     model.train()
-    for step in range(1, total + 1):
+    for step in range(state.step + 1, total + 1):
         started = time.perf_counter()
         micro = [next(batches).to(device) for _ in range(cfg.accumulation)]
         norm = sum(loss_fn.normalizer(b.targets) for b in micro)
@@ -137,6 +191,11 @@ def fit(
             )
         for callback in callbacks:
             callback.on_step_end(state)
+        if checkpoints is not None and (step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "position": batches.position}
+            checkpoints.save(
+                step, model, optimizer, rng_tensors(), {**extra, "samples": state.samples, "tokens": state.tokens}
+            )
 
         if evaluate is not None and (step % eval_every == 0 or step == total):
             metrics = evaluate(model)

@@ -12,15 +12,16 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from forgeml.data.prepare import load_splits
+from forgeml.data.prepare import load_splits, read_manifest
 from forgeml.errors import ForgeError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily, Splits
 from forgeml.recipe import Recipe, TrainConfig
-from forgeml.run import RunDir, write_json
+from forgeml.run import RunDir, sha256_json, write_json
 from forgeml.train.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
-from forgeml.train.losses import ClassificationLoss, NextTokenLoss, balanced_weights
+from forgeml.train.checkpoint import Checkpoints
 from forgeml.train.loop import autocast_for, fit
+from forgeml.train.losses import ClassificationLoss, NextTokenLoss, balanced_weights
 from forgeml.train.metrics import TASK_METRICS, evaluate
 from forgeml.train.strategies import Single, resolve_device
 
@@ -52,8 +53,11 @@ def build_loss(cfg: TrainConfig, task: str, splits: Splits) -> ClassificationLos
     return ClassificationLoss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
 
 
-def loaders(family: ModelFamily, splits: Splits, cfg: TrainConfig) -> dict[str, DataLoader]:
-    """Seeded shuffling and augmentation for training; plain, ordered batches for evaluation."""
+def loaders(
+    family: ModelFamily, splits: Splits, cfg: TrainConfig
+) -> tuple[dict[str, DataLoader], tuple[torch.Generator, ...]]:
+    """Seeded shuffling and augmentation for training, plain ordered batches for evaluation;
+    and the training loader's RNGs, which checkpoints save so a resume sees the same batches."""
     shuffle = torch.Generator().manual_seed(cfg.seed)
     augment = torch.Generator().manual_seed(cfg.seed + 1)
     result = {
@@ -73,7 +77,7 @@ def loaders(family: ModelFamily, splits: Splits, cfg: TrainConfig) -> dict[str, 
         result[name] = DataLoader(
             data, batch_size=cfg.eval_batch_size, collate_fn=partial(family.collate, augment=None, generator=None)
         )
-    return result
+    return result, (shuffle, augment)
 
 
 def save_model(family: ModelFamily, destination: Path) -> None:
@@ -91,7 +95,8 @@ def save_model(family: ModelFamily, destination: Path) -> None:
         staging.rename(destination)
 
 
-def train(recipe: Recipe, run: RunDir, console: Console | None = None) -> TrainResult:
+def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: bool = False) -> TrainResult:
+    """Train the recipe's model on the prepared splits; with ``resume``, continue from the newest checkpoint."""
     cfg = recipe.train
     family_cls = MODELS.get(recipe.model.name).build
     if cfg.early_stopping and cfg.early_stopping.metric not in TASK_METRICS[family_cls.task]:
@@ -104,7 +109,7 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None) -> TrainR
     splits = load_splits(run)
     strategy = Single(resolve_device(cfg.device))
     family = family_cls.create(recipe.model, splits, seed=cfg.seed)
-    data = loaders(family, splits, cfg)
+    data, generators = loaders(family, splits, cfg)
     autocast = autocast_for(cfg.precision, strategy.device)
     measure = partial(evaluate, task=family.task, labels=family.labels, device=strategy.device, autocast=autocast)
 
@@ -113,6 +118,12 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None) -> TrainR
     if cfg.early_stopping:
         es = cfg.early_stopping
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
+
+    # Checkpoints belong to one training: the same prepared data and the same settings.
+    tag = sha256_json([recipe.section_dump("data", "prepare", "model", "train"), read_manifest(run)])
+    checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last)
+    if not resume:
+        checkpoints.clear()
 
     torch.manual_seed(cfg.seed)  # dropout
     state = fit(
@@ -123,6 +134,9 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None) -> TrainR
         strategy,
         evaluate=lambda model: measure(model, data["val"]),
         callbacks=callbacks,
+        generators=generators,
+        checkpoints=checkpoints if cfg.checkpoint_every else None,
+        resume=resume,
     )
     model = strategy.wrap(family.network)
     val, test = measure(model, data["val"]), measure(model, data["test"])

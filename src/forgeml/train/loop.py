@@ -191,19 +191,19 @@ def fit(
             )
         for callback in callbacks:
             callback.on_step_end(state)
+        if evaluate is not None and (step % eval_every == 0 or step == total):
+            metrics = evaluate(model)
+            state.history.append({"step": step, **metrics})
+            for callback in callbacks:
+                callback.on_eval(state, metrics)
         if checkpoints is not None and (step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "position": batches.position}
             checkpoints.save(
                 step, model, optimizer, rng_tensors(), {**extra, "samples": state.samples, "tokens": state.tokens}
             )
 
-        if evaluate is not None and (step % eval_every == 0 or step == total):
-            metrics = evaluate(model)
-            state.history.append({"step": step, **metrics})
-            for callback in callbacks:
-                callback.on_eval(state, metrics)
-            if state.should_stop:
-                break
+        if state.should_stop:
+            break
 
     for callback in callbacks:
         callback.on_fit_end(state)

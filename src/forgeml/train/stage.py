@@ -74,8 +74,13 @@ def loaders(
         data = family.dataset(getattr(splits, name))
         if len(data) == 0:
             raise ForgeError(f"the {name} split yields no examples for {family.name}; add data or raise its fraction")
+        # A generator of its own: creating an iterator draws a seed, which must not come from the
+        # global RNG, or how often we evaluate would change the training run.
         result[name] = DataLoader(
-            data, batch_size=cfg.eval_batch_size, collate_fn=partial(family.collate, augment=None, generator=None)
+            data,
+            batch_size=cfg.eval_batch_size,
+            collate_fn=partial(family.collate, augment=None, generator=None),
+            generator=torch.Generator(),
         )
     return result, (shuffle, augment)
 

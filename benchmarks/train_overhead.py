@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 import forgeml
 from forgeml.data.prepare import load_splits
 from forgeml.models import MODELS
-from forgeml.run import RunDir
+from forgeml.rundir import RunDir
 from forgeml.train.callbacks import Callback, MetricsLogger, ProgressBar
 from forgeml.train.loop import fit
 from forgeml.train.losses import NextTokenLoss

@@ -17,7 +17,7 @@ from forgeml.data.prepare import prepare
 from forgeml.data.sources import source_fingerprint
 from forgeml.recipe import Recipe
 from forgeml.report.html import write_report
-from forgeml.run import RunDir, sha256_file, sha256_json
+from forgeml.rundir import RunDir, sha256_file, sha256_json
 from forgeml.train.stage import train
 
 

@@ -22,7 +22,7 @@ from forgeml.errors import DataError
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits
 from forgeml.recipe import PrepareConfig, Recipe
-from forgeml.run import RunDir, atomic_write, sha256_file, write_json
+from forgeml.rundir import RunDir, atomic_write, sha256_file, write_json
 
 SPLITS = ("train", "val", "test")
 ROW_ID = "_row"  # position of the row in the source, kept so findings can point back to it

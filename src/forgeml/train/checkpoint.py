@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from forgeml.errors import RunDirError
-from forgeml.run import sha256_file, write_json
+from forgeml.rundir import sha256_file, write_json
 
 META = "checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")

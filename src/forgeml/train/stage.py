@@ -17,7 +17,7 @@ from forgeml.errors import ForgeError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily, Splits
 from forgeml.recipe import Recipe, TrainConfig
-from forgeml.run import RunDir, sha256_json, write_json
+from forgeml.rundir import RunDir, sha256_json, write_json
 from forgeml.train.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
 from forgeml.train.checkpoint import Checkpoints
 from forgeml.train.loop import autocast_for, fit

@@ -36,7 +36,7 @@ from forgeml.train.losses import NextTokenLoss
 from forgeml.train.strategies import Single
 
 
-def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """Best achieved FLOP/s of an n x n x n matrix multiply on this machine, for the dtype."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=3, help="first steps of each run left out of the medians")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    peak = matmul_peak_flops(torch.bfloat16 if args.precision == "bf16" else torch.float32)
 
     recipe = forgeml.as_recipe(
         "lm", (f"train.max_steps={args.steps}", f"train.precision={args.precision}", "train.warmup_steps=5")
@@ -152,7 +153,6 @@ def main() -> None:
     ours, hand = statistics.median(times["forgeml"]), statistics.median(times["hand"])
     tokens_per_step = cfg.global_batch_size * recipe.model.block_size
     flops_per_token = family.flops_per_token()
-    peak = matmul_peak_flops(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     tokens_per_s = tokens_per_step / ours
     print(
         json.dumps(

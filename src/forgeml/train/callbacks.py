@@ -89,6 +89,7 @@ class MetricsLogger(Callback):
     def __init__(self, folder: Path, log_every: int) -> None:
         self.folder = folder
         self.log_every = log_every
+        self.losses: list[float] = []
 
     def on_fit_start(self, state: LoopState) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -113,13 +114,15 @@ class MetricsLogger(Callback):
                 self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     def on_step_end(self, state: LoopState) -> None:
+        self.losses.append(state.loss)
         if state.step % self.log_every and state.step != state.total_steps:
             return
+        loss, self.losses = sum(self.losses) / len(self.losses), []  # the mean since the last line
         row = {
             "split": "train",
             "step": state.step,
             "epoch": round(state.epoch, 4),
-            "loss": state.loss,
+            "loss": loss,
             "lr": state.lr,
             "samples_per_s": state.samples_per_s,
         }

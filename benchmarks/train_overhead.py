@@ -6,7 +6,7 @@ alternate (forgeml, hand, hand, forgeml, ...) so drift in machine speed hits bot
 JSON line: median step times and their ratio (goal <= 1.05), the max absolute difference of the
 final weights (goal: 0), tokens/s, and MFU against this machine's measured matmul peak.
 
-    python benchmarks/train_overhead.py [--steps 40] [--rounds 3] [--precision fp32|bf16] [--threads 2]
+    python benchmarks/train_overhead.py [--steps 40] [--rounds 6] [--precision fp32|bf16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def run_by_hand(network, loader, cfg) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup-steps", type=int, default=3, help="first steps of each run left out of the medians")

@@ -133,3 +133,54 @@ def test_help_lists_commands(tmp_path):
         assert command in result.stdout
     assert forgeml("run", "--help", cwd=tmp_path).returncode == 0
     assert forgeml("train", "--help", cwd=tmp_path).returncode == 0
+
+
+def write_recipe(folder: Path, data: dict, model: dict | None = None, **train) -> Path:
+    recipe = {
+        "name": "t",
+        "data": data,
+        "model": model or {"name": "mlp"},
+        "train": {"max_steps": 2, "global_batch_size": 4, **train},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "data", "expected"),
+    [
+        ("a,b,label\n1,2,x\n3,4,5,y\n", {}, "data.csv: line 3: expected 3 fields, saw 4"),
+        ("a,b,y\n1,2,x\n3,4,y\n", {}, "label column 'label' not found; set data.label_column to one of: a, b, y"),
+        ("a,b,label\n1,2,x\n3,4,x\n5,6,x\n", {}, "holds a single class, 'x'"),
+        ("a,b,label\n1,,x\n3,4,y\n5,6,x\n", {}, "feature column 'b' is empty (NaN) at row 0 (line 2)"),
+        ("a,b,label\n1,two,x\n3,4,y\n5,6,x\n", {}, "feature column 'b': row 0 (line 2) holds 'two', not a number"),
+        ("a,b,label\n", {}, "no rows"),
+    ],
+)
+def test_bad_data_is_named_with_exit_2(tmp_path, content, data, expected):
+    (tmp_path / "data.csv").write_text(content)
+    recipe = write_recipe(tmp_path, {"source": "data.csv", "label_column": "label", **data})
+    result = forgeml("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_text_column_missing_lists_columns(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"body": "hello", "label": "a"}\n{"body": "bye", "label": "b"}\n')
+    recipe = write_recipe(
+        tmp_path,
+        {"source": "data.jsonl", "label_column": "label", "text_column": "text"},
+        {"name": "text-classifier"},
+    )
+    result = forgeml("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "text column 'text' not found" in result.stderr and "body, label" in result.stderr
+
+
+def test_an_option_the_model_cannot_use_is_refused(tmp_path):
+    recipe = write_recipe(tmp_path, {"source": "wine"}, augment={"token_dropout": 0.1})
+    result = forgeml("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.augment.token_dropout: mlp models cannot use it" in result.stderr

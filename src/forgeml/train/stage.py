@@ -100,15 +100,30 @@ def save_model(family: ModelFamily, destination: Path) -> None:
         staging.rename(destination)
 
 
+AUGMENTS_FOR = {"text": {"token_dropout", "random_mask"}, "features": {"gaussian_noise", "mixup_alpha"}}
+
+
+def check_options(cfg: TrainConfig, family: type[ModelFamily]) -> None:
+    """Refuse settings the model would silently ignore."""
+    usable = AUGMENTS_FOR[family.inputs] if family.task == "classification" else set()
+    for option, value in cfg.augment.model_dump().items():
+        if value and option not in usable:
+            allowed = ", ".join(sorted(usable)) or "none"
+            raise ForgeError(
+                f"train.augment.{option}: {family.name} models cannot use it (they take {allowed}); remove it"
+            )
+    if cfg.early_stopping and cfg.early_stopping.metric not in TASK_METRICS[family.task]:
+        raise ForgeError(
+            f"train.early_stopping.metric: {cfg.early_stopping.metric!r} is not measured for "
+            f"{family.task} models; use one of {', '.join(TASK_METRICS[family.task])}"
+        )
+
+
 def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: bool = False) -> TrainResult:
     """Train the recipe's model on the prepared splits; with ``resume``, continue from the newest checkpoint."""
     cfg = recipe.train
     family_cls = MODELS.get(recipe.model.name).build
-    if cfg.early_stopping and cfg.early_stopping.metric not in TASK_METRICS[family_cls.task]:
-        raise ForgeError(
-            f"train.early_stopping.metric: {cfg.early_stopping.metric!r} is not measured for "
-            f"{family_cls.task} models; use one of {', '.join(TASK_METRICS[family_cls.task])}"
-        )
+    check_options(cfg, family_cls)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     splits = load_splits(run)

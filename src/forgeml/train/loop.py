@@ -145,6 +145,11 @@ def fit(
     def rng_tensors() -> dict[str, torch.Tensor]:
         return {"torch_rng": torch.get_rng_state(), **batches.rng_states()}
 
+    def save_checkpoint(checkpoints: Checkpoints) -> None:
+        extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "position": batches.position}
+        counters = {"samples": state.samples, "tokens": state.tokens}
+        checkpoints.save(state.step, model, optimizer, rng_tensors(), {**extra, **counters})
+
     if checkpoints is not None and resume:
         tensors = rng_tensors()
         resumed = checkpoints.restore(model, optimizer, tensors)
@@ -157,54 +162,53 @@ def fit(
     for callback in callbacks:
         callback.on_fit_start(state)
 
-    model.train()
-    for step in range(state.step + 1, total + 1):
-        started = time.perf_counter()
-        micro = [next(batches).to(device) for _ in range(cfg.accumulation)]
-        norm = sum(loss_fn.normalizer(b.targets) for b in micro)
-        step_loss = torch.zeros((), device=device)
-        for batch in micro:
-            with autocast():
-                logits = logits_of(model(**batch.inputs))
-            loss = loss_fn(logits, batch.targets) * (loss_fn.normalizer(batch.targets) / norm)
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+    # on_fit_end always runs, so a crash or Ctrl-C still closes the progress display and the logs.
+    try:
+        model.train()
+        for step in range(state.step + 1, total + 1):
+            started = time.perf_counter()
+            micro = [next(batches).to(device) for _ in range(cfg.accumulation)]
+            norm = sum(loss_fn.normalizer(b.targets) for b in micro)
+            step_loss = torch.zeros((), device=device)
+            for batch in micro:
+                with autocast():
+                    logits = logits_of(model(**batch.inputs))
+                loss = loss_fn(logits, batch.targets) * (loss_fn.normalizer(batch.targets) / norm)
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
 
-        samples, tokens = sum(b.size for b in micro), sum(b.tokens for b in micro)
-        window.append((time.perf_counter() - started, samples, tokens))
-        elapsed = sum(w[0] for w in window)
-        state.step, state.loss, state.lr = step, step_loss.item(), scheduler.get_last_lr()[0]
-        state.samples += samples
-        state.tokens += tokens
-        state.samples_per_s = sum(w[1] for w in window) / elapsed
-        state.tokens_per_s = sum(w[2] for w in window) / elapsed
-        if not math.isfinite(state.loss):
-            raise ForgeError(
-                f"the training loss became {state.loss} at step {step}; lower train.lr or set train.grad_clip"
-            )
-        for callback in callbacks:
-            callback.on_step_end(state)
-        if evaluate is not None and (step % eval_every == 0 or step == total):
-            metrics = evaluate(model)
-            state.history.append({"step": step, **metrics})
+            samples, tokens = sum(b.size for b in micro), sum(b.tokens for b in micro)
+            window.append((time.perf_counter() - started, samples, tokens))
+            elapsed = sum(w[0] for w in window)
+            state.step, state.loss, state.lr = step, step_loss.item(), scheduler.get_last_lr()[0]
+            state.samples += samples
+            state.tokens += tokens
+            state.samples_per_s = sum(w[1] for w in window) / elapsed
+            state.tokens_per_s = sum(w[2] for w in window) / elapsed
+            if not math.isfinite(state.loss):
+                raise ForgeError(
+                    f"the training loss became {state.loss} at step {step}; lower train.lr or set train.grad_clip"
+                )
             for callback in callbacks:
-                callback.on_eval(state, metrics)
-        if checkpoints is not None and (step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "position": batches.position}
-            checkpoints.save(
-                step, model, optimizer, rng_tensors(), {**extra, "samples": state.samples, "tokens": state.tokens}
-            )
+                callback.on_step_end(state)
+            if evaluate is not None and (step % eval_every == 0 or step == total):
+                metrics = evaluate(model)
+                state.history.append({"step": step, **metrics})
+                for callback in callbacks:
+                    callback.on_eval(state, metrics)
+            if checkpoints is not None and (step == total or step % (cfg.checkpoint_every or total) == 0):
+                save_checkpoint(checkpoints)
 
-        if state.should_stop:
-            break
-
-    for callback in callbacks:
-        callback.on_fit_end(state)
+            if state.should_stop:
+                break
+    finally:
+        for callback in callbacks:
+            callback.on_fit_end(state)
     return state

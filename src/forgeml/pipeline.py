@@ -106,4 +106,6 @@ def run_stages(
             run.finish(stage.name, started, error=f"{type(exc).__name__}: {exc}")
             raise
         run.finish(stage.name, started)
+        duration = run.records()[stage.name].duration_s
+        console.print(f"[dim]{stage.name}: done in {duration:.1f} s: {results[stage.name]}[/dim]")
     return results

@@ -33,6 +33,10 @@ class PrepareResult:
     rows: dict[str, int]
     labels: list[str]
 
+    def __str__(self) -> str:
+        rows = " / ".join(f"{n:,} {split}" for split, n in self.rows.items())
+        return f"{rows} rows" + (f", {len(self.labels)} classes" if self.labels else "")
+
 
 def split_rows(table: Table, cfg: PrepareConfig, stratify: bool) -> dict[str, np.ndarray]:
     """Row positions of each split; stratified by label when asked and possible."""

@@ -35,6 +35,10 @@ class TrainResult:
     test: dict[str, Any]
     model_dir: Path
 
+    def __str__(self) -> str:
+        stop = f", stopped early; best weights from step {self.best_step}" if self.stopped_early else ""
+        return f"{self.steps} steps{stop}"
+
 
 def build_loss(cfg: TrainConfig, task: str, splits: Splits) -> ClassificationLoss | NextTokenLoss:
     if task == "lm":

@@ -1,6 +1,5 @@
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -9,25 +8,11 @@ import pytest
 from forgeml.data.builtin import DATASETS, options_of
 from forgeml.data.sources import read_table, validate_table
 from forgeml.errors import DataError
+from forgeml.recipe import DataConfig
 
 
-def cfg(source: str, **values) -> SimpleNamespace:
-    """A stand-in for recipe.DataConfig, with its defaults."""
-    fields = dict(
-        source=source,
-        format="auto",
-        text_column=None,
-        feature_columns=None,
-        label_column=None,
-        max_rows=None,
-        seed=0,
-        top_k_labels=None,
-        n_samples=None,
-        n_features=None,
-        n_classes=None,
-        class_ratio=None,
-    )
-    return SimpleNamespace(**(fields | values))
+def cfg(source: str, **values) -> DataConfig:
+    return DataConfig(source=source, **values)
 
 
 @pytest.fixture(scope="module")

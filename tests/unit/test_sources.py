@@ -12,25 +12,11 @@ from hypothesis import strategies as st
 
 from forgeml.data.sources import Table, read_table, validate_table
 from forgeml.errors import DataError
+from forgeml.recipe import DataConfig
 
 
-def cfg(source: str, **values) -> SimpleNamespace:
-    """A stand-in for recipe.DataConfig, with its defaults."""
-    fields = dict(
-        source=source,
-        format="auto",
-        text_column=None,
-        feature_columns=None,
-        label_column=None,
-        max_rows=None,
-        seed=0,
-        top_k_labels=None,
-        n_samples=None,
-        n_features=None,
-        n_classes=None,
-        class_ratio=None,
-    )
-    return SimpleNamespace(**(fields | values))
+def cfg(source: str, **values) -> DataConfig:
+    return DataConfig(source=source, **values)
 
 
 def read_error(config: SimpleNamespace) -> str:

@@ -137,8 +137,13 @@ class RunDir:
     # -- the resolved recipe
 
     def claim(self, recipe_yaml: str, config_hashes: dict[str, str], force: bool) -> None:
-        """Take the folder for this recipe. Refuse, unless forced, to overwrite a finished stage
-        that was made with a different configuration."""
+        """Take the folder for this recipe. Refuse a folder of other files (even when forced), and,
+        unless forced, to overwrite a finished stage that was made with a different configuration."""
+        if self.path.is_dir() and any(self.path.iterdir()) and not self.record_path.exists():
+            raise RunDirError(
+                f"{self.path} holds other files and is not a forgeml run directory (no run.json); "
+                "choose a new or empty --run-dir"
+            )
         stale = [
             name
             for name, rec in self.records().items()
@@ -152,6 +157,8 @@ class RunDir:
                 f"{self.path} holds a finished run of another recipe ({', '.join(stale)} made with different "
                 f"settings{': ' + shown if shown else ''}); choose another --run-dir, or pass --force to overwrite it"
             )
+        if not self.record_path.exists():  # mark the folder as ours before writing anything else
+            self._save_records({})
         atomic_write(self.recipe_path, recipe_yaml)
 
 

@@ -95,3 +95,12 @@ def test_a_shard_that_changed_is_refused(tmp_path):
     shard.write_bytes(shard.read_bytes() + b"x")
     with pytest.raises(Exception, match="does not match its checksum"):
         load_splits(RunDir(tmp_path))
+
+
+def test_a_folder_of_other_files_is_never_taken_as_a_run_dir(tmp_path):
+    mine = tmp_path / "recipe.yaml"
+    mine.write_text("my own notes")
+    for force in (False, True):
+        with pytest.raises(RunDirError, match="not a forgeml run directory"):
+            forgeml.run("tabular", tmp_path, overrides=FAST, force=force)
+    assert mine.read_text() == "my own notes"

@@ -33,29 +33,37 @@ def run(
     *,
     overrides: tuple[str, ...] = (),
     force: bool = False,
+    allow_audit_failures: bool = False,
 ) -> dict[str, Any]:
-    """Every stage of ``recipe`` in order (skipping the up-to-date ones) into ``run_dir`` (default runs/<name>)."""
+    """Every stage of ``recipe`` in order (skipping the up-to-date ones) into ``run_dir`` (default runs/<name>).
+    Training does not start on data that fails the audit unless ``allow_audit_failures``."""
     from forgeml.pipeline import run_stages
 
-    return run_stages(as_recipe(recipe, overrides), run_dir, force=force)
+    spec = as_recipe(recipe, overrides)
+    return run_stages(spec, run_dir, force=force, allow_audit_failures=allow_audit_failures)
 
 
 def prepare(
     recipe: Recipe | str | Path | dict[str, Any], run_dir: str | Path | None = None, *, force: bool = False
 ) -> Any:
-    """Read, check and split the data into ``run_dir/data``."""
+    """Audit, clean, split, rebalance and store the data in ``run_dir/data``."""
     from forgeml.pipeline import run_stages
 
     return run_stages(as_recipe(recipe), run_dir, until="prepare", force=force)["prepare"]
 
 
 def train(
-    recipe: Recipe | str | Path | dict[str, Any], run_dir: str | Path | None = None, *, force: bool = False
+    recipe: Recipe | str | Path | dict[str, Any],
+    run_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    allow_audit_failures: bool = False,
 ) -> Any:
-    """Prepare (if needed) and train; the model lands in ``run_dir/train/model``."""
+    """Audit and prepare (if needed), then train; the model lands in ``run_dir/train/model``."""
     from forgeml.pipeline import run_stages
 
-    return run_stages(as_recipe(recipe), run_dir, until="train", force=force)["train"]
+    spec = as_recipe(recipe)
+    return run_stages(spec, run_dir, until="train", force=force, allow_audit_failures=allow_audit_failures)["train"]
 
 
 def report(run_dir: str | Path) -> Path:

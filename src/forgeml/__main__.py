@@ -1,3 +1,5 @@
+import sys
+
 from forgeml.cli import main
 
-main()
+sys.exit(main())

@@ -32,6 +32,7 @@ SetOpt = Annotated[
 ]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="run directory (default: runs/<recipe name>)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="rerun every stage, overwriting the run's outputs")]
+AllowOpt = Annotated[bool, typer.Option("--allow-audit-failures", help="train even when the data fails an audit check")]
 
 
 def results_table(run_dir: Path) -> Table | None:
@@ -66,27 +67,104 @@ def run(
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
     force: ForceOpt = False,
+    allow_audit_failures: AllowOpt = False,
 ) -> None:
     """Run every stage of RECIPE (default: the built-in default recipe), skipping up-to-date ones."""
-    from forgeml import as_recipe
-    from forgeml.pipeline import default_run_dir, run_stages
-
-    spec = as_recipe(recipe, tuple(set_ or ()))
-    folder = run_dir or default_run_dir(spec)
-    run_stages(spec, folder, force=force, console=errors)
+    folder = stages(recipe, set_, run_dir, "report", force, allow_audit_failures)
     finish(folder)
 
 
 @app.command()
-def train(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = False) -> None:
-    """Prepare the data if needed and train the recipe's model."""
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = False,
+    allow_audit_failures: AllowOpt = False,
+) -> None:
+    """Audit and prepare the data if needed, then train the recipe's model."""
+    folder = stages(recipe, set_, run_dir, "train", force, allow_audit_failures)
+    finish(folder)
+
+
+@app.command()
+def prepare(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = False) -> None:
+    """Audit, clean, split, rebalance and store the recipe's data as checksummed Parquet shards."""
+    folder = stages(recipe, set_, run_dir, "prepare", force, allow=True)
+    console.print(f"data: {folder / 'data' / 'manifest.json'}")
+
+
+def stages(recipe: str, set_: list[str] | None, run_dir: Path | None, until: str, force: bool, allow: bool) -> Path:
     from forgeml import as_recipe
     from forgeml.pipeline import default_run_dir, run_stages
 
     spec = as_recipe(recipe, tuple(set_ or ()))
     folder = run_dir or default_run_dir(spec)
-    run_stages(spec, folder, until="train", force=force, console=errors)
-    finish(folder)
+    run_stages(spec, folder, until=until, force=force, allow_audit_failures=allow, console=errors)
+    return folder
+
+
+@app.command()
+def audit(
+    data: Annotated[str, typer.Argument(help="CSV / Parquet / JSONL path or fsspec URL, or a built-in dataset")],
+    label: Annotated[str | None, typer.Option("--label", help="the label column")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="the text column (text data)")] = None,
+    features: Annotated[str | None, typer.Option("--features", help="feature columns, comma-separated")] = None,
+    test: Annotated[str | None, typer.Option("--test", help="a test set to check for leakage")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON here")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="write the report as a web page here")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Audit a dataset: duplicates, leakage, imbalance, missing values, odd columns, likely label errors.
+
+    Exits 1 when a check fails (thresholds: --set audit.fail_on.duplicate_fraction=0.1, ...).
+    """
+    from forgeml.data.audit import audit as run_audit
+    from forgeml.data.audit import failed_checks
+    from forgeml.data.sources import read_table, validate_table
+    from forgeml.recipe import AuditConfig, DataConfig, PrepareConfig, apply_overrides, validate_sections
+    from forgeml.report.html import write_audit_page
+    from forgeml.rundir import write_json
+
+    source = {"source": data, "label_column": label, "text_column": text, "test_source": test}
+    if features:
+        source["feature_columns"] = [c.strip() for c in features.split(",") if c.strip()]
+    sections = apply_overrides({"data": source, "audit": {}, "prepare": {}}, tuple(set_ or ()))
+    cfg, audit_cfg, prepare_cfg = validate_sections(sections, DataConfig, AuditConfig, PrepareConfig)
+    table = read_table(cfg)
+    needs = "text" if table.text_column and not cfg.feature_columns else "features"
+    validate_table(table, needs=needs, task="classification", missing_ok=("*",))
+    test_table = None
+    if cfg.test_source:
+        test_table = read_table(cfg.model_copy(update={"source": cfg.test_source, "max_rows": None}))
+        test_table.text_column, test_table.feature_columns = table.text_column, table.feature_columns
+        test_table.label_column = table.label_column
+        validate_table(test_table, needs=needs, task="classification", missing_ok=("*",), one_class_ok=True)
+    report = run_audit(table, audit_cfg, prepare_cfg, test_table)
+    console.print(checks_table(report))
+    if json_out:
+        write_json(json_out, report)
+        console.print(f"json: {json_out}")
+    if html_out:
+        write_audit_page(report, html_out, title=f"audit of {data}")
+        console.print(f"html: {html_out}")
+    if failed_checks(report):
+        raise typer.Exit(1)
+
+
+def checks_table(report: dict[str, Any]) -> Table:
+    colours = {"pass": "green", "warn": "yellow", "fail": "bold red"}
+    table = Table(title=f"data audit: {report['n_rows']:,} rows")
+    for column in ("check", "status", "value", "threshold", "note"):
+        table.add_column(column)
+    for name, check in report["checks"].items():
+        status = f"[{colours[check['status']]}]{check['status']}[/]"
+        table.add_row(name, status, _fmt(check.get("value")), _fmt(check.get("threshold")), check.get("note", ""))
+    return table
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
+from forgeml.data.audit_stage import audit_stage, gate
 from forgeml.data.prepare import prepare
 from forgeml.data.sources import source_fingerprint
 from forgeml.recipe import Recipe
@@ -27,6 +28,7 @@ class Stage:
     sections: tuple[str, ...]  # the recipe sections its output depends on
     inputs: Callable[[Recipe, RunDir], dict[str, str]]  # fingerprints of what it reads
     call: Callable[[Recipe, RunDir, Console, bool], Any]  # (recipe, run, console, resume)
+    enabled: Callable[[Recipe], bool] = lambda recipe: True
 
 
 def file_hashes(*relative: str) -> Callable[[Recipe, RunDir], dict[str, str]]:
@@ -37,11 +39,26 @@ def file_hashes(*relative: str) -> Callable[[Recipe, RunDir], dict[str, str]]:
     return hashes
 
 
+def source_hashes(recipe: Recipe, run: RunDir) -> dict[str, str]:
+    hashes = {"source": source_fingerprint(recipe.data)}
+    if recipe.data.test_source:
+        test = recipe.data.model_copy(update={"source": recipe.data.test_source})
+        hashes["test_source"] = source_fingerprint(test)
+    return hashes
+
+
 STAGES = (
     Stage(
+        "audit",
+        ("data", "audit", "prepare", "model.name"),
+        source_hashes,
+        lambda recipe, run, console, resume: audit_stage(recipe, run),
+        enabled=lambda recipe: recipe.audit.enabled,
+    ),
+    Stage(
         "prepare",
-        ("data", "prepare", "model.name"),
-        lambda recipe, run: {"source": source_fingerprint(recipe.data)},
+        ("data", "prepare", "audit.normalize", "audit.near_duplicates", "model.name"),
+        source_hashes,
         lambda recipe, run, console, resume: prepare(recipe, run),
     ),
     Stage(
@@ -53,7 +70,7 @@ STAGES = (
     Stage(
         "report",
         (),
-        file_hashes("recipe.yaml", "data/manifest.json", "train/eval.json", "train/metrics.jsonl"),
+        file_hashes("recipe.yaml", "audit/report.json", "data/manifest.json", "train/eval.json", "train/metrics.jsonl"),
         lambda recipe, run, console, resume: write_report(run.path),
     ),
 )
@@ -81,16 +98,21 @@ def run_stages(
     *,
     until: str = STAGES[-1].name,
     force: bool = False,
+    allow_audit_failures: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run the stages up to and including ``until``; returns each stage's result (None when skipped)."""
+    """Run the stages up to and including ``until``; returns each stage's result (None when skipped).
+    After the audit, data that fails a check stops the run unless ``allow_audit_failures``."""
     console = console or Console(stderr=True)
     run = RunDir(run_dir or default_run_dir(recipe))
-    chosen = STAGES[: STAGE_NAMES.index(until) + 1]
+    chosen = [stage for stage in STAGES[: STAGE_NAMES.index(until) + 1] if stage.enabled(recipe)]
     hashes = {stage.name: sha256_json(config_slice(recipe, stage.sections)) for stage in chosen}
     run.claim(recipe.to_yaml(), hashes, force)
     results: dict[str, Any] = {}
     for stage in chosen:
+        if stage.name == "train" and recipe.audit.enabled:
+            for name in gate(run, allow_audit_failures):
+                console.print(f"[yellow]audit check {name} failed; going on as --allow-audit-failures asks[/yellow]")
         inputs = stage.inputs(recipe, run)
         if not force and run.is_done(stage.name, hashes[stage.name], inputs):
             console.print(f"[dim]{stage.name}: up to date, skipped[/dim]")

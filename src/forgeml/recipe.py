@@ -27,6 +27,9 @@ class DataConfig(Section):
     text_column: str | None = None
     feature_columns: list[str] | None = None
     label_column: str | None = None
+    group_column: str | None = Field(None, description="rows sharing a value stay in one split")
+    test_source: str | None = Field(None, description="a separate test set (same columns); else split off")
+    on_bad_rows: Literal["fail", "skip"] = Field("fail", description="malformed CSV/JSONL rows: stop, or skip")
     max_rows: PositiveInt | None = Field(None, description="keep a seeded random sample of this many rows")
     seed: int = 0
     # Options of the built-in datasets.
@@ -39,16 +42,66 @@ class DataConfig(Section):
     )
 
 
+class NormalizeConfig(Section):
+    """How text is normalised before rows are compared for duplicates."""
+
+    lowercase: bool = True
+    whitespace: bool = Field(True, description="collapse runs of whitespace and strip the ends")
+
+
+class NearDuplicateConfig(Section):
+    """MinHash LSH over word n-gram shingles."""
+
+    enabled: bool = True
+    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
+    threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    ngram: Annotated[int, Field(ge=1, le=16)] = 5
+
+
+class FailOnConfig(Section):
+    """A check fails when its value exceeds the threshold; null turns the check into a warning only."""
+
+    leakage: Annotated[int, Field(ge=0)] | None = Field(0, description="test rows duplicating a training row")
+    duplicate_fraction: Annotated[float, Field(ge=0, le=1)] | None = 0.05
+    imbalance_ratio: Annotated[float, Field(ge=1)] | None = Field(
+        50.0, description="largest / smallest class, when no rebalancing is chosen"
+    )
+    label_issue_fraction: Annotated[float, Field(ge=0, le=1)] | None = None
+    missing_fraction: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
 class AuditConfig(Section):
-    """Data audit thresholds (the audit stage reads them)."""
+    """The data audit, and the thresholds that stop training."""
+
+    enabled: bool = True
+    normalize: NormalizeConfig = NormalizeConfig()
+    near_duplicates: NearDuplicateConfig = NearDuplicateConfig()
+    label_issues: bool = Field(True, description="cleanlab on out-of-fold probabilities of a fast model")
+    cv_folds: Annotated[int, Field(ge=2, le=20)] = 5
+    id_like_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.99, description="a column with at least this fraction of unique values is ID-like"
+    )
+    target_leak_score: Annotated[float, Field(gt=0.5, le=1)] = Field(
+        0.98, description="a single feature whose cross-validated accuracy reaches this is a target leak"
+    )
+    fail_on: FailOnConfig = FailOnConfig()
+    examples: PositiveInt = Field(5, description="examples of each finding shown in the report")
 
 
 class PrepareConfig(Section):
-    """How the rows are split into train / validation / test."""
+    """Cleaning, splitting, rebalancing and storing the data."""
 
+    deduplicate: Literal["none", "exact", "near"] = Field(
+        "near", description="drop all but the first row of each exact (and near) duplicate group"
+    )
+    drop_leaked: bool = Field(True, description="drop test rows that duplicate a training row")
+    impute: Literal["none", "median", "most_frequent", "drop"] = "none"
+    impute_columns: dict[str, Literal["none", "median", "most_frequent", "drop"]] = {}
+    rebalance: Literal["none", "auto", "class_weights", "focal", "oversample", "undersample", "smote"] = "none"
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     stratify: bool = True
+    shard_rows: PositiveInt = Field(50_000, description="rows per Parquet shard")
     seed: int = 0
 
 
@@ -215,6 +268,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = resolve_recipe_path(recipe)
     return validate_recipe(apply_overrides(read_yaml(path), overrides), source=str(path))
+
+
+def validate_sections(data: dict[str, Any], *models: type[BaseModel]) -> list[Any]:
+    """Validate some sections on their own (for commands that take no whole recipe), with the same
+    messages as a recipe; ``models`` are the section classes in the order of ``data``'s keys."""
+    sections = []
+    for (key, value), model in zip(data.items(), models, strict=True):
+        try:
+            sections.append(model.model_validate(value))
+        except ValidationError as exc:
+            lines = [describe_error({**err, "loc": (key, *err["loc"])}) for err in exc.errors()]
+            raise RecipeError("invalid options\n" + "\n".join(f"  {line}" for line in lines)) from exc
+    return sections
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:

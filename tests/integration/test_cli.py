@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -43,10 +45,13 @@ def test_default_recipe_runs_end_to_end(default_run):
     assert "accuracy" in result.stdout and "macro-f1" in result.stdout
     assert (run / "report.html").exists() and "report.html" in result.stdout
     stages = json.loads((run / "run.json").read_text())["stages"]
-    assert [stages[s]["status"] for s in ("prepare", "train", "report")] == ["done"] * 3
+    assert [stages[s]["status"] for s in ("audit", "prepare", "train", "report")] == ["done"] * 4
     assert all(stages[s]["duration_s"] >= 0 and stages[s]["config_hash"] for s in stages)
     manifest = json.loads((run / "data" / "manifest.json").read_text())
-    assert sum(manifest["splits"][s]["rows"] for s in ("train", "val", "test")) == 300
+    removed = sum(int(m) for m in re.findall(r"removed (\d+) \w+ duplicates", " ".join(manifest["notes"])))
+    assert sum(manifest["splits"][s]["rows"] for s in ("train", "val", "test")) + removed == 300
+    audit = json.loads((run / "audit" / "report.json").read_text())
+    assert audit["n_rows"] == 300 and audit["checks"]["duplicate_fraction"]["status"] in ("pass", "warn")
     assert len(manifest["labels"]) == 3
     evaluation = json.loads((run / "train" / "eval.json").read_text())
     assert evaluation["steps"] == 6 and 0.0 <= evaluation["test"]["accuracy"] <= 1.0
@@ -61,7 +66,8 @@ def test_rerun_skips_up_to_date_stages(default_run):
     before = (cwd / "runs/default/train/model/model.safetensors").stat().st_mtime_ns
     result = forgeml("run", *TINY_DEFAULT, cwd=cwd)
     assert result.returncode == 0, result.stderr
-    assert "prepare: up to date, skipped" in result.stderr and "train: up to date, skipped" in result.stderr
+    for stage in ("audit", "prepare", "train", "report"):
+        assert f"{stage}: up to date, skipped" in result.stderr
     assert (cwd / "runs/default/train/model/model.safetensors").stat().st_mtime_ns == before
 
 
@@ -184,3 +190,59 @@ def test_an_option_the_model_cannot_use_is_refused(tmp_path):
     result = forgeml("run", str(recipe), cwd=tmp_path)
     assert result.returncode == 2
     assert "train.augment.token_dropout: mlp models cannot use it" in result.stderr
+
+
+def duplicated_table(folder: Path) -> Path:
+    from sklearn.datasets import load_wine
+
+    frame = load_wine(as_frame=True).frame.rename(columns={"target": "label"})
+    frame = pd.concat([frame, frame.head(30)], ignore_index=True)  # 30 of 208 rows repeat: 14 %
+    path = folder / "wine.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_the_audit_gate_stops_training_and_names_the_ways_on(tmp_path):
+    duplicated_table(tmp_path)
+    recipe = write_recipe(tmp_path, {"source": "wine.csv", "label_column": "label"}, global_batch_size=16)
+    stopped = forgeml("run", str(recipe), "--set", "prepare.deduplicate=none", cwd=tmp_path)
+    assert stopped.returncode == 2, stopped.stderr
+    message = " ".join(stopped.stderr.split())
+    assert "the data audit failed" in message and "duplicate_fraction" in message
+    assert "--allow-audit-failures" in message and "prepare.deduplicate" in message
+    assert not (tmp_path / "runs" / "t" / "train").exists()
+
+    allowed = forgeml("run", str(recipe), "--set", "prepare.deduplicate=none", "--allow-audit-failures", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "going on as --allow-audit-failures asks" in allowed.stderr
+
+    fixed = forgeml("run", str(recipe), "--run-dir", "runs/fixed", cwd=tmp_path)  # deduplicate: near (default)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "removed 30" in " ".join(fixed.stderr.split())
+
+
+def test_audit_command_writes_json_and_html_and_exits_1_on_failure(tmp_path):
+    duplicated_table(tmp_path)
+    test = pd.read_csv(tmp_path / "wine.csv").head(5)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    result = forgeml(
+        "audit", "wine.csv", "--label", "label", "--test", "test.csv",
+        "--set", "prepare.drop_leaked=false", "--json", "audit.json", "--html", "audit.html", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["n_rows"] == 208 and len(report["exact_duplicates"]) == 30
+    assert {leak["test_row"] for leak in report["leakage"]} == set(range(5))
+    assert report["checks"]["leakage"]["status"] == "fail"
+    page = (tmp_path / "audit.html").read_text()
+    assert "duplicate_fraction" in page and "http" not in page.split("<body>")[1]
+    assert "leakage" in result.stdout and "fail" in result.stdout
+
+    clean = forgeml("audit", "breast-cancer", "--json", "bc.json", cwd=tmp_path)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+
+
+def test_audit_command_bad_options_exit_2(tmp_path):
+    result = forgeml("audit", "wine", "--set", "audit.near_duplicates.threshold=2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "audit.near_duplicates.threshold" in result.stderr and "Traceback" not in result.stderr

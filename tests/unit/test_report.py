@@ -72,7 +72,7 @@ def _metrics(run_dir: Path, val_extra: Callable[[int], dict]) -> None:
 
 @pytest.fixture
 def classification_run(tmp_path: Path) -> Path:
-    run_dir = _base_run(tmp_path, "clf-run", {"data": _stage("done", 1.5), "train": _stage("done", 125.0)})
+    run_dir = _base_run(tmp_path, "clf-run", {"prepare": _stage("done", 1.5), "train": _stage("done", 125.0)})
     _write(
         run_dir / "data" / "manifest.json",
         {
@@ -116,7 +116,7 @@ def classification_run(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def lm_run(tmp_path: Path) -> Path:
-    run_dir = _base_run(tmp_path, "lm-run", {"data": _stage("done", 0.4), "train": _stage("done", 30.0)})
+    run_dir = _base_run(tmp_path, "lm-run", {"prepare": _stage("done", 0.4), "train": _stage("done", 30.0)})
     _write(
         run_dir / "data" / "manifest.json",
         {
@@ -190,11 +190,11 @@ def test_lm_report(lm_run: Path) -> None:
 
 
 def test_report_with_only_recipe_and_run_json(tmp_path: Path) -> None:
-    run_dir = _base_run(tmp_path, "early", {"data": _stage("failed", 0.2)})
+    run_dir = _base_run(tmp_path, "early", {"prepare": _stage("failed", 0.2)})
     text, collector = _parse(write_report(run_dir))
     _check_self_contained(text, collector)
     assert collector.images == []
-    assert "The data stage failed; it left no results." in text
+    assert "The prepare stage failed; it left no results." in text
     for stage in ("Training", "Evaluation", *PLACEHOLDERS):
         assert f"{stage} did not run in this run." in text
 

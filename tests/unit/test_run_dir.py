@@ -35,13 +35,13 @@ def test_stages_are_recorded_then_skipped_when_up_to_date(tmp_path):
     first = forgeml.run("tabular", tmp_path, overrides=FAST)
     assert first["train"] is not None and first["train"].steps == 4
     records = json.loads((tmp_path / "run.json").read_text())["stages"]
-    assert set(records) == {"prepare", "train", "report"}
+    assert set(records) == {"audit", "prepare", "train", "report"}
     for record in records.values():
         assert record["status"] == "done" and record["ended"] and record["duration_s"] >= 0
     assert records["train"]["input_hashes"]["data/manifest.json"]
 
     second = forgeml.run("tabular", tmp_path, overrides=FAST)
-    assert second == {"prepare": None, "train": None, "report": None}
+    assert second == {"audit": None, "prepare": None, "train": None, "report": None}
 
 
 def test_changing_the_recipe_of_a_finished_run_is_refused_unless_forced(tmp_path):
@@ -89,11 +89,12 @@ def test_train_needs_prepared_data(tmp_path):
 
 def test_a_shard_that_changed_is_refused(tmp_path):
     from forgeml.data.prepare import load_splits
+    from forgeml.errors import DataError
 
     forgeml.prepare("tabular", tmp_path)
     shard = tmp_path / "data" / "train-00000.parquet"
     shard.write_bytes(shard.read_bytes() + b"x")
-    with pytest.raises(Exception, match="does not match its checksum"):
+    with pytest.raises(DataError, match="does not match its sha256"):
         load_splits(RunDir(tmp_path))
 
 

@@ -351,3 +351,29 @@ def test_csv_errors_point_at_the_real_line(tmp_path):
 def test_dates_are_not_features():
     table = table_of({"d": pd.to_datetime(["2020-01-01", "2021-01-01"]), "y": ["p", "q"]}, label="y")
     assert "feature column 'd': row 0 (line 2) holds Timestamp(" in validate_error(table, "features", "classification")
+
+
+def test_bad_rows_can_be_skipped_and_are_reported(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('a,b,label\n1,2,x\n3,4,5,y\n"multi\nline",6,y\n7\n8,9,x\n')
+    table = read_table(cfg(str(path), on_bad_rows="skip"))
+    assert table.skipped_lines == [3, 6]
+    assert table.frame["a"].tolist() == ["1", "multi\nline", "8"]
+    assert table.lines == [2, 4, 7]
+
+
+def test_bad_jsonl_lines_can_be_skipped(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"t": "a", "y": 1}\n{broken\n[1, 2]\n\n{"t": "b", "y": 2}\n')
+    table = read_table(cfg(str(path), on_bad_rows="skip"))
+    assert table.skipped_lines == [2, 3]
+    assert table.frame["t"].tolist() == ["a", "b"] and table.lines == [1, 5]
+
+
+def test_a_bad_row_says_how_to_skip_it(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n1,2\n3\n")
+    with pytest.raises(
+        DataError, match=r"line 3: expected 2 fields, saw 1 \(fix the row, or set data.on_bad_rows: skip\)"
+    ):
+        read_table(cfg(str(path)))

@@ -1,4 +1,5 @@
-"""The prepare stage: read the source, check it, split it (seeded, stratified) into Parquet shards.
+"""The prepare stage: read the source, clean it, split it (seeded, stratified, group-aware), rebalance
+the training split, and store each split as Parquet shards.
 
 It writes ``data/manifest.json`` (row counts and sha256 per shard) and the shards; the train
 stage reads them back with ``load_splits``, which refuses a shard whose checksum changed.
@@ -8,21 +9,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
+from forgeml.data.balance import RESAMPLERS, choose, imbalance_ratio, resample
+from forgeml.data.clean import (
+    Columns,
+    drop_missing,
+    duplicate_groups,
+    fill,
+    fill_values,
+    impute_rules,
+    keep_first,
+    leaked_rows,
+)
+from forgeml.data.shards import read_split, schema_of, write_shards
 from forgeml.data.sources import Table, read_table, validate_table
 from forgeml.errors import DataError
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits
 from forgeml.recipe import PrepareConfig, Recipe
-from forgeml.rundir import RunDir, atomic_write, sha256_file, write_json
+from forgeml.rundir import RunDir, sha256_json, write_json
 
 SPLITS = ("train", "val", "test")
 ROW_ID = "_row"  # position of the row in the source, kept so findings can point back to it
@@ -32,79 +42,196 @@ ROW_ID = "_row"  # position of the row in the source, kept so findings can point
 class PrepareResult:
     rows: dict[str, int]
     labels: list[str]
+    notes: list[str]  # what was cleaned, rebalanced, skipped
 
     def __str__(self) -> str:
         rows = " / ".join(f"{n:,} {split}" for split, n in self.rows.items())
-        return f"{rows} rows" + (f", {len(self.labels)} classes" if self.labels else "")
+        head = f"{rows} rows" + (f", {len(self.labels)} classes" if self.labels else "")
+        return "; ".join([head, *self.notes])
 
 
-def split_rows(table: Table, cfg: PrepareConfig, stratify: bool) -> dict[str, np.ndarray]:
-    """Row positions of each split; stratified by label when asked and possible."""
-    positions = np.arange(len(table.frame))
-    labels = table.frame[table.label_column].astype(str).to_numpy() if stratify else None
+def split_positions(
+    frame: pd.DataFrame,
+    fractions: tuple[float, ...],
+    cfg: PrepareConfig,
+    labels: pd.Series | None,
+    groups: pd.Series | None,
+    origin: str,
+) -> list[np.ndarray]:
+    """Seeded split of row positions into len(fractions) + 1 parts (the rest first): stratified by
+    label when given, and with ``groups`` every group lands in one part."""
     if labels is not None:
-        counts = pd.Series(labels).value_counts()
+        counts = labels.value_counts()
         if counts.min() < 3:
             raise DataError(
-                f"{table.origin}: class {counts.idxmin()!r} has {counts.min()} row(s); a stratified split needs "
+                f"{origin}: class {counts.idxmin()!r} has {counts.min()} row(s); a stratified split needs "
                 "at least 3 per class: add rows, drop the class, or set prepare.stratify: false"
             )
-    holdout = cfg.val_fraction + cfg.test_fraction
+    positions = np.arange(len(frame))
+    parts: list[np.ndarray] = []
+    rest = positions
+    remaining = 1.0
     try:
-        train, rest = train_test_split(positions, test_size=holdout, random_state=cfg.seed, stratify=labels)
-        rest_labels = None if labels is None else labels[rest]
-        val, test = train_test_split(
-            rest, test_size=cfg.test_fraction / holdout, random_state=cfg.seed, stratify=rest_labels
-        )
+        for fraction in fractions:
+            share = fraction / remaining
+            strata = None if labels is None else labels.to_numpy()[rest]
+            if groups is None:
+                keep, held = train_test_split(rest, test_size=share, random_state=cfg.seed, stratify=strata)
+            else:
+                keep, held = group_split(rest, share, groups.to_numpy()[rest], strata, cfg.seed)
+            parts.append(np.sort(held))
+            rest, remaining = keep, remaining - fraction
     except ValueError as exc:
         raise DataError(
-            f"{table.origin}: cannot split {len(positions)} rows into train/val/test ({exc}); "
+            f"{origin}: cannot split {len(positions)} rows into train/val/test ({exc}); "
             "add rows, change prepare.val_fraction/test_fraction, or set prepare.stratify: false"
         ) from exc
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    return [np.sort(rest), *parts]
 
 
-def write_shard(frame: pd.DataFrame, path: Path) -> dict[str, Any]:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink, compression="zstd")
-    atomic_write(path, sink.getvalue().to_pybytes())
-    return {"path": path.name, "rows": len(frame), "sha256": sha256_file(path)}
+def group_split(
+    positions: np.ndarray, share: float, groups: np.ndarray, strata: np.ndarray | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out about ``share`` of the rows, whole groups at a time (stratified folds when labelled)."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    if strata is not None:
+        folds = StratifiedGroupKFold(n_splits=max(2, round(1 / share)), shuffle=True, random_state=seed)
+        keep, held = next(folds.split(positions, strata, groups))
+    else:
+        keep, held = next(
+            GroupShuffleSplit(n_splits=1, test_size=share, random_state=seed).split(positions, groups=groups)
+        )
+    return positions[keep], positions[held]
+
+
+def prepared_frame(table: Table, columns: Columns, group: str | None) -> pd.DataFrame:
+    """The columns the model uses (+ group and source row id), labels as strings."""
+    used = [c for c in [columns.text, *columns.features, group, columns.label] if c]
+    frame = table.frame[used].copy()
+    if columns.label:
+        frame[columns.label] = frame[columns.label].astype(str)
+    frame.insert(0, ROW_ID, np.arange(len(frame)))
+    return frame
+
+
+def read_test_table(recipe: Recipe, family: type, like: Table) -> Table:
+    """The separate test set, read and checked like the main source, with the same columns."""
+    data = recipe.data.model_copy(update={"source": recipe.data.test_source, "max_rows": None})
+    test = read_table(data)
+    test.text_column, test.feature_columns, test.label_column = (
+        like.text_column,
+        like.feature_columns,
+        like.label_column,
+    )
+    validate_table(
+        test, needs=family.inputs, task=family.task, missing_ok=impute_rules_for(recipe, like), one_class_ok=True
+    )
+    return test
+
+
+def impute_rules_for(recipe: Recipe, table: Table) -> dict[str, str]:
+    return impute_rules(Columns(None, list(table.feature_columns or []), None), recipe.prepare)
 
 
 def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
+    cfg = recipe.prepare
     family = MODELS.get(recipe.model.name).build
-    table = read_table(recipe.data)
-    validate_table(table, needs=family.inputs, task=family.task)
     classify = family.task == "classification"
-    columns = [table.text_column] if family.inputs == "text" else list(table.feature_columns or [])
-    if classify:
-        columns.append(table.label_column)
-    frame = table.frame[columns].copy()
-    if classify:
-        frame[table.label_column] = frame[table.label_column].astype(str)
-    frame.insert(0, ROW_ID, np.arange(len(frame)))
+    table = read_table(recipe.data)
+    # Features may hold NaN only where a rule will fill or drop them.
+    missing_ok = ("*",) if cfg.impute != "none" else tuple(c for c, r in cfg.impute_columns.items() if r != "none")
+    validate_table(table, needs=family.inputs, task=family.task, missing_ok=missing_ok)
+    group = recipe.data.group_column
+    if group is not None and group not in table.frame.columns:
+        raise DataError(f"{table.origin}: group column {group!r} not found; columns: {', '.join(table.frame.columns)}")
+    columns = Columns(
+        table.text_column if family.inputs == "text" else None,
+        list(table.feature_columns or []) if family.inputs == "features" else [],
+        table.label_column if classify else None,
+    )
+    if cfg.rebalance != "none" and not classify:
+        raise DataError("prepare.rebalance applies to classification; set it to none for language models")
+    notes: list[str] = []
+    if table.skipped_lines:
+        notes.append(f"skipped {len(table.skipped_lines)} malformed rows (lines {_lines(table.skipped_lines)})")
 
-    parts = split_rows(table, recipe.prepare, stratify=classify and recipe.prepare.stratify)
-    out = run.stage_dir("data")
-    labels = sorted(frame[table.label_column].unique()) if classify else []
+    frame = prepared_frame(table, columns, group)
+    rules = impute_rules(columns, cfg)
+    before = len(frame)
+    frame = drop_missing(frame, rules)
+    if len(frame) < before:
+        notes.append(f"dropped {before - len(frame)} rows with missing features")
+    groups = duplicate_groups(frame, columns, cfg.deduplicate, recipe.audit)
+    before = len(frame)
+    frame = keep_first(frame, groups)
+    if len(frame) < before:
+        notes.append(f"removed {before - len(frame)} {cfg.deduplicate} duplicates")
+
+    test_frame = None
+    if recipe.data.test_source:
+        test_table = read_test_table(recipe, family, table)
+        test_frame = drop_missing(prepared_frame(test_table, columns, group), rules)
+        if cfg.drop_leaked:
+            leaked = leaked_rows(test_frame, frame, columns, recipe.audit)
+            test_frame = test_frame.drop(index=leaked).reset_index(drop=True)
+            if leaked:
+                notes.append(f"dropped {len(leaked)} test rows that duplicate training rows")
+
+    labels = frame[columns.label] if classify and cfg.stratify else None
+    fractions = (cfg.val_fraction,) if test_frame is not None else (cfg.val_fraction, cfg.test_fraction)
+    parts = split_positions(frame, fractions, cfg, labels, frame[group] if group else None, table.origin)
+    splits = {name: frame.iloc[part].reset_index(drop=True) for name, part in zip(SPLITS, parts, strict=False)}
+    if test_frame is not None:
+        splits["test"] = test_frame
+
+    values = fill_values(splits["train"], rules)
+    splits = {name: fill(part, values) for name, part in splits.items()}
+    if values:
+        notes.append("imputed " + ", ".join(f"{c}={v:g}" for c, v in values.items()) + " (from train)")
+
+    rebalance = {"method": "none", "reason": "not a classification task"}
+    if classify:
+        method, reason = choose(cfg.rebalance, imbalance_ratio(splits["train"][columns.label]), family.inputs)
+        before = len(splits["train"])
+        splits["train"] = resample(splits["train"], columns.label, columns.features, method, cfg.seed)
+        rebalance = {"method": method, "reason": reason}
+        if method != "none":
+            resized = f"; train rows {before:,} -> {len(splits['train']):,}" if method in RESAMPLERS else ""
+            notes.append(f"rebalance: {method} ({reason}){resized}")
+
+    out = str(run.stage_dir("data"))
+    labels_list = sorted(frame[columns.label].unique()) if classify else []
     manifest: dict[str, Any] = {
         "source": table.origin,
         "fingerprint": table.fingerprint,
         "task": family.task,
-        "text_column": table.text_column if family.inputs == "text" else None,
-        "feature_columns": table.feature_columns if family.inputs == "features" else [],
-        "label_column": table.label_column if classify else None,
-        "labels": labels,
+        "config_hash": sha256_json(recipe.section_dump("data", "prepare")),
+        "schema": schema_of(splits["train"]),
+        "text_column": columns.text,
+        "feature_columns": columns.features,
+        "label_column": columns.label,
+        "group_column": group,
+        "labels": labels_list,
+        "rebalance": rebalance,
+        "imputed": values,
+        "skipped_lines": table.skipped_lines,
+        "notes": notes,
         "splits": {},
         "class_counts": {},
     }
     for name in SPLITS:
-        part = frame.iloc[parts[name]]
-        manifest["splits"][name] = {"rows": len(part), "shards": [write_shard(part, out / f"{name}-00000.parquet")]}
+        part = splits[name]
+        manifest["splits"][name] = {"rows": len(part), "shards": write_shards(part, out, name, cfg.shard_rows)}
         if classify:
-            manifest["class_counts"][name] = part[table.label_column].value_counts().sort_index().to_dict()
-    write_json(out / "manifest.json", manifest)
-    return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels)
+            manifest["class_counts"][name] = part[columns.label].value_counts().sort_index().to_dict()
+    write_json(run.stage_dir("data") / "manifest.json", manifest)
+    return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels_list, notes)
+
+
+def _lines(lines: list[int], shown: int = 10) -> str:
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return ", ".join(map(str, lines[:shown])) + more
 
 
 def read_manifest(run: RunDir) -> dict[str, Any]:
@@ -115,21 +242,10 @@ def read_manifest(run: RunDir) -> dict[str, Any]:
 
 
 def load_splits(run: RunDir) -> Splits:
-    """The prepared splits, checksums verified, labels as class indices."""
+    """The prepared splits, every shard's checksum verified, labels as class indices."""
     manifest = read_manifest(run)
-    folder = run.stage_dir("data")
-    frames = {}
-    for name in SPLITS:
-        shards = []
-        for shard in manifest["splits"][name]["shards"]:
-            path = folder / shard["path"]
-            if not path.exists() or sha256_file(path) != shard["sha256"]:
-                raise DataError(
-                    f"{path} is missing or does not match its checksum in manifest.json; "
-                    "rerun the prepare stage (forgeml run --force)"
-                )
-            shards.append(pq.read_table(path).to_pandas())
-        frames[name] = pd.concat(shards, ignore_index=True)
+    folder = str(run.stage_dir("data"))
+    frames = {name: read_split(folder, manifest["splits"][name]["shards"]) for name in SPLITS}
     label_column, labels = manifest["label_column"], manifest["labels"]
     if label_column:
         index = {label: i for i, label in enumerate(labels)}

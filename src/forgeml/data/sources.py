@@ -9,8 +9,8 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
@@ -43,6 +43,7 @@ class Table:
     label_column: str | None
     lines: list[int] | None  # 1-based file line where each row starts (CSV, JSONL)
     fingerprint: str  # sha256 hex of the content
+    skipped_lines: list[int] = field(default_factory=list)  # malformed rows left out (on_bad_rows: skip)
 
     def where(self, row: int) -> str:
         """Where a row (position in frame) is, for messages: "row 12 (line 14)"."""
@@ -101,7 +102,8 @@ def _read_file(cfg: DataConfig) -> Table:
     _require_path(source)
     data = _read_bytes(source)
     fmt = cfg.format if cfg.format != "auto" else _format_from_suffix(source)
-    frame, lines = READERS[fmt](data, source)
+    skipped: list[int] = []
+    frame, lines = READERS[fmt](data, source, skipped if cfg.on_bad_rows == "skip" else None)
     return Table(
         frame=frame,
         origin=source,
@@ -110,6 +112,7 @@ def _read_file(cfg: DataConfig) -> Table:
         label_column=None,
         lines=lines,
         fingerprint=hashlib.sha256(data).hexdigest(),
+        skipped_lines=skipped,
     )
 
 
@@ -149,19 +152,22 @@ def _decode(data: bytes, origin: str) -> str:
         raise DataError(f"{origin}: line {line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
 
 
-def _read_csv(data: bytes, origin: str) -> tuple[pd.DataFrame, list[int]]:
+def _read_csv(data: bytes, origin: str, skipped: list[int] | None) -> tuple[pd.DataFrame, list[int]]:
+    """``skipped``: None to fail on a malformed record, else a list that collects the lines left out."""
     text = _decode(data, origin)
-    starts = _csv_record_starts(text, origin)
-    if not starts:
+    records = _csv_records(text, origin, skipped)
+    if not records:
         raise DataError(f"{origin}: empty file; a CSV starts with a header line")
+    if skipped:
+        text = "".join(record for _, record in records)  # pandas reads only the well-formed records
     try:
         frame = pd.read_csv(io.StringIO(text), low_memory=False)
     except pd.errors.ParserError as exc:
         if "EOF inside string" in str(exc):
             # The csv module let the open quote run to the end: the last record holds it.
-            raise DataError(f"{origin}: line {starts[-1]}: a quoted field is never closed") from None
+            raise DataError(f"{origin}: line {records[-1][0]}: a quoted field is never closed") from None
         raise DataError(f"{origin}: cannot parse as CSV ({exc})") from None
-    lines = starts[1:]
+    lines = [start for start, _ in records[1:]]
     if len(frame) != len(lines):
         # pandas' tokenizer drops rows in some files mixing \r and \n line ends.
         raise DataError(
@@ -171,15 +177,16 @@ def _read_csv(data: bytes, origin: str) -> tuple[pd.DataFrame, list[int]]:
     return frame, lines
 
 
-def _csv_record_starts(text: str, origin: str) -> list[int]:
-    """The file line where each record starts, the header first; every record must have the header's width.
+def _csv_records(text: str, origin: str, skipped: list[int] | None) -> list[tuple[int, str]]:
+    """(file line where it starts, raw text) of each record, the header first. Every record must
+    have the header's width: otherwise an error, or with ``skipped`` its line is collected.
 
     pandas cannot give this: its "line N" in errors counts a record with quoted newlines as
     one line, and it pads short rows with NaN instead of complaining.
     """
     physical = io.StringIO(text, newline="").readlines()  # splits at \n, \r\n and \r, like pandas
     reader = csv.reader(physical)
-    starts: list[int] = []
+    records: list[tuple[int, str]] = []
     width = end = 0
     limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))  # a field may be a long document
     try:
@@ -187,17 +194,23 @@ def _csv_record_starts(text: str, origin: str) -> list[int]:
             start, end = end + 1, reader.line_num
             if start == end and not physical[start - 1].strip(" \t\r\n"):
                 continue  # pandas skips blank and whitespace-only lines
-            if not starts:
+            if not records:
                 width = len(record)
             elif len(record) != width:
-                raise DataError(f"{origin}: line {start}: expected {width} fields, saw {len(record)}")
-            starts.append(start)
+                if skipped is None:
+                    raise DataError(
+                        f"{origin}: line {start}: expected {width} fields, saw {len(record)} "
+                        "(fix the row, or set data.on_bad_rows: skip)"
+                    )
+                skipped.append(start)
+                continue
+            records.append((start, "".join(physical[start - 1 : end])))
     finally:
         csv.field_size_limit(limit)
-    return starts
+    return records
 
 
-def _read_jsonl(data: bytes, origin: str) -> tuple[pd.DataFrame, list[int]]:
+def _read_jsonl(data: bytes, origin: str, skipped: list[int] | None) -> tuple[pd.DataFrame, list[int]]:
     records, lines = [], []
     # Split at \n only: a JSON string may hold U+2028 and other characters str.splitlines splits at.
     for number, line in enumerate(_decode(data, origin).split("\n"), start=1):
@@ -205,16 +218,22 @@ def _read_jsonl(data: bytes, origin: str) -> tuple[pd.DataFrame, list[int]]:
             continue
         try:
             record = json.loads(line)
+            problem = (
+                None if isinstance(record, dict) else f"expected a JSON object (one row), got {type(record).__name__}"
+            )
         except json.JSONDecodeError as exc:
-            raise DataError(f"{origin}: line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{origin}: line {number}: expected a JSON object (one row), got {type(record).__name__}")
+            problem = f"invalid JSON ({exc.msg} at column {exc.colno})"
+        if problem and skipped is not None:
+            skipped.append(number)
+            continue
+        if problem:
+            raise DataError(f"{origin}: line {number}: {problem} (fix the row, or set data.on_bad_rows: skip)")
         records.append(record)
         lines.append(number)
     return pd.DataFrame(records), lines
 
 
-def _read_parquet(data: bytes, origin: str) -> tuple[pd.DataFrame, None]:
+def _read_parquet(data: bytes, origin: str, skipped: list[int] | None) -> tuple[pd.DataFrame, None]:
     try:
         frame = pd.read_parquet(io.BytesIO(data))
     except pa.ArrowException as exc:
@@ -223,7 +242,7 @@ def _read_parquet(data: bytes, origin: str) -> tuple[pd.DataFrame, None]:
     return frame.reset_index(drop=frame.index.names == [None]), None
 
 
-READERS: dict[str, Callable[[bytes, str], tuple[pd.DataFrame, list[int] | None]]] = {
+READERS: dict[str, Callable[[bytes, str, list[int] | None], tuple[pd.DataFrame, list[int] | None]]] = {
     "csv": _read_csv,
     "jsonl": _read_jsonl,
     "parquet": _read_parquet,
@@ -244,16 +263,24 @@ def _sample(table: Table, max_rows: int, seed: int) -> None:
 # ---------------------------------------------------------------- validation
 
 
-def validate_table(table: Table, needs: Literal["text", "features"], task: Literal["classification", "lm"]) -> None:
-    """Check the table has what the task needs; sets table.feature_columns when it defaults."""
+def validate_table(
+    table: Table,
+    needs: Literal["text", "features"],
+    task: Literal["classification", "lm"],
+    missing_ok: Collection[str] = (),
+    one_class_ok: bool = False,
+) -> None:
+    """Check the table has what the task needs; sets table.feature_columns when it defaults.
+    Feature columns in ``missing_ok`` may hold NaN (the prepare stage imputes them); a separate
+    test set may hold a single class (``one_class_ok``)."""
     if len(table.frame) == 0:
         raise DataError(f"{table.origin}: no rows")
     if task == "classification":
-        _check_labels(table)
+        _check_labels(table, one_class_ok)
     if task == "lm" or needs == "text":
         _check_text(table)
     else:
-        _check_features(table)
+        _check_features(table, missing_ok)
 
 
 def _columns(table: Table) -> str:
@@ -278,7 +305,7 @@ def _is_blank(value: object) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-def _check_labels(table: Table) -> None:
+def _check_labels(table: Table, one_class_ok: bool) -> None:
     column = table.label_column
     _require_column(table, column, "label", "data.label_column")
     labels = table.frame[column]
@@ -289,9 +316,9 @@ def _check_labels(table: Table) -> None:
             "fill in the labels or drop those rows"
         )
     classes = labels.unique()
-    if len(classes) < 2:
+    if len(classes) < 2 and not one_class_ok:
         raise DataError(
-            f"{table.origin}: label column {column!r} holds a single class, {classes[0]!r}; "
+            f"{table.origin}: label column {column!r} holds a single class, {str(classes[0])!r}; "
             "classification needs at least 2"
         )
 
@@ -308,7 +335,7 @@ def _check_text(table: Table) -> None:
         raise DataError(f"{table.origin}: text column {column!r}: {table.where(row)} {what}")
 
 
-def _check_features(table: Table) -> None:
+def _check_features(table: Table, missing_ok: Collection[str]) -> None:
     frame, label = table.frame, table.label_column
     columns = table.feature_columns
     if columns is None:
@@ -326,11 +353,11 @@ def _check_features(table: Table) -> None:
     if not columns:
         raise DataError(f"{table.origin}: no feature columns; set data.feature_columns (columns: {_columns(table)})")
     for column in columns:
-        _check_numeric(table, column)
+        _check_numeric(table, column, missing_ok="*" in missing_ok or column in missing_ok)
     table.feature_columns = list(columns)
 
 
-def _check_numeric(table: Table, column: str) -> None:
+def _check_numeric(table: Table, column: str, missing_ok: bool) -> None:
     values = table.frame[column]
     if not is_numeric_dtype(values):
         # In a CSV every value of such a column is a string: the culprit is the one that is no number.
@@ -343,8 +370,8 @@ def _check_numeric(table: Table, column: str) -> None:
                 "not a number; fix the value or leave the column out of data.feature_columns"
             )
     empty = np.flatnonzero(values.isna())
-    if empty.size:
+    if empty.size and not missing_ok:
         raise DataError(
             f"{table.origin}: feature column {column!r} is empty (NaN) at {_rows(table, empty)}; "
-            "fill in the values or drop those rows"
+            "fill in the values, or set prepare.impute (median, most_frequent or drop)"
         )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -19,6 +17,7 @@ from typing import Any
 
 from forgeml.errors import RunDirError
 from forgeml.report import plots
+from forgeml.rundir import atomic_write
 
 REPORT_NAME = "report.html"
 
@@ -46,6 +45,7 @@ class Run:
     manifest: Mapping[str, Any] | None
     metrics: list[Mapping[str, Any]]
     eval: Mapping[str, Any] | None
+    audit: Mapping[str, Any] | None = None
 
 
 Builder = Callable[[Run], str | None]
@@ -92,6 +92,7 @@ def load_run(run_dir: Path) -> Run:
         manifest=_dict_or_none(_read_json(run_dir / "data" / "manifest.json")),
         metrics=_read_jsonl(run_dir / "train" / "metrics.jsonl"),
         eval=_dict_or_none(_read_json(run_dir / "train" / "eval.json")),
+        audit=_dict_or_none(_read_json(run_dir / "audit" / "report.json")),
     )
 
 
@@ -183,7 +184,7 @@ def _recipe(run: Run) -> str:
 def _data(run: Run) -> str:
     m = run.manifest
     if m is None:
-        return _absent("Data", run, "data")
+        return _absent("Data", run, "prepare")
     parts = []
     details = [(key, m.get(key)) for key in ("source", "label_column", "text_column") if m.get(key)]
     if isinstance(m.get("feature_columns"), list) and m["feature_columns"]:
@@ -205,6 +206,56 @@ def _data(run: Run) -> str:
         parts.append(f"<h3>Class counts ({escape(str(split))} split)</h3>")
         parts.append(_img(plots.class_counts(counts), f"class counts, {split} split"))
     return _section("Data", "\n".join(parts) or _note("The manifest lists no splits."))
+
+
+def _audit(run: Run) -> str:
+    report = run.audit
+    if report is None:
+        return _absent("Data audit", run, "audit")
+    checks = _dict_or_none(report.get("checks")) or {}
+    rows = [
+        (name, c.get("status"), _fmt(c.get("value")), _fmt(c.get("threshold")), c.get("note", ""))
+        for name, c in checks.items()
+        if isinstance(c, dict)
+    ]
+    parts = [
+        _note(f"{report.get('n_rows', '?')} rows audited."),
+        _table(["check", "status", "value", "threshold", "note"], rows),
+    ]
+    counts = {
+        "exact duplicate groups": len(report.get("exact_duplicates") or []),
+        "near duplicate groups": len(report.get("near_duplicates") or []),
+        "label conflicts": len(report.get("label_conflicts") or []),
+        "leaked test rows": len(report.get("leakage") or []),
+        "likely label errors": len(report.get("label_issues") or []),
+        "imbalance ratio": report.get("imbalance_ratio"),
+    }
+    parts.append(_table(["finding", "value"], [(k, _fmt(v)) for k, v in counts.items()]))
+    columns = {
+        "missing values": ", ".join(f"{c} ({n})" for c, n in (report.get("missing") or {}).items() if n),
+        "constant columns": ", ".join(map(str, report.get("constant_columns") or [])),
+        "ID-like columns": ", ".join(map(str, report.get("id_like_columns") or [])),
+        "target-leak columns": ", ".join(map(str, report.get("target_leak_columns") or [])),
+    }
+    if any(columns.values()):
+        parts.append(_table(["columns", "which"], [(k, v or "none") for k, v in columns.items()]))
+    class_counts = _dict_or_none(report.get("class_counts")) or {}
+    if class_counts:
+        parts.append(_img(plots.class_counts({str(k): int(v) for k, v in class_counts.items()}), "class counts"))
+    for finding, examples in (_dict_or_none(report.get("examples")) or {}).items():
+        if isinstance(examples, list) and examples:
+            parts.append(f"<h3>{escape(str(finding).replace('_', ' '))}: examples</h3>")
+            parts.append(_records(examples))
+    return _section("Data audit", "\n".join(parts))
+
+
+def _records(items: list[Any]) -> str:
+    """A table of example records (dicts), whatever their keys."""
+    dicts = [item for item in items if isinstance(item, dict)]
+    if not dicts:
+        return _table(["example"], [(str(item),) for item in items])
+    header = list(dict.fromkeys(key for item in dicts for key in item))
+    return _table(header, [[_fmt(item.get(key)) for key in header] for item in dicts])
 
 
 def _scalar_metrics(metrics: Any) -> dict[str, Any]:
@@ -270,7 +321,7 @@ SECTIONS: list[Builder] = [
     _header,
     _recipe,
     _data,
-    placeholder("Data audit"),
+    _audit,
     _training,
     _evaluation,
     placeholder("Tuning"),
@@ -291,26 +342,19 @@ def render(run: Run, sections: Sequence[Builder] = SECTIONS) -> str:
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory, fsync it, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: Path) -> Path:
     """Build `report.html` in `run_dir` from whatever the run left there; return its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist; pass the folder a run wrote")
     path = run_dir / REPORT_NAME
-    _atomic_write(path, render(load_run(run_dir)))
+    atomic_write(path, render(load_run(run_dir)))
     return path
+
+
+def write_audit_page(report: Mapping[str, Any], path: Path, title: str) -> Path:
+    """A page with the audit alone, for ``forgeml audit --html``."""
+    run = Run(name=title, recipe=None, stages={}, manifest=None, metrics=[], eval=None, audit=report)
+    header = lambda run: f"<header><h1>{escape(run.name)}</h1></header>"  # noqa: E731
+    atomic_write(Path(path), render(run, sections=[header, _audit]))
+    return Path(path)

@@ -40,11 +40,13 @@ class TrainResult:
         return f"{self.steps} steps{stop}"
 
 
-def build_loss(cfg: TrainConfig, task: str, splits: Splits) -> ClassificationLoss | NextTokenLoss:
+def build_loss(cfg: TrainConfig, task: str, splits: Splits, rebalance: str) -> ClassificationLoss | NextTokenLoss:
+    """The recipe's loss; prepare's rebalancing choice (class_weights, focal) applies unless
+    train.class_weights names weights itself."""
     if task == "lm":
         return NextTokenLoss()
     weights = None
-    if cfg.class_weights == "balanced":
+    if cfg.class_weights == "balanced" or (cfg.class_weights is None and rebalance == "class_weights"):
         labels = torch.as_tensor(splits.train[splits.label_column].to_numpy())
         weights = balanced_weights(labels, len(splits.labels))
     elif cfg.class_weights is not None:
@@ -54,7 +56,8 @@ def build_loss(cfg: TrainConfig, task: str, splits: Splits) -> ClassificationLos
                 f"({', '.join(splits.labels)}); give one per class, in that order, or 'balanced'"
             )
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
-    return ClassificationLoss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
+    kind = "focal" if rebalance == "focal" else cfg.loss
+    return ClassificationLoss(kind, weights, cfg.label_smoothing, cfg.focal_gamma)
 
 
 def loaders(
@@ -144,7 +147,8 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: b
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
 
     # Checkpoints belong to one training: the same prepared data and the same settings.
-    tag = sha256_json([recipe.section_dump("data", "prepare", "model", "train"), read_manifest(run)])
+    manifest = read_manifest(run)
+    tag = sha256_json([recipe.section_dump("data", "prepare", "model", "train"), manifest])
     checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last)
     if not resume:
         checkpoints.clear()
@@ -154,7 +158,7 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: b
         family.network,
         data["train"],
         cfg,
-        build_loss(cfg, family.task, splits),
+        build_loss(cfg, family.task, splits, manifest.get("rebalance", {}).get("method", "none")),
         strategy,
         evaluate=lambda model: measure(model, data["val"]),
         callbacks=callbacks,

@@ -1,0 +1,69 @@
+"""The audit stage of a run, and the gate that stops training on data that fails the audit."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from forgeml.data.audit import audit, failed_checks, summary_lines
+from forgeml.data.sources import Table, read_table, validate_table
+from forgeml.errors import ForgeError
+from forgeml.models import MODELS
+from forgeml.recipe import Recipe
+from forgeml.rundir import RunDir, write_json
+
+REPORT = "audit/report.json"
+
+
+class AuditFailed(ForgeError):
+    """The data failed one or more audit checks."""
+
+
+@dataclass
+class AuditResult:
+    report: dict[str, Any]
+
+    def __str__(self) -> str:
+        statuses = [check["status"] for check in self.report["checks"].values()]
+        counts = ", ".join(f"{statuses.count(s)} {s}" for s in ("fail", "warn") if s in statuses)
+        return f"{self.report['n_rows']:,} rows audited; checks: {counts or 'all pass'}"
+
+
+def read_for_audit(recipe: Recipe) -> tuple[Table, Table | None]:
+    """The source (and separate test set) as the audit sees them: missing values are findings, not errors."""
+    family = MODELS.get(recipe.model.name).build
+    table = read_table(recipe.data)
+    validate_table(table, needs=family.inputs, task=family.task, missing_ok=("*",))
+    test = None
+    if recipe.data.test_source:
+        test = read_table(recipe.data.model_copy(update={"source": recipe.data.test_source, "max_rows": None}))
+        test.text_column, test.feature_columns = table.text_column, table.feature_columns
+        test.label_column = table.label_column
+        validate_table(test, needs=family.inputs, task=family.task, missing_ok=("*",), one_class_ok=True)
+    return table, test
+
+
+def audit_stage(recipe: Recipe, run: RunDir) -> AuditResult:
+    table, test = read_for_audit(recipe)
+    report = audit(table, recipe.audit, recipe.prepare, test)
+    write_json(run.path / REPORT, report)
+    return AuditResult(report)
+
+
+def gate(run: RunDir, allow_failures: bool) -> list[str]:
+    """Raise AuditFailed when a check failed and failures are not allowed; return the failed checks."""
+    path = run.path / REPORT
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    failed = failed_checks(report)
+    if failed and not allow_failures:
+        lines = "\n".join(f"  {line}" for line in summary_lines(report) if line.split(":")[0] in failed)
+        raise AuditFailed(
+            f"the data audit failed, so training will not start ({run.path / REPORT}):\n{lines}\n"
+            "Two ways on: fix the data with the prepare stage (e.g. prepare.deduplicate: near, "
+            "prepare.drop_leaked: true, prepare.rebalance: auto, prepare.impute: median), "
+            "or pass --allow-audit-failures to train anyway."
+        )
+    return failed

@@ -1,0 +1,192 @@
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from forgeml.data import dedup
+from forgeml.data.dedup import NearDuplicates, cross_matches, exact_groups, near_duplicates, normalize
+
+WORDS = [f"w{i}" for i in range(3000)]
+
+
+def random_docs(count: int, seed: int, lengths: tuple[int, int] = (40, 60)) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(*lengths))) for _ in range(count)]
+
+
+def substitute(text: str, position: int, word: str = "zzz") -> str:
+    words = text.split()
+    words[position] = word
+    return " ".join(words)
+
+
+def shingles(text: str, ngram: int = 5) -> set[str]:
+    words = text.split()
+    if len(words) < ngram:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)}
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = shingles(a), shingles(b)
+    return len(x & y) / len(x | y)
+
+
+def components(n: int, pairs: list[tuple[int, int, float]]) -> list[list[int]]:
+    """Connected components (len >= 2) by plain union-find, to check near_duplicates' groups against."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j, _ in pairs:
+        parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return sorted((g for g in groups.values() if len(g) >= 2), key=lambda g: g[0])
+
+
+# ---------------------------------------------------------------- normalize and exact groups
+
+
+def test_normalize():
+    assert normalize("  Hello\t\nWORLD  again ") == "hello world again"
+    assert normalize("A  B", lowercase=False) == "A B"
+    assert normalize("A  B ", whitespace=False) == "a  b "
+    assert normalize("") == ""
+
+
+def test_exact_groups():
+    assert exact_groups(["a", "b", "a", "c", "b", "a"]) == [[0, 2, 5], [1, 4]]
+    assert exact_groups([("x", 1), ("y", 1), ("x", 1)]) == [[0, 2]]
+    assert exact_groups(["only", "distinct"]) == []
+    assert exact_groups([]) == []
+
+
+def test_exact_groups_are_ordered_by_first_position():
+    assert exact_groups([3, 1, 1, 3, 2, 2]) == [[0, 3], [1, 2], [4, 5]]
+
+
+# ---------------------------------------------------------------- near duplicates
+
+
+def test_finds_planted_near_duplicates_and_not_unrelated_documents():
+    docs = random_docs(300, seed=0)
+    planted = {(i, 300 + k) for k, i in enumerate(range(0, 60, 3))}
+    docs += [substitute(docs[i], -1) for i, _ in sorted(planted)]
+    assert all(jaccard(docs[i], docs[j]) >= 0.9 for i, j in planted)
+
+    result = near_duplicates(docs, processes=1)
+    assert {(i, j) for i, j, _ in result.pairs} == planted
+    assert result.groups == [[i, j] for i, j in sorted(planted)]
+
+
+def test_estimated_similarity_is_close_to_true_jaccard():
+    docs = random_docs(40, seed=1, lengths=(60, 80))
+    # Replace the last k + 1 words of document k: true Jaccard from about 0.97 down to about 0.25.
+    others = random_docs(40, seed=2, lengths=(80, 80))
+    variants = [" ".join(doc.split()[: -1 - k] + others[k].split()[: 1 + k]) for k, doc in enumerate(docs)]
+    result = near_duplicates(docs + variants, threshold=0.05, processes=1)
+    estimated = {(i, j): s for i, j, s in result.pairs}
+    errors = [estimated.get((k, 40 + k), 0.0) - jaccard(docs[k], variants[k]) for k in range(40)]
+    assert max(abs(e) for e in errors) < 0.12
+    assert abs(np.mean(errors)) < 0.03
+
+
+def test_same_result_for_any_number_of_processes(monkeypatch):
+    monkeypatch.setattr(dedup, "_CHUNK_DOCS", 64)  # several chunks, so the pool really splits the work
+    docs = random_docs(400, seed=3)
+    docs += [substitute(d, 0) for d in docs[:50]] + docs[50:60]
+    one = near_duplicates(docs, processes=1)
+    assert len(one.groups) == 60
+    assert near_duplicates(docs, processes=2) == one
+    assert cross_matches(docs[:100], docs[100:], processes=2) == cross_matches(docs[:100], docs[100:], processes=1)
+
+
+def test_short_and_empty_texts():
+    docs = ["", "  ", "a b", "a b", "a b c", "a b c d e", "a b c d e", "b a"]
+    result = near_duplicates(docs, processes=1)
+    # Short texts are one shingle of all their words: equal only to the same words in the same order.
+    assert result.groups == [[2, 3], [5, 6]]
+    assert result.pairs == [(2, 3, 1.0), (5, 6, 1.0)]
+    assert near_duplicates([], processes=1) == NearDuplicates(groups=[], pairs=[])
+    assert near_duplicates(["", ""], processes=1) == NearDuplicates(groups=[], pairs=[])
+    assert cross_matches(["", "a b"], ["", "a b"], processes=1) == [(1, 1, 1.0)]
+
+
+def test_identical_documents_do_not_blow_up():
+    doc = random_docs(1, seed=4)[0]
+    docs = [doc] * 500 + random_docs(20, seed=5) + [doc] * 500
+    result = near_duplicates(docs, processes=1)
+    # Each copy is paired with the first, not with every other copy.
+    assert result.groups == [[*range(500), *range(520, 1020)]]
+    assert result.pairs == [(0, j, 1.0) for j in [*range(1, 500), *range(520, 1020)]]
+
+
+def test_copies_of_a_near_duplicate_join_its_group():
+    docs = random_docs(50, seed=6)
+    near = substitute(docs[0], -1)
+    docs += [near, docs[0], near]  # 50, 51, 52: a near copy, an exact copy, another near copy
+    result = near_duplicates(docs, processes=1)
+    assert result.groups == [[0, 50, 51, 52]]
+    assert {(i, j) for i, j, _ in result.pairs} == {(0, 50), (0, 51), (50, 52)}
+
+
+def test_rejects_bad_parameters():
+    with pytest.raises(ValueError):
+        near_duplicates(["a"], threshold=0.0)
+    with pytest.raises(ValueError):
+        cross_matches(["a"], ["a"], ngram=0)
+
+
+# ---------------------------------------------------------------- cross matches (leakage)
+
+
+def test_cross_matches_finds_planted_leaks_with_the_best_match():
+    corpus = random_docs(200, seed=7, lengths=(70, 80))
+    queries = random_docs(50, seed=8, lengths=(70, 80))
+    queries[3] = substitute(corpus[17], 1)
+    queries[10] = corpus[42]
+    queries[20] = substitute(corpus[99], -2)
+    # Query 30 matches corpus 121 (one word changed) and, less closely, corpus 120 (two words changed).
+    corpus[121] = substitute(corpus[120], 35)
+    queries[30] = substitute(corpus[121], 0)
+    assert jaccard(queries[30], corpus[120]) >= 0.8
+    corpus.append(corpus[42])  # an equally good later match: the first is reported
+
+    matches = cross_matches(queries, corpus, processes=1)
+    assert [(q, c) for q, c, _ in matches] == [(3, 17), (10, 42), (20, 99), (30, 121)]
+    by_query = {q: s for q, _, s in matches}
+    assert by_query[10] == 1.0
+    assert abs(by_query[3] - jaccard(queries[3], corpus[17])) < 0.12
+
+
+def test_cross_matches_without_leaks():
+    assert cross_matches(random_docs(30, seed=9), random_docs(30, seed=10), processes=1) == []
+    assert cross_matches([], random_docs(3, seed=11), processes=1) == []
+
+
+# ---------------------------------------------------------------- properties
+
+small_corpus = st.lists(
+    st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f"]), min_size=0, max_size=12).map(" ".join),
+    min_size=0,
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(docs=small_corpus, threshold=st.sampled_from([0.3, 0.5, 0.8, 1.0]), num_perm=st.sampled_from([16, 64]))
+def test_pairs_and_groups_are_consistent(docs, threshold, num_perm):
+    result = near_duplicates(docs, num_perm=num_perm, threshold=threshold, ngram=2, processes=1)
+    for i, j, s in result.pairs:
+        assert 0 <= i < j < len(docs)
+        assert threshold <= s <= 1.0
+        assert docs[i].split() and docs[j].split()
+    assert result.pairs == sorted(result.pairs)
+    assert result.groups == components(len(docs), result.pairs)

@@ -32,6 +32,10 @@ SetOpt = Annotated[
 ]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="run directory (default: runs/<recipe name>)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="rerun every stage, overwriting the run's outputs")]
+BadRowsOpt = Annotated[
+    str | None,
+    typer.Option("--on-bad-rows", help="malformed CSV/JSONL rows: fail (default) or skip (reported with their lines)"),
+]
 AllowOpt = Annotated[bool, typer.Option("--allow-audit-failures", help="train even when the data fails an audit check")]
 
 
@@ -88,9 +92,16 @@ def train(
 
 
 @app.command()
-def prepare(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = False) -> None:
+def prepare(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = False,
+    on_bad_rows: BadRowsOpt = None,
+) -> None:
     """Audit, clean, split, rebalance and store the recipe's data as checksummed Parquet shards."""
-    folder = stages(recipe, set_, run_dir, "prepare", force, allow=True)
+    overrides = [*(set_ or ()), *([f"data.on_bad_rows={on_bad_rows}"] if on_bad_rows else [])]
+    folder = stages(recipe, overrides, run_dir, "prepare", force, allow=True)
     console.print(f"data: {folder / 'data' / 'manifest.json'}")
 
 
@@ -113,6 +124,7 @@ def audit(
     test: Annotated[str | None, typer.Option("--test", help="a test set to check for leakage")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON here")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="write the report as a web page here")] = None,
+    on_bad_rows: BadRowsOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Audit a dataset: duplicates, leakage, imbalance, missing values, odd columns, likely label errors.
@@ -127,6 +139,8 @@ def audit(
     from forgeml.rundir import write_json
 
     source = {"source": data, "label_column": label, "text_column": text, "test_source": test}
+    if on_bad_rows:
+        source["on_bad_rows"] = on_bad_rows
     if features:
         source["feature_columns"] = [c.strip() for c in features.split(",") if c.strip()]
     sections = apply_overrides({"data": source, "audit": {}, "prepare": {}}, tuple(set_ or ()))
@@ -142,6 +156,9 @@ def audit(
         validate_table(test_table, needs=needs, task="classification", missing_ok=("*",), one_class_ok=True)
     report = run_audit(table, audit_cfg, prepare_cfg, test_table)
     console.print(checks_table(report))
+    if table.skipped_lines:
+        shown = ", ".join(map(str, table.skipped_lines[:10])) + (" ..." if len(table.skipped_lines) > 10 else "")
+        console.print(f"skipped {len(table.skipped_lines)} malformed rows (lines {shown})")
     if json_out:
         write_json(json_out, report)
         console.print(f"json: {json_out}")

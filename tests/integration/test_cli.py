@@ -246,3 +246,13 @@ def test_audit_command_bad_options_exit_2(tmp_path):
     result = forgeml("audit", "wine", "--set", "audit.near_duplicates.threshold=2", cwd=tmp_path)
     assert result.returncode == 2
     assert "audit.near_duplicates.threshold" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_on_bad_rows_skip_reports_the_lines(tmp_path):
+    rows = "\n".join(f"{i},{i % 3},{'ab'[i % 2]}" for i in range(40))
+    (tmp_path / "d.csv").write_text(f"a,b,label\n{rows}\n1,2,3,4\n7\n")
+    failed = forgeml("audit", "d.csv", "--label", "label", cwd=tmp_path)
+    assert failed.returncode == 2 and "line 42: expected 3 fields, saw 4" in failed.stderr
+    skipped = forgeml("audit", "d.csv", "--label", "label", "--on-bad-rows", "skip", cwd=tmp_path)
+    assert skipped.returncode in (0, 1), skipped.stderr
+    assert "skipped 2 malformed rows (lines 42, 43)" in skipped.stdout

@@ -133,7 +133,7 @@ def audit(
     """
     from forgeml.data.audit import audit as run_audit
     from forgeml.data.audit import failed_checks
-    from forgeml.data.sources import read_table, validate_table
+    from forgeml.data.sources import read_table, read_test_table, validate_table
     from forgeml.recipe import AuditConfig, DataConfig, PrepareConfig, apply_overrides, validate_sections
     from forgeml.report.html import write_audit_page
     from forgeml.rundir import write_json
@@ -150,10 +150,7 @@ def audit(
     validate_table(table, needs=needs, task="classification", missing_ok=("*",))
     test_table = None
     if cfg.test_source:
-        test_table = read_table(cfg.model_copy(update={"source": cfg.test_source, "max_rows": None}))
-        test_table.text_column, test_table.feature_columns = table.text_column, table.feature_columns
-        test_table.label_column = table.label_column
-        validate_table(test_table, needs=needs, task="classification", missing_ok=("*",), one_class_ok=True)
+        test_table = read_test_table(cfg, table, needs, "classification", missing_ok=("*",))
     report = run_audit(table, audit_cfg, prepare_cfg, test_table)
     console.print(checks_table(report))
     if table.skipped_lines:

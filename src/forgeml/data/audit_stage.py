@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forgeml.data.audit import audit, failed_checks, summary_lines
-from forgeml.data.sources import Table, read_table, validate_table
+from forgeml.data.sources import Table, read_table, read_test_table, validate_table
 from forgeml.errors import ForgeError
 from forgeml.models import MODELS
 from forgeml.recipe import Recipe
@@ -37,10 +37,7 @@ def read_for_audit(recipe: Recipe) -> tuple[Table, Table | None]:
     validate_table(table, needs=family.inputs, task=family.task, missing_ok=("*",))
     test = None
     if recipe.data.test_source:
-        test = read_table(recipe.data.model_copy(update={"source": recipe.data.test_source, "max_rows": None}))
-        test.text_column, test.feature_columns = table.text_column, table.feature_columns
-        test.label_column = table.label_column
-        validate_table(test, needs=family.inputs, task=family.task, missing_ok=("*",), one_class_ok=True)
+        test = read_test_table(recipe.data, table, family.inputs, family.task, missing_ok=("*",))
     return table, test
 
 

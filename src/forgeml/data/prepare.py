@@ -27,7 +27,7 @@ from forgeml.data.clean import (
     leaked_rows,
 )
 from forgeml.data.shards import read_split, schema_of, write_shards
-from forgeml.data.sources import Table, read_table, validate_table
+from forgeml.data.sources import Table, read_table, read_test_table, validate_table
 from forgeml.errors import DataError
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits
@@ -115,21 +115,6 @@ def prepared_frame(table: Table, columns: Columns, group: str | None) -> pd.Data
     return frame
 
 
-def read_test_table(recipe: Recipe, family: type, like: Table) -> Table:
-    """The separate test set, read and checked like the main source, with the same columns."""
-    data = recipe.data.model_copy(update={"source": recipe.data.test_source, "max_rows": None})
-    test = read_table(data)
-    test.text_column, test.feature_columns, test.label_column = (
-        like.text_column,
-        like.feature_columns,
-        like.label_column,
-    )
-    validate_table(
-        test, needs=family.inputs, task=family.task, missing_ok=impute_rules_for(recipe, like), one_class_ok=True
-    )
-    return test
-
-
 def impute_rules_for(recipe: Recipe, table: Table) -> dict[str, str]:
     return impute_rules(Columns(None, list(table.feature_columns or []), None), recipe.prepare)
 
@@ -170,7 +155,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
 
     test_frame = None
     if recipe.data.test_source:
-        test_table = read_test_table(recipe, family, table)
+        test_table = read_test_table(recipe.data, table, family.inputs, family.task, impute_rules_for(recipe, table))
         test_frame = drop_missing(prepared_frame(test_table, columns, group), rules)
         if cfg.drop_leaked:
             leaked = leaked_rows(test_frame, frame, columns, recipe.audit)

@@ -69,6 +69,21 @@ def read_table(cfg: DataConfig) -> Table:
     return table
 
 
+def read_test_table(
+    cfg: DataConfig, like: Table, needs: Literal["text", "features"], task: str, missing_ok: Collection[str]
+) -> Table:
+    """The separate test set (cfg.test_source), read and checked like the main source, with its columns.
+    It may hold a single class: a small test set need not cover every one."""
+    test = read_table(cfg.model_copy(update={"source": cfg.test_source, "max_rows": None}))
+    test.text_column, test.feature_columns, test.label_column = (
+        like.text_column,
+        like.feature_columns,
+        like.label_column,
+    )
+    validate_table(test, needs=needs, task=task, missing_ok=missing_ok, one_class_ok=True)
+    return test
+
+
 def _check_options(cfg: DataConfig, accepted: frozenset[str]) -> None:
     """Reject a built-in option the source does not read, rather than silently ignore it."""
     for name in DATASETS.names():

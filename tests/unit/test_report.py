@@ -218,3 +218,34 @@ def test_plots_return_png() -> None:
         assert png.startswith(PNG_SIGNATURE)
     with pytest.raises(ValueError):
         plots.confusion_matrix([[1, 2]], ["a", "b"])
+
+
+def test_audit_section_and_prepare_notes(tmp_path: Path) -> None:
+    run_dir = _base_run(tmp_path, "audited", {"audit": _stage("done", 2.0), "prepare": _stage("done", 1.0)})
+    report = {
+        "n_rows": 120,
+        "exact_duplicates": [[0, 7]],
+        "near_duplicates": [],
+        "label_conflicts": [],
+        "leakage": [],
+        "class_counts": {"a": 100, "b": 20},
+        "imbalance_ratio": 5.0,
+        "missing": {"x": 3, "y": 0},
+        "constant_columns": ["k"],
+        "id_like_columns": [],
+        "target_leak_columns": [],
+        "label_issues": [{"row": 4, "given": "a", "suggested": "b", "confidence": 0.9}],
+        "checks": {"duplicate_fraction": {"status": "fail", "value": 0.2, "threshold": 0.05, "note": "dedup <now>"}},
+        "examples": {"label_issues": [{"row": 4, "line": 6, "given": "a", "suggested": "b", "text": "<b>odd</b>"}]},
+    }
+    _write(run_dir / "audit" / "report.json", report)
+    manifest = {"source": "d.csv", "splits": {"train": {"rows": 90}}, "notes": ["removed 1 near duplicates"]}
+    _write(run_dir / "data" / "manifest.json", manifest)
+    text, collector = _parse(write_report(run_dir))
+    _check_self_contained(text, collector)
+    assert len(collector.images) == 1  # the audit's class counts
+    audit = text[text.index("<h2>Data audit</h2>") : text.index("<h2>Data</h2>")]
+    assert "duplicate_fraction" in audit and "fail" in audit and "dedup &lt;now&gt;" in audit
+    assert "x (3)" in audit and "k" in audit
+    assert "label issues: examples" in audit and "&lt;b&gt;odd&lt;/b&gt;" in audit
+    assert "<li>removed 1 near duplicates</li>" in text

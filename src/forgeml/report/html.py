@@ -166,7 +166,7 @@ def _header(run: Run) -> str:
     rows = [
         (stage, info.get("status"), info.get("started"), _duration(info.get("duration_s")))
         for stage, info in run.stages.items()
-        if isinstance(info, dict)
+        if isinstance(info, dict) and stage != "report"  # this page is that stage's output
     ]
     if not rows:
         table = _note("No stages recorded.")
@@ -178,7 +178,8 @@ def _header(run: Run) -> str:
 def _recipe(run: Run) -> str:
     if run.recipe is None:
         return _section("Recipe", _note("No recipe.yaml in this run."))
-    return _section("Recipe", f"<pre>{escape(run.recipe)}</pre>")
+    body = f"<details><summary>the resolved recipe (recipe.yaml)</summary><pre>{escape(run.recipe)}</pre></details>"
+    return _section("Recipe", body)
 
 
 def _data(run: Run) -> str:
@@ -191,6 +192,9 @@ def _data(run: Run) -> str:
         details.append(("feature_columns", ", ".join(map(str, m["feature_columns"]))))
     if details:
         parts.append(_table(["field", "value"], details))
+    done = [str(note) for note in m.get("notes") or []]
+    if done:
+        parts.append("<ul>" + "".join(f"<li>{escape(note)}</li>" for note in done) + "</ul>")
     splits = _dict_or_none(m.get("splits")) or {}
     if splits:
         rows = [(name, (_dict_or_none(info) or {}).get("rows")) for name, info in splits.items()]
@@ -214,7 +218,7 @@ def _audit(run: Run) -> str:
         return _absent("Data audit", run, "audit")
     checks = _dict_or_none(report.get("checks")) or {}
     rows = [
-        (name, c.get("status"), _fmt(c.get("value")), _fmt(c.get("threshold")), c.get("note", ""))
+        (name, c.get("status"), c.get("value"), c.get("threshold"), c.get("note", ""))
         for name, c in checks.items()
         if isinstance(c, dict)
     ]
@@ -230,7 +234,7 @@ def _audit(run: Run) -> str:
         "likely label errors": len(report.get("label_issues") or []),
         "imbalance ratio": report.get("imbalance_ratio"),
     }
-    parts.append(_table(["finding", "value"], [(k, _fmt(v)) for k, v in counts.items()]))
+    parts.append(_table(["finding", "value"], list(counts.items())))
     columns = {
         "missing values": ", ".join(f"{c} ({n})" for c, n in (report.get("missing") or {}).items() if n),
         "constant columns": ", ".join(map(str, report.get("constant_columns") or [])),
@@ -255,7 +259,7 @@ def _records(items: list[Any]) -> str:
     if not dicts:
         return _table(["example"], [(str(item),) for item in items])
     header = list(dict.fromkeys(key for item in dicts for key in item))
-    return _table(header, [[_fmt(item.get(key)) for key in header] for item in dicts])
+    return _table(header, [[item.get(key) for key in header] for item in dicts])
 
 
 def _scalar_metrics(metrics: Any) -> dict[str, Any]:
@@ -320,8 +324,8 @@ def _evaluation(run: Run) -> str:
 SECTIONS: list[Builder] = [
     _header,
     _recipe,
-    _data,
     _audit,
+    _data,
     _training,
     _evaluation,
     placeholder("Tuning"),

@@ -249,3 +249,16 @@ def test_an_unfinished_checkpoint_is_invisible(tmp_path):
     (tmp_path / "ckpt" / "step-7").mkdir()  # no checkpoint.json: never finished
     assert [p.name for p in checkpoints.complete()] == ["step-2"]
     assert Checkpoints(tmp_path / "ckpt", tag="other", keep_last=2).complete() == []
+
+
+def test_prepare_rebalancing_choice_reaches_the_loss():
+    from forgeml.train.stage import build_loss
+
+    splits = table()
+    counts = np.bincount(splits.train["label"], minlength=3)
+    weighted = build_loss(TrainConfig(max_steps=1), "classification", splits, "class_weights")
+    np.testing.assert_allclose(weighted.class_weights.numpy(), len(splits.train) / (3 * counts), rtol=1e-6)
+    assert build_loss(TrainConfig(max_steps=1), "classification", splits, "focal").kind == "focal"
+    explicit = build_loss(TrainConfig(max_steps=1, class_weights=[1, 2, 3]), "classification", splits, "class_weights")
+    assert explicit.class_weights.tolist() == [1, 2, 3]
+    assert build_loss(TrainConfig(max_steps=1), "classification", splits, "none").class_weights is None

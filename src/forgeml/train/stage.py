@@ -47,7 +47,7 @@ def build_loss(cfg: TrainConfig, task: str, splits: Splits, rebalance: str) -> C
         return NextTokenLoss()
     weights = None
     if cfg.class_weights == "balanced" or (cfg.class_weights is None and rebalance == "class_weights"):
-        labels = torch.as_tensor(splits.train[splits.label_column].to_numpy())
+        labels = torch.tensor(splits.train[splits.label_column].to_numpy())
         weights = balanced_weights(labels, len(splits.labels))
     elif cfg.class_weights is not None:
         if len(cfg.class_weights) != len(splits.labels):

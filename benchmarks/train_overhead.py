@@ -4,9 +4,12 @@ Both train the `lm` recipe's small GPT on stdlib-code from the same initial weig
 batches in the same order, with the same AdamW groups, schedule, clipping and precision. Runs
 alternate (forgeml, hand, hand, forgeml, ...) so drift in machine speed hits both alike. Prints one
 JSON line: median step times and their ratio (goal <= 1.05), the max absolute difference of the
-final weights (goal: 0), tokens/s, and MFU against this machine's measured matmul peak.
+final weights (goal: 0), tokens/s, and MFU against this machine's measured matmul peak. The
+process keeps freed memory for reuse as `forgeml train` does (``--allocator default`` leaves
+glibc as it is, to measure what that buys; it applies to both loops alike).
 
     python benchmarks/train_overhead.py [--steps 40] [--rounds 6] [--precision fp32|bf16] [--threads 2]
+                                        [--allocator keep|default]
 """
 
 from __future__ import annotations
@@ -18,21 +21,21 @@ import math
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from torch.utils.data import DataLoader
 
 import forgeml
-from forgeml.data.prepare import load_splits
+from forgeml.data.prepare import ENCODER_DIR, read_manifest, shard_location
 from forgeml.models import MODELS
 from forgeml.rundir import RunDir
 from forgeml.train.callbacks import Callback, MetricsLogger, ProgressBar
 from forgeml.train.loop import fit
 from forgeml.train.losses import NextTokenLoss
+from forgeml.train.memory import keep_freed_memory
+from forgeml.train.stage import loaders
 from forgeml.train.strategies import Single
 
 
@@ -110,8 +113,11 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup-steps", type=int, default=3, help="first steps of each run left out of the medians")
+    parser.add_argument("--allocator", choices=["keep", "default"], default="keep")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.allocator == "keep":
+        keep_freed_memory()
     peak = matmul_peak_flops(torch.bfloat16 if args.precision == "bf16" else torch.float32)
 
     recipe = forgeml.as_recipe(
@@ -121,9 +127,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "run")
         forgeml.prepare(recipe, run.path)
-        splits = load_splits(run)
-        family = MODELS.get(recipe.model.name).build.create(recipe.model, splits, seed=cfg.seed)
-        dataset = family.dataset(splits.train)
+        family_cls = MODELS.get(recipe.model.name).build
+        encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
+        family = family_cls.create(recipe.model, encoder, [], seed=cfg.seed)
+        manifest = read_manifest(run)
         initial = {k: v.clone() for k, v in family.network.state_dict().items()}
 
         times: dict[str, list[float]] = {"forgeml": [], "hand": []}
@@ -134,14 +141,8 @@ def main() -> None:
             for who in order:
                 family.network.load_state_dict(initial)
                 torch.manual_seed(cfg.seed)
-                loader = DataLoader(
-                    dataset,
-                    batch_size=cfg.micro_batch,
-                    shuffle=True,
-                    drop_last=True,
-                    generator=torch.Generator().manual_seed(cfg.seed),
-                    collate_fn=partial(family.collate, augment=None, generator=None),
-                )
+                # The same shard stream for both: (seed, epoch) fixes the order of the batches.
+                loader = loaders(family, manifest, shard_location(run, manifest), cfg)[0]["train"]
                 if who == "forgeml":
                     measured = run_forgeml(family.network, loader, cfg, Path(tmp) / f"logs-{round_}")
                 else:
@@ -161,6 +162,7 @@ def main() -> None:
                 "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{recipe.model.block_size}",
                 "precision": args.precision,
                 "threads": args.threads,
+                "allocator": args.allocator,
                 "steps_per_run": args.steps,
                 "rounds": args.rounds,
                 "global_batch": cfg.global_batch_size,

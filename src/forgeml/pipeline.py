@@ -57,7 +57,7 @@ STAGES = (
     ),
     Stage(
         "prepare",
-        ("data", "prepare", "audit.normalize", "audit.near_duplicates", "model.name"),
+        ("data", "prepare", "audit.normalize", "audit.near_duplicates", "model"),  # the model's encoder
         source_hashes,
         lambda recipe, run, console, resume: prepare(recipe, run),
     ),

@@ -102,6 +102,9 @@ class PrepareConfig(Section):
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     stratify: bool = True
     shard_rows: PositiveInt = Field(50_000, description="rows per Parquet shard")
+    shards_url: str | None = Field(
+        None, description="write the shards here (path or fsspec URL: file://, s3://, ...) instead of data/"
+    )
     seed: int = 0
 
 
@@ -140,6 +143,12 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt | None = None
     keep_last: PositiveInt = 2
     log_every: PositiveInt = 10
+    keep_freed_memory: bool = Field(
+        True, description="glibc: reuse freed memory instead of returning it to the OS each step (fewer page faults)"
+    )
+    gc_every: PositiveInt | None = Field(
+        50, description="collect garbage every N steps instead of whenever Python decides; null: Python's own"
+    )
     early_stopping: EarlyStoppingConfig | None = None
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: NonNegativeFloat = 2.0

@@ -70,15 +70,15 @@ def test_weight_tying_and_param_count() -> None:
 
 
 def test_flops_per_token(splits: Splits) -> None:
-    model = GPT.create(tiny(), splits, seed=0)
+    model = GPT.fit(tiny(), splits, seed=0)[0]
     n = model.network.num_params(non_embedding=True)
     assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 8 * 16
 
 
 def test_deterministic_init(splits: Splits) -> None:
-    a = GPT.create(tiny(), splits, seed=3).network.state_dict()
-    b = GPT.create(tiny(), splits, seed=3).network.state_dict()
-    c = GPT.create(tiny(), splits, seed=4).network.state_dict()
+    a = GPT.fit(tiny(), splits, seed=3)[0].network.state_dict()
+    b = GPT.fit(tiny(), splits, seed=3)[0].network.state_dict()
+    c = GPT.fit(tiny(), splits, seed=4)[0].network.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["wte.weight"], c["wte.weight"])
 
@@ -93,7 +93,7 @@ def test_byte_tokenizer_round_trip() -> None:
 
 
 def test_bpe_tokenizer_trains_on_train_only(splits: Splits) -> None:
-    model = GPT.create(tiny(tokenizer="bpe", vocab_size=300), splits, seed=0)
+    model = GPT.fit(tiny(tokenizer="bpe", vocab_size=300), splits, seed=0)[0]
     tok = model.tokenizer
     assert isinstance(tok, BPETokenizer)
     assert 257 < tok.vocab_size <= 300
@@ -105,13 +105,13 @@ def test_bpe_tokenizer_trains_on_train_only(splits: Splits) -> None:
     assert tok.eot_id not in tok.encode("a <|endoftext|> b")
 
 
-def test_dataset_chunks_and_collate(splits: Splits) -> None:
-    model = GPT.create(tiny(), splits, seed=0)
+def test_chunks_and_collate(splits: Splits) -> None:
+    model, encoder = GPT.fit(tiny(), splits, seed=0)
     texts = splits.train["text"].tolist()
     stream = []
     for i, text in enumerate(texts):
         stream += ([256] if i else []) + list(text.encode("utf-8"))
-    data = model.dataset(splits.train)
+    data = model.items(encoder.table(splits.train, None, []))
     assert len(data) == len(stream) // 17
     assert torch.cat([data[i] for i in range(len(data))]).tolist() == stream[: len(data) * 17]
     assert data[0].dtype == torch.long
@@ -126,7 +126,7 @@ def test_dataset_chunks_and_collate(splits: Splits) -> None:
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_save_load_round_trip(splits: Splits, tmp_path: Path, tokenizer: str) -> None:
-    model = GPT.create(tiny(tokenizer=tokenizer, vocab_size=300), splits, seed=0)
+    model = GPT.fit(tiny(tokenizer=tokenizer, vocab_size=300), splits, seed=0)[0]
     model.save(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
     assert all(name.endswith((".json", ".safetensors")) for name in files)
@@ -134,7 +134,7 @@ def test_save_load_round_trip(splits: Splits, tmp_path: Path, tokenizer: str) ->
 
     loaded = GPT.load(tmp_path)
     assert loaded.network.lm_head.weight is loaded.network.wte.weight
-    assert loaded.config == model.config and loaded.text_column == "text"
+    assert loaded.config == model.config
     x = torch.tensor([loaded.tokenizer.encode("hello world, the quick")[:16]])
     assert torch.equal(model.network.eval()(x), loaded.network(x))
     assert loaded.tokenizer.encode("ünïcödé fox") == model.tokenizer.encode("ünïcödé fox")
@@ -142,8 +142,8 @@ def test_save_load_round_trip(splits: Splits, tmp_path: Path, tokenizer: str) ->
 
 def test_training_reduces_loss() -> None:
     text = pd.DataFrame({"text": ["abcdefgh" * 40]})
-    model = GPT.create(tiny(), Splits(train=text, val=text, test=text, text_column="text"), seed=0)
-    data = model.dataset(text)
+    model, encoder = GPT.fit(tiny(), Splits(train=text, val=text, test=text, text_column="text"), seed=0)
+    data = model.items(encoder.table(text, None, []))
     batch = model.collate([data[i] for i in range(len(data))], augment=None, generator=None)
     optimizer = torch.optim.AdamW(model.network.parameters(), lr=1e-2)
     losses = []
@@ -158,7 +158,7 @@ def test_training_reduces_loss() -> None:
 
 
 def test_generate(splits: Splits) -> None:
-    model = GPT.create(tiny(), splits, seed=0)
+    model = GPT.fit(tiny(), splits, seed=0)[0]
     model.network.train()
     gen = torch.Generator().manual_seed(0)
     out = model.generate("hello", max_new_tokens=20, temperature=0.8, top_k=10, generator=gen)
@@ -169,3 +169,12 @@ def test_generate(splits: Splits) -> None:
         "x" * 40, max_new_tokens=5, temperature=0
     )  # prompts past block_size are cropped; greedy is deterministic
     assert model.network.training  # the mode is restored
+
+
+def test_encoder_saves_and_loads_the_same_tokenizer(splits: Splits, tmp_path: Path) -> None:
+    config = tiny(tokenizer="bpe", vocab_size=300)
+    encoder = GPT.fit_encoder(config, splits)
+    encoder.save(tmp_path)
+    loaded = GPT.load_encoder(config, tmp_path)
+    first, again = encoder.encode(splits.test)["tokens"], loaded.encode(splits.test)["tokens"]
+    assert [row.tolist() for row in first] == [row.tolist() for row in again]

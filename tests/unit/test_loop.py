@@ -1,6 +1,7 @@
 """The training loop on a real (small) MLP: accumulation, early stopping, precision, losses, schedule."""
 
 import math
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from forgeml.data.shards import write_shards
 from forgeml.errors import ForgeError
 from forgeml.models.mlp import MLP, MLPConfig
 from forgeml.models.registry import Splits
@@ -23,7 +25,7 @@ def table(n: int = 160, seed: int = 0) -> Splits:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 6)).astype(np.float32)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1).astype(np.int64)
-    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)]).assign(label=y)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)]).assign(label=np.array(["a", "b", "c"])[y])
     return Splits(
         train=frame.iloc[:128],
         val=frame.iloc[128:144],
@@ -32,6 +34,14 @@ def table(n: int = 160, seed: int = 0) -> Splits:
         label_column="label",
         labels=["a", "b", "c"],
     )
+
+
+def stored(splits: Splits, encoder) -> tuple[dict, str]:
+    """The splits as the prepare stage stores them: shards (several per split) and a manifest."""
+    folder = f"memory://loop-{uuid.uuid4().hex}"
+    parts = {name: getattr(splits, name) for name in ("train", "val", "test")}
+    rows = {name: encoder.rows(part, splits.label_column, splits.labels) for name, part in parts.items()}
+    return {"splits": {name: {"shards": write_shards(r, folder, name, 40)} for name, r in rows.items()}}, folder
 
 
 def train_mlp(
@@ -45,8 +55,9 @@ def train_mlp(
     **train,
 ):
     cfg = TrainConfig(**{"max_steps": 8, "lr": 1e-2, "warmup_steps": 0, "seed": 0, **train})
-    family = MLP.create(MLPConfig(name="mlp", hidden_sizes=[16], dropout=dropout), splits, seed=0)
-    data, generators = loaders(family, splits, cfg)
+    family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[16], dropout=dropout), splits, seed=0)
+    manifest, folder = stored(splits, encoder)
+    data, augment = loaders(family, manifest, folder, cfg)
     torch.manual_seed(cfg.seed)
     state = fit(
         family.network,
@@ -56,7 +67,7 @@ def train_mlp(
         Single(torch.device("cpu")),
         evaluate=evaluate,
         callbacks=list(callbacks),
-        generators=generators,
+        augment=augment,
         checkpoints=checkpoints,
         resume=resume,
     )
@@ -89,6 +100,16 @@ def test_training_is_deterministic_for_a_seed():
     a, _ = train_mlp(splits, dropout=0.2, global_batch_size=16)
     b, _ = train_mlp(splits, dropout=0.2, global_batch_size=16)
     assert torch.equal(weights(a), weights(b))
+
+
+def test_scheduled_garbage_collection_changes_nothing_but_when_it_runs():
+    import gc
+
+    splits = table()
+    managed, _ = train_mlp(splits, dropout=0.2, global_batch_size=16, gc_every=3)
+    assert gc.isenabled()  # handed back to Python after the loop
+    automatic, _ = train_mlp(splits, dropout=0.2, global_batch_size=16, gc_every=None)
+    assert torch.equal(weights(managed), weights(automatic))
 
 
 class Snapshots(Callback):
@@ -173,9 +194,9 @@ def test_focal_loss_down_weights_easy_examples():
 def test_balanced_weights_match_sklearn():
     from sklearn.utils.class_weight import compute_class_weight
 
-    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 1)
-    ours = balanced_weights(labels, 3).numpy()
-    theirs = compute_class_weight("balanced", classes=np.arange(3), y=labels.numpy())
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 1)
+    ours = balanced_weights(torch.tensor([10.0, 3.0, 1.0])).numpy()
+    theirs = compute_class_weight("balanced", classes=np.arange(3), y=labels)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
@@ -183,8 +204,8 @@ def test_mixup_and_noise_augment_training_batches_only():
     from forgeml.recipe import AugmentConfig
 
     splits = table()
-    family = MLP.create(MLPConfig(name="mlp", hidden_sizes=[8]), splits, seed=0)
-    items = list(family.dataset(splits.train))[:8]
+    family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[8]), splits, seed=0)
+    items = family.items(encoder.table(splits.train, "label", splits.labels))[:8]
     plain = family.collate(items, augment=None, generator=None)
     augment = AugmentConfig(gaussian_noise=0.1, mixup_alpha=0.4)
     mixed = family.collate(items, augment=augment, generator=torch.Generator().manual_seed(0))
@@ -254,11 +275,11 @@ def test_an_unfinished_checkpoint_is_invisible(tmp_path):
 def test_prepare_rebalancing_choice_reaches_the_loss():
     from forgeml.train.stage import build_loss
 
-    splits = table()
-    counts = np.bincount(splits.train["label"], minlength=3)
-    weighted = build_loss(TrainConfig(max_steps=1), "classification", splits, "class_weights")
-    np.testing.assert_allclose(weighted.class_weights.numpy(), len(splits.train) / (3 * counts), rtol=1e-6)
-    assert build_loss(TrainConfig(max_steps=1), "classification", splits, "focal").kind == "focal"
-    explicit = build_loss(TrainConfig(max_steps=1, class_weights=[1, 2, 3]), "classification", splits, "class_weights")
-    assert explicit.class_weights.tolist() == [1, 2, 3]
-    assert build_loss(TrainConfig(max_steps=1), "classification", splits, "none").class_weights is None
+    labels, counts = ["a", "b", "c"], {"a": 60, "b": 30, "c": 10}
+    cfg = TrainConfig(max_steps=1)
+    weighted = build_loss(cfg, "classification", labels, counts, "class_weights")
+    np.testing.assert_allclose(weighted.class_weights.numpy(), [100 / 180, 100 / 90, 100 / 30], rtol=1e-6)
+    assert build_loss(cfg, "classification", labels, counts, "focal").kind == "focal"
+    explicit = TrainConfig(max_steps=1, class_weights=[1, 2, 3])
+    assert build_loss(explicit, "classification", labels, counts, "class_weights").class_weights.tolist() == [1, 2, 3]
+    assert build_loss(cfg, "classification", labels, counts, "none").class_weights is None

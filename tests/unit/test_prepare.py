@@ -24,8 +24,8 @@ def sentences(label: str, n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(vocab, size=30)) for _ in range(n)]
 
 
-def text_rows(n_per_class: int = 40) -> pd.DataFrame:
-    rows = [(t, label) for i, label in enumerate(WORDS) for t in sentences(label, n_per_class, i)]
+def text_rows(n_per_class: int = 40, seed: int = 0) -> pd.DataFrame:
+    rows = [(t, label) for i, label in enumerate(WORDS) for t in sentences(label, n_per_class, seed + i)]
     return pd.DataFrame(rows, columns=["text", "label"])
 
 
@@ -77,7 +77,8 @@ def test_exact_and_near_duplicates_are_dropped_keeping_the_first(tmp_path):
 
 def test_leaked_test_rows_are_dropped(tmp_path):
     train = text_rows()
-    test = pd.concat([text_rows(5).assign(text=lambda f: f["text"] + " extra words here"), train.head(3)])
+    fresh = text_rows(5, seed=100)
+    test = pd.concat([fresh, train.head(3)])
     test.to_csv(tmp_path / "test.csv", index=False)
     train.to_csv(tmp_path / "train.csv", index=False)
     spec = recipe(tmp_path / "train.csv").model_copy(deep=True)
@@ -85,6 +86,7 @@ def test_leaked_test_rows_are_dropped(tmp_path):
     result = prepare(spec, RunDir(tmp_path / "run"))
     splits = load_splits(RunDir(tmp_path / "run"))
     assert not set(splits.test["text"]) & set(train["text"])
+    assert set(splits.test["text"]) == set(fresh["text"])
     assert any("test rows that duplicate training rows" in note for note in result.notes)
 
 
@@ -111,7 +113,7 @@ def test_missing_features_are_an_error_unless_imputed(tmp_path):
         for part in (splits.train, splits.val, splits.test)
         for r, y in zip(part["_row"], part["y"], strict=True)
     }
-    assert rows[3] == train_median and rows[7] == train_median
+    assert rows[3] == pytest.approx(train_median) and rows[7] == pytest.approx(train_median)  # stored as float32
     train_rows = splits.train["_row"].to_numpy()
     assert train_median == pytest.approx(float(frame.loc[train_rows, "y"].median()))  # from train rows only
     _, _, dropped = prepared(tmp_path / "c", frame, model=MLP, impute_columns={"y": "drop"})
@@ -166,3 +168,36 @@ def test_auto_rebalance_says_what_it_picked_and_why(tmp_path):
 def test_smote_needs_numeric_features(tmp_path):
     with pytest.raises(DataError, match="smote needs numeric features"):
         prepared(tmp_path, text_rows(), rebalance="smote")
+
+
+def test_a_split_left_empty_is_a_clear_error(tmp_path):
+    train = text_rows()
+    train.to_csv(tmp_path / "train.csv", index=False)
+    train.head(4).to_csv(tmp_path / "test.csv", index=False)  # every test row leaks
+    spec = recipe(tmp_path / "train.csv").model_copy(deep=True)
+    spec.data.test_source = str(tmp_path / "test.csv")
+    with pytest.raises(DataError, match="the test split is empty"):
+        prepare(spec, RunDir(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_shards_written_to_an_fsspec_url_are_what_training_reads(tmp_path, scheme):
+    from forgeml.train.stage import train
+
+    url = f"memory://prepare-test/{tmp_path.name}" if scheme == "memory" else (tmp_path / "elsewhere").as_uri()
+    result, manifest, splits = prepared(tmp_path, table(), model=MLP, shards_url=url)
+    assert manifest["location"] == url
+    assert not list((tmp_path / "run" / "data").glob("*.parquet"))  # none beside the manifest
+    assert len(splits.train) == result.rows["train"]
+    spec = recipe(tmp_path / "data.csv", MLP, shards_url=url)
+    assert train(spec, RunDir(tmp_path / "run")).steps == 1
+    prepared(tmp_path, table(), model=MLP, shards_url=url)  # the same run may write there again
+
+
+def test_a_shards_url_holding_other_files_is_refused_and_left_alone(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "train-00000.parquet").write_text("someone's file")
+    with pytest.raises(DataError, match="not this run's shards"):
+        prepared(tmp_path, table(), model=MLP, shards_url=str(target))
+    assert (target / "train-00000.parquet").read_text() == "someone's file"

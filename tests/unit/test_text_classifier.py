@@ -15,12 +15,12 @@ TEXTS = ["Return the base name of a path.", "Send the message to the server.", "
 
 
 def splits() -> Splits:
-    frame = pd.DataFrame({"text": TEXTS, "label": [0, 1, 2] * 4})
+    frame = pd.DataFrame({"text": TEXTS, "label": ["os", "smtp", "time"] * 4})
     return Splits(frame, frame, frame, text_column="text", label_column="label", labels=["os", "smtp", "time"])
 
 
 def build(**options) -> TextClassifier:
-    return TextClassifier.create(TextClassifierConfig(name="text-classifier", **options), splits(), seed=0)
+    return TextClassifier.fit(TextClassifierConfig(name="text-classifier", **options), splits(), seed=0)[0]
 
 
 def test_freeze_layers_freezes_embeddings_and_the_lower_layers():
@@ -42,8 +42,10 @@ def test_dropout_override_reaches_the_encoder():
 
 
 def test_collate_pads_to_the_longest_row_and_keeps_labels():
-    family = build(max_length=16)
-    items = list(family.dataset(splits().train))[:3]
+    config = TextClassifierConfig(name="text-classifier", max_length=16)
+    family, encoder = TextClassifier.fit(config, splits(), seed=0)
+    items = family.items(encoder.table(splits().train, "label", splits().labels))[:3]
+    assert all(len(ids) <= 16 for ids, _ in items)
     batch = family.collate(items, augment=None, generator=None)
     longest = max(len(ids) for ids, _ in items)
     assert batch.inputs["input_ids"].shape == (3, longest)

@@ -1,8 +1,9 @@
 """The prepare stage: read the source, clean it, split it (seeded, stratified, group-aware), rebalance
 the training split, and store each split as Parquet shards.
 
-It writes ``data/manifest.json`` (row counts and sha256 per shard) and the shards; the train
-stage reads them back with ``load_splits``, which refuses a shard whose checksum changed.
+It writes ``data/manifest.json`` (row counts and sha256 per shard), the fitted encoder in
+``data/encoder/`` and the shards, into ``data/`` or to ``prepare.shards_url`` (any fsspec URL).
+Readers find them with ``shard_location`` and refuse a shard whose checksum changed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
@@ -35,6 +37,7 @@ from forgeml.recipe import PrepareConfig, Recipe
 from forgeml.rundir import RunDir, sha256_json, write_json
 
 SPLITS = ("train", "val", "test")
+ENCODER_DIR = "encoder"  # the fitted encoder (tokenizer, feature scales), beside the shards
 ROW_ID = "_row"  # position of the row in the source, kept so findings can point back to it
 
 
@@ -170,6 +173,12 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     if test_frame is not None:
         splits["test"] = test_frame
 
+    for name, part in splits.items():
+        if part.empty:
+            raise DataError(
+                f"{table.origin}: the {name} split is empty after cleaning ({'; '.join(notes) or 'no rows'}); "
+                "add rows, change prepare.val_fraction/test_fraction, or check data.test_source"
+            )
     values = fill_values(splits["train"], rules)
     splits = {name: fill(part, values) for name, part in splits.items()}
     if values:
@@ -185,14 +194,22 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
             resized = f"; train rows {before:,} -> {len(splits['train']):,}" if method in RESAMPLERS else ""
             notes.append(f"rebalance: {method} ({reason}){resized}")
 
-    out = str(run.stage_dir("data"))
+    out = claim_location(cfg.shards_url, run) if cfg.shards_url else str(run.stage_dir("data"))
     labels_list = sorted(frame[columns.label].unique()) if classify else []
+    # Tokenise (or scale) once: the stored rows carry what the network reads.
+    raw = Splits(
+        splits["train"], splits["val"], splits["test"], columns.text, columns.features, columns.label, labels_list
+    )
+    encoder = family.fit_encoder(recipe.model, raw)
+    encoder.save(run.stage_dir("data") / ENCODER_DIR)
+    stored = {name: encoder.rows(part, columns.label, labels_list) for name, part in splits.items()}
     manifest: dict[str, Any] = {
         "source": table.origin,
         "fingerprint": table.fingerprint,
         "task": family.task,
-        "config_hash": sha256_json(recipe.section_dump("data", "prepare")),
-        "schema": schema_of(splits["train"]),
+        "config_hash": sha256_json(recipe.section_dump("data", "prepare", "model")),
+        "location": cfg.shards_url,  # None: beside this manifest
+        "schema": schema_of(stored["train"]),
         "text_column": columns.text,
         "feature_columns": columns.features,
         "label_column": columns.label,
@@ -206,10 +223,10 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         "class_counts": {},
     }
     for name in SPLITS:
-        part = splits[name]
+        part = stored[name]
         manifest["splits"][name] = {"rows": len(part), "shards": write_shards(part, out, name, cfg.shard_rows)}
         if classify:
-            manifest["class_counts"][name] = part[columns.label].value_counts().sort_index().to_dict()
+            manifest["class_counts"][name] = splits[name][columns.label].value_counts().sort_index().to_dict()
     write_json(run.stage_dir("data") / "manifest.json", manifest)
     return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels_list, notes)
 
@@ -217,6 +234,31 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
 def _lines(lines: list[int], shown: int = 10) -> str:
     more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
     return ", ".join(map(str, lines[:shown])) + more
+
+
+OWNER_FILE = "forgeml-shards.json"  # marks a shards_url folder as this run's, so a rerun may overwrite it
+
+
+def claim_location(url: str, run: RunDir) -> str:
+    """Make ``url`` this run's shard folder: it must be empty, or hold this run's earlier shards;
+    anything else there could be someone's data, which prepare must never overwrite."""
+    fs, root = fsspec.core.url_to_fs(url)
+    owner = {"run": str(run.path.resolve())}
+    marker = f"{root.rstrip('/')}/{OWNER_FILE}"
+    ours = fs.exists(marker) and json.loads(fs.cat_file(marker)) == owner
+    if fs.exists(root) and fs.ls(root, detail=False) and not ours:
+        raise DataError(
+            f"prepare.shards_url: {url} already holds files that are not this run's shards; "
+            "choose an empty location (or remove what is there yourself)"
+        )
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(marker, json.dumps(owner).encode())
+    return url
+
+
+def shard_location(run: RunDir, manifest: dict[str, Any]) -> str:
+    """Where the manifest's shards are: its ``location`` URL, or the run's data/ folder."""
+    return manifest.get("location") or str(run.stage_dir("data"))
 
 
 def read_manifest(run: RunDir) -> dict[str, Any]:
@@ -227,15 +269,11 @@ def read_manifest(run: RunDir) -> dict[str, Any]:
 
 
 def load_splits(run: RunDir) -> Splits:
-    """The prepared splits, every shard's checksum verified, labels as class indices."""
+    """The prepared splits as stored (raw columns, encoded columns, class index), checksums verified."""
     manifest = read_manifest(run)
-    folder = str(run.stage_dir("data"))
+    folder = shard_location(run, manifest)
     frames = {name: read_split(folder, manifest["splits"][name]["shards"]) for name in SPLITS}
     label_column, labels = manifest["label_column"], manifest["labels"]
-    if label_column:
-        index = {label: i for i, label in enumerate(labels)}
-        for frame in frames.values():
-            frame[label_column] = frame[label_column].map(index).astype("int64")
     return Splits(
         train=frames["train"],
         val=frames["val"],

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from pydantic import Field, PositiveInt, model_validator
 from safetensors.torch import load_file, save_file
@@ -23,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from forgeml.errors import DataError, ForgeError
-from forgeml.models.registry import META_FILE, MODELS, Batch, ModelFamily, Splits
+from forgeml.models.registry import MODELS, Batch, Encoder, ModelFamily, Splits
 from forgeml.section import Section
 
 EOT = "<|endoftext|>"
@@ -235,17 +237,33 @@ TextTokenizer = ByteTokenizer | BPETokenizer
 # ---------------------------------------------------------------- family
 
 
-class TokenChunks(torch.utils.data.Dataset):
-    """Rows of a (n, block_size + 1) token matrix: inputs and their next tokens in one chunk."""
+@dataclass
+class ChunkEncoder(Encoder):
+    """Documents joined by end-of-text into one token stream, cut into rows of block_size + 1 tokens
+    (inputs and their next tokens); the tail shorter than a row is dropped."""
 
-    def __init__(self, chunks: torch.Tensor) -> None:
-        self.chunks = chunks
+    COLUMN: ClassVar[str] = "tokens"
+    tokenizer: TextTokenizer
+    text_column: str
+    block_size: int
 
-    def __len__(self) -> int:
-        return self.chunks.size(0)
+    def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
+        stream = self.tokenizer.encode_stream(frame[self.text_column].astype(str).tolist())
+        size = self.block_size + 1
+        n = len(stream) // size
+        if n == 0:
+            raise DataError(
+                f"{len(frame)} rows encode to {len(stream)} tokens, fewer than one chunk of "
+                f"block_size + 1 = {size}; lower model.block_size or use more rows"
+            )
+        chunks = stream[: n * size].astype(np.int32).reshape(n, size)
+        return pd.DataFrame({self.COLUMN: list(chunks)})
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.chunks[index]
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.tokenizer, BPETokenizer):
+            self.tokenizer.save(folder / TOKENIZER_FILE)
+        (folder / "encoder.json").write_text(json.dumps({"text_column": self.text_column}))
 
 
 @MODELS.register("gpt", GPTConfig)
@@ -254,35 +272,38 @@ class GPT(ModelFamily):
     inputs = "text"
     task = "lm"
 
-    def __init__(self, config: GPTConfig, tokenizer: TextTokenizer, network: GPTNetwork, text_column: str) -> None:
+    def __init__(self, config: GPTConfig, tokenizer: TextTokenizer, network: GPTNetwork) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.network = network
-        self.text_column = text_column
         self.labels = []
 
     @classmethod
-    def create(cls, config: GPTConfig, splits: Splits, seed: int) -> GPT:
+    def fit_encoder(cls, config: GPTConfig, splits: Splits) -> ChunkEncoder:
         if splits.text_column is None:
             raise DataError("the gpt model needs a text column: set data.text_column")
         tokenizer: TextTokenizer = ByteTokenizer()
         if config.tokenizer == "bpe":
-            texts = splits.train[splits.text_column].astype(str).tolist()
-            tokenizer = BPETokenizer.train(texts, config.vocab_size)
-        torch.manual_seed(seed)
-        network = GPTNetwork(config, tokenizer.vocab_size)
-        return cls(config, tokenizer, network, splits.text_column)
+            tokenizer = BPETokenizer.train(splits.train[splits.text_column].astype(str).tolist(), config.vocab_size)
+        return ChunkEncoder(tokenizer, splits.text_column, config.block_size)
 
-    def dataset(self, frame: pd.DataFrame) -> TokenChunks:
-        stream = self.tokenizer.encode_stream(frame[self.text_column].astype(str).tolist())
-        size = self.config.block_size + 1
-        n = len(stream) // size
-        if n == 0:
-            raise DataError(
-                f"{len(frame)} rows encode to {len(stream)} tokens, fewer than one chunk of "
-                f"block_size + 1 = {size}; lower model.block_size or use more rows"
-            )
-        return TokenChunks(torch.from_numpy(stream[: n * size]).view(n, size))
+    @classmethod
+    def load_encoder(cls, config: GPTConfig, folder: Path) -> ChunkEncoder:
+        saved = json.loads((folder / "encoder.json").read_text())
+        tokenizer: TextTokenizer = ByteTokenizer()
+        if config.tokenizer == "bpe":
+            tokenizer = BPETokenizer.load(folder / TOKENIZER_FILE)
+        return ChunkEncoder(tokenizer, saved["text_column"], config.block_size)
+
+    @classmethod
+    def create(cls, config: GPTConfig, encoder: ChunkEncoder, labels: list[str], seed: int) -> GPT:
+        torch.manual_seed(seed)
+        return cls(config, encoder.tokenizer, GPTNetwork(config, encoder.tokenizer.vocab_size))
+
+    def items(self, table: pa.Table) -> torch.Tensor:
+        # One (rows, block_size + 1) tensor: indexable like a list, without an object per row.
+        chunks = np.stack(table.column(ChunkEncoder.COLUMN).to_numpy(zero_copy_only=False)).astype(np.int64)
+        return torch.from_numpy(chunks)
 
     def collate(self, items: list[torch.Tensor], augment: Any | None, generator: torch.Generator | None) -> Batch:
         x = torch.stack(items)
@@ -303,7 +324,7 @@ class GPT(ModelFamily):
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if isinstance(self.tokenizer, BPETokenizer):
             self.tokenizer.save(directory / TOKENIZER_FILE)
-        self.write_meta(directory, text_column=self.text_column)
+        self.write_meta(directory)
 
     @classmethod
     def load(cls, directory: Path) -> GPT:
@@ -322,8 +343,7 @@ class GPT(ModelFamily):
         if missing != ["lm_head.weight"] or unexpected:
             raise ForgeError(f"{directory / WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
         network.eval()
-        meta = json.loads((directory / META_FILE).read_text())
-        return cls(config, tokenizer, network, meta["text_column"])
+        return cls(config, tokenizer, network)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention's 12*L*H*Q*T (nanoGPT, PaLM)."""

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from pydantic import Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from forgeml.models.registry import MODELS, Batch, ModelFamily, Splits
+from forgeml.models.registry import MODELS, TARGET, Batch, Encoder, ModelFamily, Splits
 from forgeml.section import Section
 
 
@@ -42,33 +45,57 @@ class MLPNetwork(nn.Module):
         return self.layers((features - self.mean) / self.std)
 
 
+@dataclass
+class MLPEncoder(Encoder):
+    """Features as float32, with the training split's mean and scale (the network standardises)."""
+
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+
+    def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[self.features].astype("float32")  # stored beside the raw columns, under their names
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "scaling.json").write_text(json.dumps(vars(self), indent=2))
+
+
 @MODELS.register("mlp", MLPConfig)
 class MLP(ModelFamily):
     name = "mlp"
     inputs = "features"
     task = "classification"
 
-    def __init__(self, config: MLPConfig, features: list[str], labels: list[str], label_column: str | None) -> None:
+    def __init__(self, config: MLPConfig, features: list[str], labels: list[str]) -> None:
         self.config = config
         self.features = features
         self.labels = labels
-        self.label_column = label_column
         self.network = MLPNetwork(len(features), config.hidden_sizes, len(labels), config.dropout)
 
     @classmethod
-    def create(cls, config: MLPConfig, splits: Splits, seed: int) -> MLP:
-        torch.manual_seed(seed)
-        family = cls(config, splits.feature_columns, splits.labels, splits.label_column)
-        x = torch.tensor(splits.train[family.features].to_numpy(np.float32))
-        family.network.mean.copy_(x.mean(0))
+    def fit_encoder(cls, config: MLPConfig, splits: Splits) -> MLPEncoder:
+        x = splits.train[splits.feature_columns].to_numpy(np.float64)
+        std = x.std(0, ddof=1) if len(x) > 1 else np.ones(x.shape[1])
         # Constant columns would divide by zero; leave them unscaled.
-        family.network.std.copy_(torch.where(x.std(0) > 0, x.std(0), torch.ones(())))
+        return MLPEncoder(list(splits.feature_columns), x.mean(0).tolist(), np.where(std > 0, std, 1.0).tolist())
+
+    @classmethod
+    def load_encoder(cls, config: MLPConfig, folder: Path) -> MLPEncoder:
+        return MLPEncoder(**json.loads((folder / "scaling.json").read_text()))
+
+    @classmethod
+    def create(cls, config: MLPConfig, encoder: MLPEncoder, labels: list[str], seed: int) -> MLP:
+        torch.manual_seed(seed)
+        family = cls(config, encoder.features, labels)
+        family.network.mean.copy_(torch.tensor(encoder.mean))
+        family.network.std.copy_(torch.tensor(encoder.std))
         return family
 
-    def dataset(self, frame: pd.DataFrame) -> torch.utils.data.Dataset:
-        x = torch.tensor(frame[self.features].to_numpy(np.float32))
-        y = torch.tensor(frame[self.label_column].to_numpy(np.int64))
-        return torch.utils.data.TensorDataset(x, y)
+    def items(self, table: pa.Table) -> Sequence[Any]:
+        x = torch.from_numpy(np.column_stack([table.column(f).to_numpy() for f in self.features]).astype(np.float32))
+        y = torch.from_numpy(table.column(TARGET).to_numpy().astype(np.int64))
+        return list(zip(x, y, strict=True))
 
     def collate(self, items: list[Any], augment: Any | None, generator: torch.Generator | None) -> Batch:
         x = torch.stack([item[0] for item in items])
@@ -94,14 +121,13 @@ class MLP(ModelFamily):
         save_file(self.network.state_dict(), directory / "model.safetensors")
         config = {**self.config.model_dump(mode="json"), "features": self.features, "labels": self.labels}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
-        self.write_meta(directory, feature_columns=self.features, label_column=self.label_column)
+        self.write_meta(directory, feature_columns=self.features)
 
     @classmethod
     def load(cls, directory: Path) -> MLP:
         config = json.loads((directory / "config.json").read_text())
-        meta = json.loads((directory / "forgeml.json").read_text())
         features, labels = config.pop("features"), config.pop("labels")
-        family = cls(MLPConfig(**config), features, labels, meta.get("label_column"))
+        family = cls(MLPConfig(**config), features, labels)
         family.network.load_state_dict(load_file(directory / "model.safetensors"))
         return family
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -34,7 +36,7 @@ class Splits:
     text_column: str | None = None
     feature_columns: list[str] = field(default_factory=list)
     label_column: str | None = None
-    labels: list[str] = field(default_factory=list)  # class names; the label column holds their indices
+    labels: list[str] = field(default_factory=list)  # class names, in class-index order
 
 
 @dataclass
@@ -53,8 +55,37 @@ class Batch:
         )
 
 
+TARGET = "_target"  # stored column: the class index of each row
+
+
+class Encoder(ABC):
+    """Turns raw rows into what the network reads (token ids, token chunks, features). It is fitted
+    on the training split by the prepare stage and saved beside the shards, so tokenisation
+    happens once and training streams ready rows."""
+
+    @abstractmethod
+    def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Columns to store for these rows (the same rows, or for language models token chunks)."""
+
+    @abstractmethod
+    def save(self, folder: Path) -> None: ...
+
+    def rows(self, frame: pd.DataFrame, label_column: str | None, labels: list[str]) -> pd.DataFrame:
+        """What a shard stores: the raw columns (for audits and explanations), the encoded columns and
+        the class index; for language models (no label) the token chunks alone."""
+        encoded = self.encode(frame)
+        if label_column is None:
+            return encoded
+        index = {label: i for i, label in enumerate(labels)}
+        raw = frame.drop(columns=[c for c in encoded.columns if c in frame.columns])
+        return pd.concat([raw, encoded], axis=1).assign(**{TARGET: frame[label_column].map(index).astype("int64")})
+
+    def table(self, frame: pd.DataFrame, label_column: str | None, labels: list[str]) -> pa.Table:
+        return pa.Table.from_pandas(self.rows(frame, label_column, labels), preserve_index=False)
+
+
 class ModelFamily(ABC):
-    """One kind of model: its network, its preprocessing, its file format."""
+    """One kind of model: its encoder, its network, its file format."""
 
     name: ClassVar[str]
     inputs: ClassVar[Literal["text", "features"]]
@@ -65,12 +96,27 @@ class ModelFamily(ABC):
 
     @classmethod
     @abstractmethod
-    def create(cls, config: Any, splits: Splits, seed: int) -> ModelFamily:
-        """Build a fresh network (and fit its preprocessing on the training split)."""
+    def fit_encoder(cls, config: Any, splits: Splits) -> Encoder:
+        """Fit the encoder on the training split (train a tokenizer, measure feature scales)."""
+
+    @classmethod
+    @abstractmethod
+    def load_encoder(cls, config: Any, folder: Path) -> Encoder: ...
+
+    @classmethod
+    @abstractmethod
+    def create(cls, config: Any, encoder: Encoder, labels: list[str], seed: int) -> ModelFamily:
+        """Build a fresh network for this encoder's inputs."""
+
+    @classmethod
+    def fit(cls, config: Any, splits: Splits, seed: int) -> tuple[ModelFamily, Encoder]:
+        """An encoder fitted on ``splits.train`` and a fresh network: prepare and create, in memory."""
+        encoder = cls.fit_encoder(config, splits)
+        return cls.create(config, encoder, splits.labels, seed), encoder
 
     @abstractmethod
-    def dataset(self, frame: pd.DataFrame) -> torch.utils.data.Dataset:
-        """Encode rows once (tokenize, scale) into items for ``collate``."""
+    def items(self, table: pa.Table) -> Sequence[Any]:
+        """Stored rows (the encoder's columns) -> one item per row for ``collate``."""
 
     @abstractmethod
     def collate(self, items: list[Any], augment: Any | None, generator: torch.Generator | None) -> Batch:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
 from forgeml.errors import ForgeError
-from forgeml.models.registry import MODELS, Batch, ModelFamily, Splits
+from forgeml.models.registry import MODELS, TARGET, Batch, Encoder, ModelFamily, Splits
 from forgeml.section import Section
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -59,42 +63,64 @@ def freeze(network: nn.Module, n_layers: int) -> None:
         module.requires_grad_(False)
 
 
+@dataclass
+class TokenIdEncoder(Encoder):
+    """The encoder's tokenizer, truncating to max_length; rows are padded per batch in collate."""
+
+    COLUMN: ClassVar[str] = "input_ids"
+    tokenizer: Any
+    text_column: str
+    max_length: int
+
+    def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
+        ids = self.tokenizer(frame[self.text_column].tolist(), truncation=True, max_length=self.max_length)
+        return pd.DataFrame({self.COLUMN: [np.asarray(row, np.int32) for row in ids["input_ids"]]}, index=frame.index)
+
+    def save(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder)
+        (folder / "encoder.json").write_text(json.dumps({"text_column": self.text_column}))
+
+
 @MODELS.register("text-classifier", TextClassifierConfig)
 class TextClassifier(ModelFamily):
     name = "text-classifier"
     inputs = "text"
     task = "classification"
 
-    def __init__(
-        self,
-        config: TextClassifierConfig,
-        network: nn.Module,
-        tokenizer: Any,
-        labels: list[str],
-        text_column: str | None,
-        label_column: str | None,
-    ) -> None:
+    def __init__(self, config: TextClassifierConfig, network: nn.Module, tokenizer: Any, labels: list[str]) -> None:
         self.config = config
         self.network = network
         self.tokenizer = tokenizer
         self.labels = labels
-        self.text_column = text_column
-        self.label_column = label_column
 
     @classmethod
-    def create(cls, config: TextClassifierConfig, splits: Splits, seed: int) -> TextClassifier:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def fit_encoder(cls, config: TextClassifierConfig, splits: Splits) -> TokenIdEncoder:
+        from transformers import AutoTokenizer
+
+        return TokenIdEncoder(AutoTokenizer.from_pretrained(pretrained_dir()), splits.text_column, config.max_length)
+
+    @classmethod
+    def load_encoder(cls, config: TextClassifierConfig, folder: Path) -> TokenIdEncoder:
+        from transformers import AutoTokenizer
+
+        column = json.loads((folder / "encoder.json").read_text())["text_column"]
+        return TokenIdEncoder(AutoTokenizer.from_pretrained(folder), column, config.max_length)
+
+    @classmethod
+    def create(
+        cls, config: TextClassifierConfig, encoder: TokenIdEncoder, labels: list[str], seed: int
+    ) -> TextClassifier:
+        from transformers import AutoModelForSequenceClassification
 
         torch.manual_seed(seed)  # the new classification head
-        source = pretrained_dir()
         dropout = {}
         if config.dropout is not None:
             dropout = {"hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.dropout}
         network = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=len(splits.labels),
-            id2label=dict(enumerate(splits.labels)),
-            label2id={label: i for i, label in enumerate(splits.labels)},
+            pretrained_dir(),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
             **dropout,
         )
         freeze(network, config.freeze_layers)
@@ -110,16 +136,11 @@ class TextClassifier(ModelFamily):
                 target_modules=config.lora.target_modules,
             )
             network = get_peft_model(network, peft_config)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        return cls(config, network, tokenizer, splits.labels, splits.text_column, splits.label_column)
+        return cls(config, network, encoder.tokenizer, labels)
 
-    def dataset(self, frame: pd.DataFrame) -> torch.utils.data.Dataset:
-        # Tokenize once, unpadded; batches are padded to their longest row in collate.
-        ids = self.tokenizer(frame[self.text_column].tolist(), truncation=True, max_length=self.config.max_length)[
-            "input_ids"
-        ]
-        labels = frame[self.label_column].tolist() if self.label_column in frame else [0] * len(ids)
-        return list(zip(ids, labels, strict=True))
+    def items(self, table: pa.Table) -> Sequence[Any]:
+        ids = table.column(TokenIdEncoder.COLUMN).to_pylist()
+        return list(zip(ids, table.column(TARGET).to_pylist(), strict=True))
 
     def collate(self, items: list[Any], augment: Any | None, generator: torch.Generator | None) -> Batch:
         rows = [list(ids) for ids, _ in items]
@@ -157,7 +178,7 @@ class TextClassifier(ModelFamily):
         (directory / "forgeml_config.json").write_text(
             json.dumps(self.config.model_dump(mode="json", exclude={"lora"}), indent=2)
         )
-        self.write_meta(directory, text_column=self.text_column, label_column=self.label_column)
+        self.write_meta(directory)
 
     @classmethod
     def load(cls, directory: Path) -> TextClassifier:
@@ -167,4 +188,4 @@ class TextClassifier(ModelFamily):
         meta = json.loads((directory / "forgeml.json").read_text())
         network = AutoModelForSequenceClassification.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(config, network, tokenizer, meta["labels"], meta.get("text_column"), meta.get("label_column"))
+        return cls(config, network, tokenizer, meta["labels"])

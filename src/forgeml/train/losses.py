@@ -57,7 +57,6 @@ class NextTokenLoss:
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
-def balanced_weights(label_indices: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """sklearn's 'balanced' weights: n_rows / (n_classes * count of the class)."""
-    counts = torch.bincount(label_indices, minlength=n_classes).float()
-    return len(label_indices) / (n_classes * counts.clamp(min=1))
+def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
+    """sklearn's 'balanced' weights from class counts: n_rows / (n_classes * count of the class)."""
+    return counts.sum() / (len(counts) * counts.clamp(min=1))

@@ -12,16 +12,18 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from forgeml.data.prepare import load_splits, read_manifest
+from forgeml.data.prepare import ENCODER_DIR, read_manifest, shard_location
+from forgeml.data.shards import ShardStream, read_shard
 from forgeml.errors import ForgeError
 from forgeml.models import MODELS
-from forgeml.models.registry import ModelFamily, Splits
+from forgeml.models.registry import ModelFamily
 from forgeml.recipe import Recipe, TrainConfig
 from forgeml.rundir import RunDir, sha256_json, write_json
 from forgeml.train.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
 from forgeml.train.checkpoint import Checkpoints
 from forgeml.train.loop import autocast_for, fit
 from forgeml.train.losses import ClassificationLoss, NextTokenLoss, balanced_weights
+from forgeml.train.memory import keep_freed_memory
 from forgeml.train.metrics import TASK_METRICS, evaluate
 from forgeml.train.strategies import Single, resolve_device
 
@@ -40,20 +42,19 @@ class TrainResult:
         return f"{self.steps} steps{stop}"
 
 
-def build_loss(cfg: TrainConfig, task: str, splits: Splits, rebalance: str) -> ClassificationLoss | NextTokenLoss:
+def build_loss(cfg: TrainConfig, task: str, labels: list[str], counts: dict[str, int], rebalance: str) -> Any:
     """The recipe's loss; prepare's rebalancing choice (class_weights, focal) applies unless
-    train.class_weights names weights itself."""
+    train.class_weights names weights itself. ``counts``: the training split's class counts."""
     if task == "lm":
         return NextTokenLoss()
     weights = None
     if cfg.class_weights == "balanced" or (cfg.class_weights is None and rebalance == "class_weights"):
-        labels = torch.tensor(splits.train[splits.label_column].to_numpy())
-        weights = balanced_weights(labels, len(splits.labels))
+        weights = balanced_weights(torch.tensor([counts.get(label, 0) for label in labels], dtype=torch.float32))
     elif cfg.class_weights is not None:
-        if len(cfg.class_weights) != len(splits.labels):
+        if len(cfg.class_weights) != len(labels):
             raise ForgeError(
-                f"train.class_weights: {len(cfg.class_weights)} weights for {len(splits.labels)} classes "
-                f"({', '.join(splits.labels)}); give one per class, in that order, or 'balanced'"
+                f"train.class_weights: {len(cfg.class_weights)} weights for {len(labels)} classes "
+                f"({', '.join(labels)}); give one per class, in that order, or 'balanced'"
             )
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
     kind = "focal" if rebalance == "focal" else cfg.loss
@@ -61,35 +62,32 @@ def build_loss(cfg: TrainConfig, task: str, splits: Splits, rebalance: str) -> C
 
 
 def loaders(
-    family: ModelFamily, splits: Splits, cfg: TrainConfig
-) -> tuple[dict[str, DataLoader], tuple[torch.Generator, ...]]:
-    """Seeded shuffling and augmentation for training, plain ordered batches for evaluation;
-    and the training loader's RNGs, which checkpoints save so a resume sees the same batches."""
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    augment = torch.Generator().manual_seed(cfg.seed + 1)
+    family: ModelFamily, manifest: dict[str, Any], location: str, cfg: TrainConfig
+) -> tuple[dict[str, DataLoader], torch.Generator]:
+    """The training split streamed from its shards ((seed, epoch) order, augmented), the evaluation
+    splits in order; and the generator the training collate augments with."""
+    augment = torch.Generator()
+    stream = ShardStream(
+        location, manifest["splits"]["train"]["shards"], family.items, seed=cfg.seed, batch_size=cfg.micro_batch
+    )
     result = {
         "train": DataLoader(
-            family.dataset(splits.train),
+            stream,
             batch_size=cfg.micro_batch,
-            shuffle=True,
             drop_last=True,
-            generator=shuffle,
             collate_fn=partial(family.collate, augment=cfg.augment, generator=augment),
+            generator=torch.Generator(),  # iter() draws a seed: not from the global RNG (see below)
         )
     }
     for name in ("val", "test"):
-        data = family.dataset(getattr(splits, name))
-        if len(data) == 0:
+        shards = manifest["splits"][name]["shards"]
+        items = [item for shard in shards for item in family.items(read_shard(location, shard))]
+        if not items:
             raise ForgeError(f"the {name} split yields no examples for {family.name}; add data or raise its fraction")
-        # A generator of its own: creating an iterator draws a seed, which must not come from the
-        # global RNG, or how often we evaluate would change the training run.
         result[name] = DataLoader(
-            data,
-            batch_size=cfg.eval_batch_size,
-            collate_fn=partial(family.collate, augment=None, generator=None),
-            generator=torch.Generator(),
+            items, batch_size=cfg.eval_batch_size, collate_fn=partial(family.collate, augment=None, generator=None)
         )
-    return result, (shuffle, augment)
+    return result, augment
 
 
 def save_model(family: ModelFamily, destination: Path) -> None:
@@ -133,10 +131,13 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: b
     check_options(cfg, family_cls)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    splits = load_splits(run)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
+    manifest = read_manifest(run)
     strategy = Single(resolve_device(cfg.device))
-    family = family_cls.create(recipe.model, splits, seed=cfg.seed)
-    data, generators = loaders(family, splits, cfg)
+    encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
+    family = family_cls.create(recipe.model, encoder, manifest["labels"], seed=cfg.seed)
+    data, augment = loaders(family, manifest, shard_location(run, manifest), cfg)
     autocast = autocast_for(cfg.precision, strategy.device)
     measure = partial(evaluate, task=family.task, labels=family.labels, device=strategy.device, autocast=autocast)
 
@@ -147,7 +148,6 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: b
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
 
     # Checkpoints belong to one training: the same prepared data and the same settings.
-    manifest = read_manifest(run)
     tag = sha256_json([recipe.section_dump("data", "prepare", "model", "train"), manifest])
     checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last)
     if not resume:
@@ -158,11 +158,17 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: b
         family.network,
         data["train"],
         cfg,
-        build_loss(cfg, family.task, splits, manifest.get("rebalance", {}).get("method", "none")),
+        build_loss(
+            cfg,
+            family.task,
+            manifest["labels"],
+            manifest["class_counts"].get("train", {}),
+            manifest["rebalance"]["method"],
+        ),
         strategy,
         evaluate=lambda model: measure(model, data["val"]),
         callbacks=callbacks,
-        generators=generators,
+        augment=augment,
         checkpoints=checkpoints if cfg.checkpoint_every else None,
         resume=resume,
     )

@@ -36,7 +36,7 @@ from forgeml.train.loop import fit
 from forgeml.train.losses import NextTokenLoss
 from forgeml.train.memory import keep_freed_memory
 from forgeml.train.stage import loaders
-from forgeml.train.strategies import Single
+from forgeml.train.strategies import Strategy
 
 
 def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -67,7 +67,7 @@ def run_forgeml(network, loader, cfg, logs: Path) -> list[float]:
     clock = StepClock()
     quiet = Console(file=io.StringIO())
     callbacks = [clock, ProgressBar(quiet, cfg.log_every), MetricsLogger(logs, cfg.log_every)]
-    fit(network, loader, cfg, NextTokenLoss(), Single(torch.device("cpu")), callbacks=callbacks)
+    fit(network, loader, cfg, NextTokenLoss(), Strategy.single(torch.device("cpu")), callbacks=callbacks)
     return step_times(clock.stamps)
 
 
@@ -131,6 +131,7 @@ def main() -> None:
         encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
         family = family_cls.create(recipe.model, encoder, [], seed=cfg.seed)
         manifest = read_manifest(run)
+        single = Strategy.single(torch.device("cpu"))
         initial = {k: v.clone() for k, v in family.network.state_dict().items()}
 
         times: dict[str, list[float]] = {"forgeml": [], "hand": []}
@@ -142,7 +143,7 @@ def main() -> None:
                 family.network.load_state_dict(initial)
                 torch.manual_seed(cfg.seed)
                 # The same shard stream for both: (seed, epoch) fixes the order of the batches.
-                loader = loaders(family, manifest, shard_location(run, manifest), cfg)[0]["train"]
+                loader = loaders(family, manifest, shard_location(run, manifest), cfg, single)[0]["train"]
                 if who == "forgeml":
                     measured = run_forgeml(family.network, loader, cfg, Path(tmp) / f"logs-{round_}")
                 else:

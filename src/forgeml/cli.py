@@ -85,10 +85,46 @@ def train(
     run_dir: RunDirOpt = None,
     force: ForceOpt = False,
     allow_audit_failures: AllowOpt = False,
+    nproc: Annotated[
+        int | None, typer.Option("--nproc", min=1, help="processes on this machine (via torchrun)")
+    ] = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="machines taking part")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="this machine's number, 0 to nnodes-1")] = 0,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the machines meet (nnodes > 1)")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="single, ddp, fsdp, tp or fsdp+tp (train.strategy)")
+    ] = None,
+    tp_degree: Annotated[int | None, typer.Option("--tp-degree", min=1, help="fsdp+tp: processes per layer")] = None,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", min=0, help="restart the group this often when a worker dies")
+    ] = 0,
+    force_train: Annotated[bool, typer.Option("--force-train", hidden=True)] = False,
 ) -> None:
-    """Audit and prepare the data if needed, then train the recipe's model."""
-    folder = stages(recipe, set_, run_dir, "train", force, allow_audit_failures)
-    finish(folder)
+    """Audit and prepare the data if needed, then train the recipe's model.
+
+    With --nproc N, forgeml runs torchrun with N processes (and --nnodes/--node-rank/--rdzv-endpoint
+    across machines); `torchrun ... -m forgeml train RECIPE` works as well.
+    """
+    from forgeml.train.launch import Dist, Launch, run_torchrun
+
+    overrides = [*(set_ or ())]
+    overrides += [f"train.strategy={strategy}"] if strategy else []
+    overrides += [f"train.tp_degree={tp_degree}"] if tp_degree else []
+    if nproc is None:
+        env = Dist.from_torchrun(os.environ)
+        folder = stages(recipe, overrides, run_dir, "train", force, allow_audit_failures, env, force_train)
+        if env.main:
+            finish(folder)
+        return
+    # Audit and prepare here, once; then the workers train (their rank 0 skips what is done).
+    launch = Launch(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts)
+    folder = stages(recipe, overrides, run_dir, "prepare", force, allow_audit_failures)
+    worker = ["train", recipe, "--run-dir", str(folder), *(a for o in overrides for a in ("--set", o))]
+    worker += ["--allow-audit-failures"] * allow_audit_failures + ["--force-train"] * force
+    if run_torchrun(launch, worker) != 0:  # the workers' rank 0 has printed the results
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -105,13 +141,33 @@ def prepare(
     console.print(f"data: {folder / 'data' / 'manifest.json'}")
 
 
-def stages(recipe: str, set_: list[str] | None, run_dir: Path | None, until: str, force: bool, allow: bool) -> Path:
+def stages(
+    recipe: str,
+    set_: list[str] | None,
+    run_dir: Path | None,
+    until: str,
+    force: bool,
+    allow: bool,
+    env: Any = None,
+    force_train: bool = False,
+) -> Path:
     from forgeml import as_recipe
     from forgeml.pipeline import default_run_dir, run_stages
+    from forgeml.train.launch import ONE_PROCESS
 
     spec = as_recipe(recipe, tuple(set_ or ()))
     folder = run_dir or default_run_dir(spec)
-    run_stages(spec, folder, until=until, force=force, allow_audit_failures=allow, console=errors)
+    forced = ("train",) if force_train else ()
+    run_stages(
+        spec,
+        folder,
+        until=until,
+        force=force,
+        force_stages=forced,
+        allow_audit_failures=allow,
+        console=errors,
+        env=env or ONE_PROCESS,
+    )
     return folder
 
 

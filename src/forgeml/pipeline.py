@@ -16,10 +16,13 @@ from rich.console import Console
 from forgeml.data.audit_stage import audit_stage, gate
 from forgeml.data.prepare import prepare
 from forgeml.data.sources import source_fingerprint
+from forgeml.errors import ForgeError
 from forgeml.recipe import Recipe
 from forgeml.report.html import write_report
 from forgeml.rundir import RunDir, sha256_file, sha256_json
+from forgeml.train.launch import ONE_PROCESS, Dist, process_group
 from forgeml.train.stage import train
+from forgeml.train.strategies import resolve_device
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Stage:
     name: str
     sections: tuple[str, ...]  # the recipe sections its output depends on
     inputs: Callable[[Recipe, RunDir], dict[str, str]]  # fingerprints of what it reads
-    call: Callable[[Recipe, RunDir, Console, bool], Any]  # (recipe, run, console, resume)
+    call: Callable[..., Any]  # (recipe, run, console, resume), and the process's Dist for "train"
     enabled: Callable[[Recipe], bool] = lambda recipe: True
 
 
@@ -65,7 +68,7 @@ STAGES = (
         "train",
         ("data", "prepare", "model", "train"),
         file_hashes("data/manifest.json"),
-        lambda recipe, run, console, resume: train(recipe, run, console, resume),
+        lambda recipe, run, console, resume, env: train(recipe, run, console, resume, env),
     ),
     Stage(
         "report",
@@ -98,36 +101,120 @@ def run_stages(
     *,
     until: str = STAGES[-1].name,
     force: bool = False,
+    force_stages: tuple[str, ...] = (),
     allow_audit_failures: bool = False,
     console: Console | None = None,
+    env: Dist = ONE_PROCESS,
 ) -> dict[str, Any]:
     """Run the stages up to and including ``until``; returns each stage's result (None when skipped).
-    After the audit, data that fails a check stops the run unless ``allow_audit_failures``."""
+    After the audit, data that fails a check stops the run unless ``allow_audit_failures``.
+    ``force`` reruns every stage, ``force_stages`` only those named.
+
+    In a torchrun job (``env``), every rank joins the process group; rank 0 alone runs the other
+    stages and keeps the records, and all ranks train together."""
     console = console or Console(stderr=True)
     run = RunDir(run_dir or default_run_dir(recipe))
     chosen = [stage for stage in STAGES[: STAGE_NAMES.index(until) + 1] if stage.enabled(recipe)]
     hashes = {stage.name: sha256_json(config_slice(recipe, stage.sections)) for stage in chosen}
-    run.claim(recipe.to_yaml(), hashes, force)
-    results: dict[str, Any] = {}
-    for stage in chosen:
-        if stage.name == "train" and recipe.audit.enabled:
+    device_type = resolve_device(recipe.train.device, env.local_rank).type
+    with process_group(env, device_type, recipe.train.collective_timeout_s):
+        on_main(env, lambda: run.claim(recipe.to_yaml(), hashes, force))
+        results: dict[str, Any] = {}
+        for stage in chosen:
+            if stage.name == "train":
+                results["train"] = _train_stage(
+                    stage,
+                    recipe,
+                    run,
+                    hashes["train"],
+                    force or "train" in force_stages,
+                    allow_audit_failures,
+                    console,
+                    env,
+                )
+            else:
+                results[stage.name] = on_main(
+                    env,
+                    lambda stage=stage: _run_stage(
+                        stage, recipe, run, hashes[stage.name], force or stage.name in force_stages, console
+                    ),
+                )
+    return results
+
+
+def on_main(env: Dist, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 only; the other ranks wait and get its result, or raise its error."""
+    if env.world_size == 1:
+        return work()
+    outcome: tuple[str, Any] = ("ok", None)
+    if env.main:
+        try:
+            outcome = ("ok", work())
+        except ForgeError as exc:
+            outcome = ("error", str(exc))
+            env.broadcast(outcome)
+            raise
+    status, value = env.broadcast(outcome)
+    if status == "error":
+        raise ForgeError(f"rank 0: {value}")
+    return value
+
+
+def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, config_hash: str, force: bool, console: Console) -> Any:
+    inputs = stage.inputs(recipe, run)
+    if not force and run.is_done(stage.name, config_hash, inputs):
+        console.print(f"[dim]{stage.name}: up to date, skipped[/dim]")
+        return None
+    # An interrupted attempt with the same config and inputs continues from its checkpoints.
+    resume = not force and run.was_interrupted(stage.name, config_hash, inputs)
+    console.print(f"[bold cyan]{stage.name}[/bold cyan] {'(resuming) ' if resume else ''}...")
+    started = run.start(stage.name, config_hash, inputs)
+    try:
+        result = stage.call(recipe, run, console, resume)
+    except BaseException as exc:
+        run.finish(stage.name, started, error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.finish(stage.name, started)
+    console.print(f"[dim]{stage.name}: done in {run.records()[stage.name].duration_s:.1f} s: {result}[/dim]")
+    return result
+
+
+def _train_stage(
+    stage: Stage,
+    recipe: Recipe,
+    run: RunDir,
+    config_hash: str,
+    force: bool,
+    allow_audit_failures: bool,
+    console: Console,
+    env: Dist,
+) -> Any:
+    """Rank 0 checks the gate and decides (skip, resume, start) for everyone; all ranks train."""
+
+    def decide() -> tuple[str, float]:
+        if recipe.audit.enabled:
             for name in gate(run, allow_audit_failures):
                 console.print(f"[yellow]audit check {name} failed; going on as --allow-audit-failures asks[/yellow]")
         inputs = stage.inputs(recipe, run)
-        if not force and run.is_done(stage.name, hashes[stage.name], inputs):
+        if not force and run.is_done(stage.name, config_hash, inputs):
             console.print(f"[dim]{stage.name}: up to date, skipped[/dim]")
-            results[stage.name] = None
-            continue
-        # An interrupted attempt with the same config and inputs continues from its checkpoints.
-        resume = not force and run.was_interrupted(stage.name, hashes[stage.name], inputs)
-        console.print(f"[bold cyan]{stage.name}[/bold cyan] {'(resuming) ' if resume else ''}...")
-        started = run.start(stage.name, hashes[stage.name], inputs)
-        try:
-            results[stage.name] = stage.call(recipe, run, console, resume)
-        except BaseException as exc:
+            return "skip", 0.0
+        # An interrupted attempt (or a group torchrun restarted) continues from its checkpoints.
+        resume = not force and (run.was_interrupted(stage.name, config_hash, inputs) or env.restart > 0)
+        scale = f" on {env.world_size} processes" if env.world_size > 1 else ""
+        console.print(f"[bold cyan]{stage.name}[/bold cyan]{scale} {'(resuming) ' if resume else ''}...")
+        return ("resume" if resume else "start"), run.start(stage.name, config_hash, inputs)
+
+    action, started = on_main(env, decide)
+    if action == "skip":
+        return None
+    try:
+        result = stage.call(recipe, run, console, action == "resume", env)
+    except BaseException as exc:
+        if env.main:
             run.finish(stage.name, started, error=f"{type(exc).__name__}: {exc}")
-            raise
+        raise
+    if env.main:
         run.finish(stage.name, started)
-        duration = run.records()[stage.name].duration_s
-        console.print(f"[dim]{stage.name}: done in {duration:.1f} s: {results[stage.name]}[/dim]")
-    return results
+        console.print(f"[dim]{stage.name}: done in {run.records()[stage.name].duration_s:.1f} s: {result}[/dim]")
+    return result

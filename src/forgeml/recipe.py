@@ -136,6 +136,14 @@ class TrainConfig(Section):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp"] = Field(
+        "auto", description="how processes share the work; auto: single for one process, ddp for more"
+    )
+    tp_degree: PositiveInt = Field(2, description="fsdp+tp: processes that split each layer (tp uses all)")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    collective_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        600.0, description="a rank that does not join a collective within this ends the run with an error"
+    )
     num_threads: PositiveInt | None = Field(None, description="CPU threads for torch; default: torch's choice")
     seed: int = 0
     eval_every: PositiveInt | None = Field(None, description="steps between evaluations; default: once per epoch")

@@ -62,8 +62,8 @@ def test_causal() -> None:
 def test_weight_tying_and_param_count() -> None:
     net = GPTNetwork(tiny(), vocab_size=257)
     assert net.lm_head.weight is net.wte.weight
-    # per block: 2 LayerNorms, c_attn, attn.c_proj, c_fc, mlp.c_proj (weights + biases)
-    block = 2 * 64 + (32 * 96 + 96) + (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
+    # per block: 2 LayerNorms, q/k/v, attn.c_proj, c_fc, mlp.c_proj (weights + biases)
+    block = 2 * 64 + 3 * (32 * 32 + 32) + (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
     non_embedding = 2 * block + 257 * 32 + 64  # blocks, tied wte/lm_head, ln_f
     assert net.num_params() == non_embedding
     assert net.num_params(non_embedding=False) == non_embedding + 16 * 32

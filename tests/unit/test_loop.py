@@ -18,7 +18,7 @@ from forgeml.train.callbacks import Callback
 from forgeml.train.loop import fit, warmup_cosine
 from forgeml.train.losses import ClassificationLoss, balanced_weights
 from forgeml.train.stage import loaders
-from forgeml.train.strategies import Single
+from forgeml.train.strategies import Strategy
 
 
 def table(n: int = 160, seed: int = 0) -> Splits:
@@ -57,14 +57,15 @@ def train_mlp(
     cfg = TrainConfig(**{"max_steps": 8, "lr": 1e-2, "warmup_steps": 0, "seed": 0, **train})
     family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[16], dropout=dropout), splits, seed=0)
     manifest, folder = stored(splits, encoder)
-    data, augment = loaders(family, manifest, folder, cfg)
+    strategy = Strategy.single(torch.device("cpu"))
+    data, augment = loaders(family, manifest, folder, cfg, strategy)
     torch.manual_seed(cfg.seed)
     state = fit(
         family.network,
         data["train"],
         cfg,
         loss or ClassificationLoss(),
-        Single(torch.device("cpu")),
+        strategy,
         evaluate=evaluate,
         callbacks=list(callbacks),
         augment=augment,

@@ -60,7 +60,10 @@ class GPTConfig(Section):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
+        # Separate q, k, v (not one fused matrix) so tensor parallelism can shard each by heads.
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.head_dim = config.n_embd // config.n_head
@@ -68,9 +71,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).chunk(3, dim=-1)
-        # Heads are counted from the width, not stored, so a column-sharded c_attn holds fewer heads.
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # Heads are counted from the width, not stored: column-sharded projections hold fewer heads.
+        q, k, v = (
+            proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
@@ -344,6 +348,24 @@ class GPT(ModelFamily):
             raise ForgeError(f"{directory / WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
         network.eval()
         return cls(config, tokenizer, network)
+
+    def blocks(self) -> nn.ModuleList:
+        return self.network.blocks
+
+    def tensor_parallel_plan(self) -> dict[str, Any]:
+        """Megatron's split: q, k, v and the first MLP layer by output columns (whole heads per
+        rank), the two projections back into the residual stream by input rows; the embeddings,
+        norms and the tied output layer stay replicated."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        plan: dict[str, Any] = {}
+        for i in range(len(self.network.blocks)):
+            block = f"blocks.{i}"
+            for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.c_fc"):
+                plan[f"{block}.{name}"] = ColwiseParallel()
+            for name in ("attn.c_proj", "mlp.c_proj"):
+                plan[f"{block}.{name}"] = RowwiseParallel()
+        return plan
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention's 12*L*H*Q*T (nanoGPT, PaLM)."""

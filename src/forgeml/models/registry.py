@@ -145,6 +145,15 @@ class ModelFamily(ABC):
         """Training FLOPs per token (forward + backward), where the family can say."""
         return None
 
+    def blocks(self) -> nn.ModuleList | None:
+        """The repeated blocks (transformer layers) that sharding and activation checkpointing wrap
+        one by one; None for networks without them."""
+        return None
+
+    def tensor_parallel_plan(self) -> dict[str, Any] | None:
+        """Module path -> torch ParallelStyle for tensor parallelism; None where it is not offered."""
+        return None
+
     def write_meta(self, directory: Path, **extra: Any) -> None:
         meta = {"family": self.name, "task": self.task, "labels": self.labels, **extra}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -138,6 +138,10 @@ class TextClassifier(ModelFamily):
             network = get_peft_model(network, peft_config)
         return cls(config, network, encoder.tokenizer, labels)
 
+    def blocks(self) -> nn.ModuleList:
+        base = self.network.get_base_model() if self.config.lora is not None else self.network
+        return base.base_model.encoder.layer
+
     def items(self, table: pa.Table) -> Sequence[Any]:
         ids = table.column(TokenIdEncoder.COLUMN).to_pylist()
         return list(zip(ids, table.column(TARGET).to_pylist(), strict=True))

@@ -32,6 +32,7 @@ class LoopState:
     best_step: int | None = None
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. from resuming)
 
     @property
     def epoch(self) -> float:
@@ -68,6 +69,8 @@ class ProgressBar(Callback):
         self.task: Any = None
 
     def on_fit_start(self, state: LoopState) -> None:
+        for note in state.notes:
+            self.progress.console.print(f"[yellow]{note}[/yellow]")
         self.progress.start()
         self.task = self.progress.add_task(
             "train", total=state.total_steps, completed=state.step, loss="-", speed="", start=True

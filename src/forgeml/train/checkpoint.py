@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from forgeml.errors import RunDirError
 from forgeml.rundir import sha256_file, write_json
+from forgeml.train.launch import ONE_PROCESS, Dist
 
 META = "checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -43,15 +44,22 @@ def single_process_ok() -> Iterator[None]:
 class Resumed:
     step: int
     extra: dict[str, Any]  # the loop's own counters and data position
+    rng_restored: bool  # False when the world size changed: each rank's RNG starts afresh
+    skipped: list[str]  # newer checkpoints passed over because they were corrupt
 
 
 class Checkpoints:
-    """The checkpoints of one training, identified by ``tag`` (a hash of its data and config)."""
+    """The checkpoints of one training, identified by ``tag`` (a hash of its data and config).
 
-    def __init__(self, folder: Path, tag: str, keep_last: int) -> None:
+    Every rank writes its own shards through DCP; rank 0 then checksums every file, writes
+    ``checkpoint.json`` and renames the folder, so a checkpoint is complete or invisible. The run
+    folder must be shared by all ranks (one machine, or a shared filesystem across nodes)."""
+
+    def __init__(self, folder: Path, tag: str, keep_last: int, env: Dist = ONE_PROCESS) -> None:
         self.folder = folder
         self.tag = tag
         self.keep_last = keep_last
+        self.env = env
 
     def complete(self) -> list[Path]:
         """Finished checkpoints of this training, oldest first."""
@@ -72,47 +80,80 @@ class Checkpoints:
         tensors: dict[str, torch.Tensor],
         extra: dict[str, Any],
     ) -> Path:
+        """``tensors``: this rank's own (RNG states), stored under its rank."""
         model_state, optim_state = get_state_dict(model, optimizer)
         final = self.folder / f"step-{step}"
         staging = self.folder / f"step-{step}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.env.main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.env.barrier()
         # Only tensors go to DCP; the optimizer's hyperparameters (param_groups) are JSON.
+        state = {"model": model_state, "optim": optim_state["state"], "rank": {str(self.env.rank): tensors}}
         with single_process_ok():
-            dcp.save({"model": model_state, "optim": optim_state["state"], "extra": tensors}, checkpoint_id=staging)
-        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
-        meta = {"tag": self.tag, "step": step, "param_groups": optim_state["param_groups"], "extra": extra}
-        write_json(staging / META, {**meta, "files": files})
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        for old in self.complete()[: -self.keep_last]:
-            shutil.rmtree(old)
+            dcp.save(state, checkpoint_id=staging)
+        if self.env.main:
+            files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
+            meta = {"tag": self.tag, "step": step, "world_size": self.env.world_size, "extra": extra}
+            write_json(staging / META, {**meta, "param_groups": optim_state["param_groups"], "files": files})
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old)
+        self.env.barrier()
         return final
+
+    def corrupt_file(self, path: Path) -> str | None:
+        """The first file of checkpoint ``path`` that is missing or does not match its checksum."""
+        meta = json.loads((path / META).read_text())
+        for name, digest in meta["files"].items():
+            if not (path / name).exists() or sha256_file(path / name) != digest:
+                return name
+        return None
 
     def restore(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     ) -> Resumed | None:
-        """Load the newest checkpoint into model, optimizer and ``tensors`` (in place); None if there is none."""
+        """Load the newest intact checkpoint into model, optimizer and (same world size only) this
+        rank's ``tensors``, in place; None if there is none. A corrupt one is skipped with a
+        warning for the one before it; if every one is corrupt, that is an error."""
         found = self.complete()
         if not found:
             return None
-        path = found[-1]
+        # Rank 0 verifies (every rank reading every file would multiply the I/O) and tells the others.
+        verdicts = self.env.broadcast([self.corrupt_file(path) for path in found] if self.env.main else None)
+        skipped = []
+        for path, bad in reversed(list(zip(found, verdicts, strict=True))):
+            if bad is None:
+                return self._load(path, model, optimizer, tensors, skipped)
+            skipped.append(f"{path.name} ({bad} does not match its checksum)")
+        raise RunDirError(
+            f"every checkpoint in {self.folder} is corrupt: {'; '.join(skipped)}; "
+            "delete them to start over, or rerun with --force"
+        )
+
+    def _load(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        tensors: dict[str, torch.Tensor],
+        skipped: list[str],
+    ) -> Resumed:
         meta = json.loads((path / META).read_text())
-        for name, digest in meta["files"].items():
-            if not (path / name).exists() or sha256_file(path / name) != digest:
-                raise RunDirError(
-                    f"checkpoint {path} is corrupt ({name} does not match its checksum); "
-                    "delete that folder to resume from the one before, or rerun with --force"
-                )
         model_state, optim_state = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": model_state, "optim": optim_state["state"]}
+        same_world = meta["world_size"] == self.env.world_size
+        if same_world:  # RNG states belong to ranks; on another world size there is no match
+            state["rank"] = {str(self.env.rank): tensors}
         with single_process_ok():
-            dcp.load({"model": model_state, "optim": optim_state["state"], "extra": tensors}, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=path)
         set_state_dict(
             model,
             optimizer,
             model_state_dict=model_state,
             optim_state_dict={"state": optim_state["state"], "param_groups": meta["param_groups"]},
         )
-        return Resumed(meta["step"], meta["extra"])
+        return Resumed(meta["step"], meta["extra"], same_world, skipped)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

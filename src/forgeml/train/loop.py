@@ -27,6 +27,7 @@ from forgeml.models.registry import Batch, logits_of
 from forgeml.recipe import TrainConfig
 from forgeml.train.callbacks import Callback, LoopState
 from forgeml.train.checkpoint import Checkpoints
+from forgeml.train.strategies import Strategy, accumulation
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -77,13 +78,15 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 class EpochBatches:
     """Micro-batches across epochs from a loader over a ShardStream. The stream's order is a function
     of (seed, epoch), so the position is just (epoch, batches taken); the augmentation generator is
-    re-seeded from it before each batch, so a resumed run sees exactly the batches it would have."""
+    re-seeded from it before each batch, so a resumed run sees exactly the batches it would have.
+    Saved positions count samples of the whole job, so a resume on another number of data-parallel
+    ranks starts at the same place in the epoch."""
 
-    def __init__(self, loader: DataLoader, augment: torch.Generator | None, seed: int) -> None:
+    def __init__(self, loader: DataLoader, augment: torch.Generator | None, seed: int, dp_rank: int, dp_degree: int):
         self.loader = loader
         self.stream: ShardStream = loader.dataset
         self.augment = augment
-        self.seed = seed
+        self.seed, self.dp_rank, self.dp_degree = seed, dp_rank, dp_degree
         self.epoch = self.position = 0
         self.iterator: Iterator[Batch] | None = None
 
@@ -92,9 +95,8 @@ class EpochBatches:
             self.stream.load_state_dict({"epoch": self.epoch, "consumed": self.position * self.loader.batch_size})
             self.iterator = iter(self.loader)
         if self.augment is not None:  # collate (which augments) runs inside next(): num_workers=0
-            self.augment.manual_seed(
-                int(np.random.SeedSequence([self.seed, self.epoch, self.position]).generate_state(1)[0])
-            )
+            entropy = [self.seed, self.epoch, self.position, self.dp_rank]
+            self.augment.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         try:
             batch = next(self.iterator)
         except StopIteration:
@@ -104,31 +106,33 @@ class EpochBatches:
         return batch
 
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "samples": self.position * self.loader.batch_size * self.dp_degree}
 
     def resume(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.iterator = state["epoch"], state["position"], None
+        per_batch = self.loader.batch_size * self.dp_degree
+        self.epoch, self.position, self.iterator = state["epoch"], state["samples"] // per_batch, None
 
 
 def fit(
-    network: nn.Module,
+    model: nn.Module,
     train_loader: torch.utils.data.DataLoader,
     cfg: TrainConfig,
     loss_fn: Any,
-    strategy: Any,
+    strategy: Strategy,
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
     callbacks: list[Callback] = (),
     augment: torch.Generator | None = None,
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
 ) -> LoopState:
-    """Train ``network`` in place; returns the final loop state (steps, best step, early stop).
+    """Train ``model`` (as the strategy wrapped it) in place; returns the final loop state.
 
     ``train_loader`` iterates a ShardStream; ``augment`` is the generator its collate draws from.
     With ``checkpoints``, a checkpoint is saved every ``cfg.checkpoint_every`` steps and at the
     end, and ``resume`` continues from the newest.
     """
-    steps_per_epoch = len(train_loader) // cfg.accumulation
+    accumulate = accumulation(cfg, strategy)
+    steps_per_epoch = len(train_loader) // accumulate
     if steps_per_epoch == 0:
         raise ForgeError(
             f"the training split gives {len(train_loader)} micro-batches of {cfg.micro_batch} rows, fewer than "
@@ -137,17 +141,19 @@ def fit(
     total = total_steps(cfg, steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
     device = strategy.device
-    model = strategy.wrap(network)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_for(cfg.precision, device)
-    state = LoopState(network=network, total_steps=total, steps_per_epoch=steps_per_epoch)
+    state = LoopState(network=model, total_steps=total, steps_per_epoch=steps_per_epoch)
     window: deque[tuple[float, int, int]] = deque(maxlen=cfg.log_every)
-    batches = EpochBatches(train_loader, augment, cfg.seed)
+    batches = EpochBatches(train_loader, augment, cfg.seed, strategy.dp_rank, strategy.dp_degree)
 
     def rng_tensors() -> dict[str, torch.Tensor]:
-        return {"torch_rng": torch.get_rng_state()}
+        rng = {"torch_rng": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return rng
 
     def save_checkpoint(checkpoints: Checkpoints) -> None:
         extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "data": batches.state()}
@@ -161,7 +167,13 @@ def fit(
             scheduler.load_state_dict(resumed.extra["scheduler"])
             scaler.load_state_dict(resumed.extra["scaler"])
             batches.resume(resumed.extra["data"])
-            torch.set_rng_state(tensors["torch_rng"])
+            if resumed.rng_restored:
+                torch.set_rng_state(tensors["torch_rng"])
+                if device.type == "cuda":
+                    torch.cuda.set_rng_state(tensors["cuda_rng"], device)
+            else:
+                state.notes.append("resumed on another number of processes: random streams start afresh")
+            state.notes += [f"skipped corrupt checkpoint {name}" for name in resumed.skipped]
             state.step, state.samples, state.tokens = resumed.step, resumed.extra["samples"], resumed.extra["tokens"]
     for callback in callbacks:
         callback.on_fit_start(state)
@@ -178,8 +190,10 @@ def fit(
         model.train()
         for step in range(state.step + 1, total + 1):
             started = time.perf_counter()
-            micro = [next(batches).to(device) for _ in range(cfg.accumulation)]
-            norm = sum(loss_fn.normalizer(b.targets) for b in micro)
+            micro = [next(batches).to(device) for _ in range(accumulate)]
+            # The global batch's normalizer, over every data-parallel rank's micro-batches; each
+            # rank's loss is scaled by dp_degree because DDP and FSDP average the gradients.
+            norm = strategy.dp_sum(sum(loss_fn.normalizer(b.targets) for b in micro)) / strategy.dp_degree
             step_loss = torch.zeros((), device=device)
             for batch in micro:
                 with autocast():
@@ -192,15 +206,18 @@ def fit(
                 del logits, loss
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                strategy.clip_gradients(model, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
-            samples, tokens = sum(b.size for b in micro), sum(b.tokens for b in micro)
+            # Counted over the whole job: every data-parallel rank took as many as this one.
+            samples = sum(b.size for b in micro) * strategy.dp_degree
+            tokens = sum(b.tokens for b in micro) * strategy.dp_degree
             window.append((time.perf_counter() - started, samples, tokens))
             elapsed = sum(w[0] for w in window)
+            step_loss = strategy.dp_sum(step_loss) / strategy.dp_degree
             state.step, state.loss, state.lr = step, step_loss.item(), scheduler.get_last_lr()[0]
             state.samples += samples
             state.tokens += tokens

@@ -21,11 +21,12 @@ from forgeml.recipe import Recipe, TrainConfig
 from forgeml.rundir import RunDir, sha256_json, write_json
 from forgeml.train.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
 from forgeml.train.checkpoint import Checkpoints
+from forgeml.train.launch import ONE_PROCESS, Dist
 from forgeml.train.loop import autocast_for, fit
 from forgeml.train.losses import ClassificationLoss, NextTokenLoss, balanced_weights
 from forgeml.train.memory import keep_freed_memory
 from forgeml.train.metrics import TASK_METRICS, evaluate
-from forgeml.train.strategies import Single, resolve_device
+from forgeml.train.strategies import Strategy, build_strategy, resolve_batch
 
 
 @dataclass
@@ -62,13 +63,21 @@ def build_loss(cfg: TrainConfig, task: str, labels: list[str], counts: dict[str,
 
 
 def loaders(
-    family: ModelFamily, manifest: dict[str, Any], location: str, cfg: TrainConfig
+    family: ModelFamily, manifest: dict[str, Any], location: str, cfg: TrainConfig, strategy: Strategy
 ) -> tuple[dict[str, DataLoader], torch.Generator]:
-    """The training split streamed from its shards ((seed, epoch) order, augmented), the evaluation
-    splits in order; and the generator the training collate augments with."""
+    """The training split streamed from its shards ((seed, epoch) order, this data-parallel rank's
+    share, augmented), the evaluation splits whole and in order (every rank evaluates all of them,
+    so sharded models run the same forward passes everywhere and every rank sees the same metrics);
+    and the generator the training collate augments with."""
     augment = torch.Generator()
     stream = ShardStream(
-        location, manifest["splits"]["train"]["shards"], family.items, seed=cfg.seed, batch_size=cfg.micro_batch
+        location,
+        manifest["splits"]["train"]["shards"],
+        family.items,
+        seed=cfg.seed,
+        rank=strategy.dp_rank,
+        world_size=strategy.dp_degree,
+        batch_size=cfg.micro_batch,
     )
     result = {
         "train": DataLoader(
@@ -76,7 +85,7 @@ def loaders(
             batch_size=cfg.micro_batch,
             drop_last=True,
             collate_fn=partial(family.collate, augment=cfg.augment, generator=augment),
-            generator=torch.Generator(),  # iter() draws a seed: not from the global RNG (see below)
+            generator=torch.Generator(),  # iter() draws a seed: not from the global RNG
         )
     }
     for name in ("val", "test"):
@@ -124,8 +133,11 @@ def check_options(cfg: TrainConfig, family: type[ModelFamily]) -> None:
         )
 
 
-def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: bool = False) -> TrainResult:
-    """Train the recipe's model on the prepared splits; with ``resume``, continue from the newest checkpoint."""
+def train(
+    recipe: Recipe, run: RunDir, console: Console | None = None, resume: bool = False, env: Dist = ONE_PROCESS
+) -> TrainResult:
+    """Train the recipe's model on the prepared splits; with ``resume``, continue from the newest
+    checkpoint. ``env``: this process's place in a torchrun job (whose group is already joined)."""
     cfg = recipe.train
     family_cls = MODELS.get(recipe.model.name).build
     check_options(cfg, family_cls)
@@ -134,28 +146,37 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: b
     if cfg.keep_freed_memory:
         keep_freed_memory()
     manifest = read_manifest(run)
-    strategy = Single(resolve_device(cfg.device))
+    strategy = build_strategy(cfg, env, family_cls)
+    cfg = resolve_batch(cfg, strategy)
     encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
-    family = family_cls.create(recipe.model, encoder, manifest["labels"], seed=cfg.seed)
-    data, augment = loaders(family, manifest, shard_location(run, manifest), cfg)
+
+    def fresh() -> ModelFamily:  # the same initial weights on every rank
+        return family_cls.create(recipe.model, encoder, manifest["labels"], seed=cfg.seed)
+
+    family = fresh()
+    data, augment = loaders(family, manifest, shard_location(run, manifest), cfg, strategy)
     autocast = autocast_for(cfg.precision, strategy.device)
     measure = partial(evaluate, task=family.task, labels=family.labels, device=strategy.device, autocast=autocast)
 
     out = run.stage_dir("train")
-    callbacks: list[Callback] = [ProgressBar(console, cfg.log_every), MetricsLogger(out, cfg.log_every)]
-    if cfg.early_stopping:
+    callbacks: list[Callback] = []
+    if env.main:  # one process writes the logs and draws the progress
+        callbacks += [ProgressBar(console, cfg.log_every), MetricsLogger(out, cfg.log_every)]
+    if cfg.early_stopping:  # on every rank: the same metrics give the same decision everywhere
         es = cfg.early_stopping
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
 
     # Checkpoints belong to one training: the same prepared data and the same settings.
     tag = sha256_json([recipe.section_dump("data", "prepare", "model", "train"), manifest])
-    checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last)
-    if not resume:
+    checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last, env)
+    if not resume and env.main:
         checkpoints.clear()
+    env.barrier()
 
-    torch.manual_seed(cfg.seed)  # dropout
+    model = strategy.wrap(family)
+    torch.manual_seed(cfg.seed + strategy.dp_rank)  # dropout: its own masks on each data-parallel rank
     state = fit(
-        family.network,
+        model,
         data["train"],
         cfg,
         build_loss(
@@ -172,19 +193,23 @@ def train(recipe: Recipe, run: RunDir, console: Console | None = None, resume: b
         checkpoints=checkpoints if cfg.checkpoint_every else None,
         resume=resume,
     )
-    model = strategy.wrap(family.network)
     val, test = measure(model, data["val"]), measure(model, data["test"])
-    save_model(family, out / "model")
+    trained = strategy.unsharded(model, family, fresh)
     result = TrainResult(state.step, state.best_step, state.stopped_early, val, test, out / "model")
-    write_json(
-        out / "eval.json",
-        {
-            "task": family.task,
-            "steps": state.step,
-            "best_step": state.best_step,
-            "stopped_early": state.stopped_early,
-            "val": val,
-            "test": test,
-        },
-    )
+    if env.main:
+        save_model(trained, out / "model")
+        write_json(
+            out / "eval.json",
+            {
+                "task": family.task,
+                "steps": state.step,
+                "best_step": state.best_step,
+                "stopped_early": state.stopped_early,
+                "world_size": env.world_size,
+                "strategy": strategy.name,
+                "val": val,
+                "test": test,
+            },
+        )
+    env.barrier()
     return result

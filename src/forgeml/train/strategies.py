@@ -1,35 +1,180 @@
-"""Where the model runs. A strategy only places/wraps the network; the loop never forks on it.
-
-Distributed strategies (DDP, FSDP2, tensor parallel) plug in here with the same interface.
+"""Where the model runs and how it is split: one place that builds the device mesh and wraps the
+network, always in the same order (tensor parallel, activation checkpointing, then FSDP2 or DDP),
+as torchtitan composes its parallelisms. The training loop never forks on the strategy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from forgeml.errors import ForgeError
+from forgeml.models.registry import ModelFamily
+from forgeml.recipe import TrainConfig
+from forgeml.train.launch import ONE_PROCESS, Dist
+
+STRATEGIES = ("single", "ddp", "fsdp", "tp", "fsdp+tp")
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ForgeError("train.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
-class Single:
-    """One process, one device."""
+@dataclass
+class Strategy:
+    """How this process takes part: its device, its data-parallel rank and group, and its mesh."""
 
-    rank = 0
-    world_size = 1
+    name: str
+    device: torch.device
+    env: Dist
+    dp_degree: int = 1
+    tp_degree: int = 1
+    mesh: Any = None  # a DeviceMesh ("dp", "tp") when more than one process
+    activation_checkpointing: bool = False
+    precision: str = "fp32"
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    @classmethod
+    def single(cls, device: torch.device) -> Strategy:
+        return cls("single", device, ONE_PROCESS)
 
-    def wrap(self, network: nn.Module) -> nn.Module:
-        return network.to(self.device)
+    @property
+    def dp_rank(self) -> int:
+        return self.env.rank // self.tp_degree
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the data-parallel ranks (each holds a different part of the batch)."""
+        if self.dp_degree == 1:
+            return value
+        value = value.to(self.device).clone()
+        dist.all_reduce(value, group=self.mesh["dp"].get_group())
+        return value
+
+    def clip_gradients(self, model: nn.Module, max_norm: float) -> None:
+        """Clip the global gradient norm. Under tensor parallelism sharded (DTensor) and replicated
+        (plain) gradients mix, which torch's clip_grad_norm_ refuses; there each norm is reduced
+        to a plain number first (replicated gradients count once: they are equal on every rank)."""
+        if self.tp_degree == 1:
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            return
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+        total = float(torch.linalg.vector_norm(torch.stack(norms)))
+        scale = min(1.0, max_norm / (total + 1e-6))  # as clip_grad_norm_ computes it
+        for g in grads:
+            g.mul_(scale)
+
+    def wrap(self, family: ModelFamily) -> nn.Module:
+        """The network, split and wrapped for this strategy (in place: parameters are shared)."""
+        network = family.network.to(self.device)
+        if self.tp_degree > 1:
+            from torch.distributed.tensor.parallel import parallelize_module
+
+            parallelize_module(network, self.mesh["tp"], family.tensor_parallel_plan())
+        blocks = family.blocks()
+        if self.activation_checkpointing and blocks is not None:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block)
+        if self.name in ("fsdp", "fsdp+tp"):
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            # bf16 compute with fp32 gradient reduction; fp32 runs keep everything in fp32.
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            options = {"mesh": self.mesh["dp"], "mp_policy": policy if self.precision == "bf16" else None}
+            options = {k: v for k, v in options.items() if v is not None}
+            for block in blocks or ():
+                fully_shard(block, **options)
+            fully_shard(network, **options)
+            return network
+        if self.name == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(network, device_ids=ids, process_group=self.mesh["dp"].get_group())
+        return network
+
+    def unsharded(self, model: nn.Module, family: ModelFamily, fresh: Callable[[], ModelFamily]) -> ModelFamily:
+        """A family whose network holds the whole trained weights as plain tensors, for export.
+        Sharded parameters (FSDP, TP) are gathered into a fresh network (a collective: every
+        rank calls it); otherwise the family's own network already holds them."""
+        if self.name not in ("fsdp", "tp", "fsdp+tp"):
+            return family
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        if not self.env.main:  # only rank 0 receives the gathered tensors
+            return family
+        whole = fresh()
+        whole.network.load_state_dict(state)
+        return whole
+
+
+def build_strategy(cfg: TrainConfig, env: Dist, family: type[ModelFamily] | ModelFamily) -> Strategy:
+    """The recipe's strategy for this job; degrees that do not fit the world size are an error."""
+    device = resolve_device(cfg.device, env.local_rank)
+    name = cfg.strategy
+    if name == "auto":
+        name = "ddp" if env.world_size > 1 else "single"
+    tp = cfg.tp_degree if name in ("tp", "fsdp+tp") else 1
+    if name in ("tp", "fsdp+tp") and family.tensor_parallel_plan is ModelFamily.tensor_parallel_plan:
+        raise ForgeError(f"train.strategy: {name} is offered for gpt models, not {family.name}; use ddp or fsdp")
+    if name == "tp":
+        tp = env.world_size  # all processes split the model
+    if name == "single" and env.world_size > 1:
+        raise ForgeError(
+            f"train.strategy: single runs one process, but {env.world_size} were started; use ddp, fsdp, tp or fsdp+tp"
+        )
+    if env.world_size % tp:
+        raise ForgeError(
+            f"train.tp_degree: {env.world_size} processes = data-parallel degree x tensor-parallel degree, "
+            f"but {env.world_size} is not a multiple of {tp}; choose a tp_degree that divides {env.world_size}"
+        )
+    dp = env.world_size // tp
+    mesh = None
+    if env.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    return Strategy(name, device, env, dp, tp, mesh, cfg.activation_checkpointing, cfg.precision)
+
+
+def resolve_batch(cfg: TrainConfig, strategy: Strategy) -> TrainConfig:
+    """``cfg`` with its micro-batch settled: global batch = micro-batch x accumulation x
+    data-parallel degree, all whole numbers; without micro_batch_size, the global batch is split
+    evenly over the data-parallel ranks."""
+    dp, tp = strategy.dp_degree, strategy.tp_degree
+    micro = cfg.micro_batch_size or max(1, cfg.global_batch_size // dp)
+    if cfg.global_batch_size % (micro * dp):
+        raise ForgeError(
+            f"train.global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size "
+            f"({micro}) x data-parallel degree ({dp} = {dp * tp} processes / tp_degree {tp}) = {micro * dp}; "
+            "change one of them"
+        )
+    return cfg.model_copy(update={"micro_batch_size": micro})
+
+
+def accumulation(cfg: TrainConfig, strategy: Strategy) -> int:
+    """Micro-batches per optimizer step on each rank, so the global batch means the same at any scale."""
+    return cfg.global_batch_size // (cfg.micro_batch * strategy.dp_degree)

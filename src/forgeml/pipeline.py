@@ -81,7 +81,7 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 def config_slice(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
-    dump = recipe.model_dump(mode="json")
+    dump = {**recipe.model_dump(mode="json"), "train": recipe.result_dump()}
     out: dict[str, Any] = {}
     for dotted in sections:
         value: Any = dump

@@ -123,6 +123,20 @@ class AugmentConfig(Section):
     mixup_alpha: NonNegativeFloat = Field(0.0, description="tables: Beta(alpha, alpha) mixup of rows and labels")
 
 
+# Train settings that change how the work is spread or watched, not what is learned.
+EXECUTION_FIELDS = {
+    "strategy",
+    "tp_degree",
+    "activation_checkpointing",
+    "collective_timeout_s",
+    "num_threads",
+    "keep_freed_memory",
+    "gc_every",
+    "log_every",
+    "device",
+}
+
+
 class TrainConfig(Section):
     max_steps: PositiveInt | None = None
     max_epochs: Annotated[float, Field(gt=0)] | None = None
@@ -221,6 +235,11 @@ class Recipe(Section):
 
     def section_dump(self, *names: str) -> dict[str, Any]:
         return {n: getattr(self, n).model_dump(mode="json") for n in names}
+
+    def result_dump(self) -> dict[str, Any]:
+        """The train section minus how the work is spread (strategy, degrees, threads, logging):
+        what decides the trained weights, so a run resumes on another number of processes."""
+        return self.train.model_dump(mode="json", exclude=EXECUTION_FIELDS)
 
 
 # ---------------------------------------------------------------- loading

@@ -84,3 +84,40 @@ def test_degrees_that_do_not_fit_the_world_size_name_each_factor(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "2 is not a multiple of 3" in done.stderr
+
+
+def test_a_job_killed_on_two_processes_resumes_on_one(tmp_path):
+    import json
+    import signal
+    import time
+
+    args = [
+        *SMALL_LM,
+        "--set",
+        "train.max_steps=300",
+        "--set",
+        "train.checkpoint_every=4",
+        "--set",
+        "train.eval_every=300",
+    ]
+    forgeml_train(args, tmp_path / "straight")
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "moved"
+    command = [sys.executable, "-m", "forgeml", "train", *args, "--run-dir", str(run_dir), "--nproc", "2"]
+    job = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    checkpoint = run_dir / "train" / "checkpoints" / "step-8"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both workers
+    job.wait()
+    assert checkpoint.exists(), "the job ended before its step-8 checkpoint"
+
+    done = forgeml_train(args, run_dir)  # one process, same recipe
+    assert "(resuming)" in done.stderr
+    assert "another number of processes" in done.stderr
+    assert json.loads((run_dir / "train" / "eval.json").read_text())["steps"] == 300
+    assert_same_weights(tmp_path / "straight", run_dir, tolerance=1e-3)

@@ -167,7 +167,7 @@ def train(
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
 
     # Checkpoints belong to one training: the same prepared data and the same settings.
-    tag = sha256_json([recipe.section_dump("data", "prepare", "model", "train"), manifest])
+    tag = sha256_json([recipe.section_dump("data", "prepare", "model"), recipe.result_dump(), manifest])
     checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last, env)
     if not resume and env.main:
         checkpoints.clear()

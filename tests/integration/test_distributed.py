@@ -1,9 +1,13 @@
 """Real torchrun jobs with gloo on CPU: every strategy ends with the weights one process gets
 from the same global batch, and a job resumes across world sizes."""
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,10 +90,22 @@ def test_degrees_that_do_not_fit_the_world_size_name_each_factor(tmp_path):
     assert "2 is not a multiple of 3" in done.stderr
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun's workers run in sessions of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def test_a_job_killed_on_two_processes_resumes_on_one(tmp_path):
-    import json
-    import signal
-    import time
 
     args = [
         *SMALL_LM,
@@ -112,8 +128,20 @@ def test_a_job_killed_on_two_processes_resumes_on_one(tmp_path):
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both workers
+    workers = descendants(job.pid)
+    for pid in [job.pid, *workers]:  # torchrun's agent and both workers, as in a crash
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     job.wait()
+
+    def alive(pid: int) -> bool:  # a zombie (state Z) is dead, whoever reaps it
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert checkpoint.exists(), "the job ended before its step-8 checkpoint"
 
     done = forgeml_train(args, run_dir)  # one process, same recipe

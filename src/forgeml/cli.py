@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from forgeml.errors import ForgeError
+
+if TYPE_CHECKING:
+    from forgeml.train.launch import Dist
 
 app = typer.Typer(
     help="forgeml: audit, prepare, train, tune, compress, serve and explain a model from one recipe. "
@@ -148,7 +151,7 @@ def stages(
     until: str,
     force: bool,
     allow: bool,
-    env: Any = None,
+    env: Dist | None = None,
     force_train: bool = False,
 ) -> Path:
     from forgeml import as_recipe

@@ -30,7 +30,7 @@ class Stage:
     name: str
     sections: tuple[str, ...]  # the recipe sections its output depends on
     inputs: Callable[[Recipe, RunDir], dict[str, str]]  # fingerprints of what it reads
-    call: Callable[..., Any]  # (recipe, run, console, resume), and the process's Dist for "train"
+    call: Callable[[Recipe, RunDir, Console, bool, Dist], Any]  # (recipe, run, console, resume, env)
     enabled: Callable[[Recipe], bool] = lambda recipe: True
 
 
@@ -55,14 +55,14 @@ STAGES = (
         "audit",
         ("data", "audit", "prepare", "model.name"),
         source_hashes,
-        lambda recipe, run, console, resume: audit_stage(recipe, run),
+        lambda recipe, run, console, resume, env: audit_stage(recipe, run),
         enabled=lambda recipe: recipe.audit.enabled,
     ),
     Stage(
         "prepare",
         ("data", "prepare", "audit.normalize", "audit.near_duplicates", "model"),  # the model's encoder
         source_hashes,
-        lambda recipe, run, console, resume: prepare(recipe, run),
+        lambda recipe, run, console, resume, env: prepare(recipe, run),
     ),
     Stage(
         "train",
@@ -74,7 +74,7 @@ STAGES = (
         "report",
         (),
         file_hashes("recipe.yaml", "audit/report.json", "data/manifest.json", "train/eval.json", "train/metrics.jsonl"),
-        lambda recipe, run, console, resume: write_report(run.path),
+        lambda recipe, run, console, resume, env: write_report(run.path),
     ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
@@ -121,24 +121,12 @@ def run_stages(
         on_main(env, lambda: run.claim(recipe.to_yaml(), hashes, force))
         results: dict[str, Any] = {}
         for stage in chosen:
-            if stage.name == "train":
-                results["train"] = _train_stage(
-                    stage,
-                    recipe,
-                    run,
-                    hashes["train"],
-                    force or "train" in force_stages,
-                    allow_audit_failures,
-                    console,
-                    env,
-                )
-            else:
-                results[stage.name] = on_main(
-                    env,
-                    lambda stage=stage: _run_stage(
-                        stage, recipe, run, hashes[stage.name], force or stage.name in force_stages, console
-                    ),
-                )
+            forced = force or stage.name in force_stages
+            args = (stage, recipe, run, hashes[stage.name], forced, allow_audit_failures, console)
+            if stage.name == "train":  # every rank trains
+                results[stage.name] = _run_stage(*args, env)
+            else:  # the other stages run on rank 0 alone
+                results[stage.name] = on_main(env, lambda args=args: _run_stage(*args, ONE_PROCESS))
     return results
 
 
@@ -160,26 +148,7 @@ def on_main(env: Dist, work: Callable[[], Any]) -> Any:
     return value
 
 
-def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, config_hash: str, force: bool, console: Console) -> Any:
-    inputs = stage.inputs(recipe, run)
-    if not force and run.is_done(stage.name, config_hash, inputs):
-        console.print(f"[dim]{stage.name}: up to date, skipped[/dim]")
-        return None
-    # An interrupted attempt with the same config and inputs continues from its checkpoints.
-    resume = not force and run.was_interrupted(stage.name, config_hash, inputs)
-    console.print(f"[bold cyan]{stage.name}[/bold cyan] {'(resuming) ' if resume else ''}...")
-    started = run.start(stage.name, config_hash, inputs)
-    try:
-        result = stage.call(recipe, run, console, resume)
-    except BaseException as exc:
-        run.finish(stage.name, started, error=f"{type(exc).__name__}: {exc}")
-        raise
-    run.finish(stage.name, started)
-    console.print(f"[dim]{stage.name}: done in {run.records()[stage.name].duration_s:.1f} s: {result}[/dim]")
-    return result
-
-
-def _train_stage(
+def _run_stage(
     stage: Stage,
     recipe: Recipe,
     run: RunDir,
@@ -189,10 +158,11 @@ def _train_stage(
     console: Console,
     env: Dist,
 ) -> Any:
-    """Rank 0 checks the gate and decides (skip, resume, start) for everyone; all ranks train."""
+    """Rank 0 decides (skip, resume, start) for every rank of ``env`` and keeps the record;
+    every rank runs the stage."""
 
     def decide() -> tuple[str, float]:
-        if recipe.audit.enabled:
+        if stage.name == "train" and recipe.audit.enabled:
             for name in gate(run, allow_audit_failures):
                 console.print(f"[yellow]audit check {name} failed; going on as --allow-audit-failures asks[/yellow]")
         inputs = stage.inputs(recipe, run)

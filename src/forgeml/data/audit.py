@@ -349,8 +349,19 @@ def _checks(
         "label_issue_fraction": _label_issue_check(report, fail_on.label_issue_fraction, issues_note),
         "missing_fraction": _missing_check(columns, missing, fail_on.missing_fraction, prepare),
         "label_conflicts": _label_conflict_check(report),
-        "target_leak": _target_leak_check(report, cfg.target_leak_score),
-        "id_like": _id_like_check(report, cfg.id_like_fraction),
+        "target_leak": _column_check(
+            report["target_leak_scores"],
+            cfg.target_leak_score,
+            "no single feature predicts the label",
+            "alone predict(s) the label; make sure they are not derived from it, "
+            "else leave them out of data.feature_columns",
+        ),
+        "id_like": _column_check(
+            report["id_like_fractions"],
+            cfg.id_like_fraction,
+            "no ID-like columns",
+            "hold(s) a distinct value in (almost) every row, like an ID; leave them out of data.feature_columns",
+        ),
         "constant_columns": _constant_check(report),
     }
 
@@ -442,26 +453,11 @@ def _label_conflict_check(report: dict[str, Any]) -> dict[str, Any]:
     return _check("warn" if groups else "pass", groups, None, note)
 
 
-def _target_leak_check(report: dict[str, Any], threshold: float) -> dict[str, Any]:
-    scores = report["target_leak_scores"]
+def _column_check(scores: dict[str, float], threshold: float, clean: str, finding: str) -> dict[str, Any]:
+    """Warn about the columns in ``scores`` (column -> score past the threshold), if any."""
     if not scores:
-        return _check("pass", None, threshold, "no single feature predicts the label")
-    note = (
-        f"{_names(list(scores))} alone predict(s) the label; make sure they are not derived from it, "
-        "else leave them out of data.feature_columns"
-    )
-    return _check("warn", max(scores.values()), threshold, note)
-
-
-def _id_like_check(report: dict[str, Any], threshold: float) -> dict[str, Any]:
-    fractions = report["id_like_fractions"]
-    if not fractions:
-        return _check("pass", None, threshold, "no ID-like columns")
-    note = (
-        f"{_names(list(fractions))} hold(s) a distinct value in (almost) every row, like an ID; "
-        "leave them out of data.feature_columns"
-    )
-    return _check("warn", max(fractions.values()), threshold, note)
+        return _check("pass", None, threshold, clean)
+    return _check("warn", max(scores.values()), threshold, f"{_names(list(scores))} {finding}")
 
 
 def _constant_check(report: dict[str, Any]) -> dict[str, Any]:

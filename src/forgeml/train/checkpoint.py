@@ -110,6 +110,17 @@ class Checkpoints:
                 return name
         return None
 
+    def newest_intact(self, found: list[Path]) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint whose files match their checksums, and the newer ones passed over.
+        Older ones are not read once one is intact."""
+        skipped = []
+        for path in reversed(found):
+            bad = self.corrupt_file(path)
+            if bad is None:
+                return path, skipped
+            skipped.append(f"{path.name} ({bad} does not match its checksum)")
+        return None, skipped
+
     def restore(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     ) -> Resumed | None:
@@ -120,16 +131,13 @@ class Checkpoints:
         if not found:
             return None
         # Rank 0 verifies (every rank reading every file would multiply the I/O) and tells the others.
-        verdicts = self.env.broadcast([self.corrupt_file(path) for path in found] if self.env.main else None)
-        skipped = []
-        for path, bad in reversed(list(zip(found, verdicts, strict=True))):
-            if bad is None:
-                return self._load(path, model, optimizer, tensors, skipped)
-            skipped.append(f"{path.name} ({bad} does not match its checksum)")
-        raise RunDirError(
-            f"every checkpoint in {self.folder} is corrupt: {'; '.join(skipped)}; "
-            "delete them to start over, or rerun with --force"
-        )
+        path, skipped = self.env.broadcast(self.newest_intact(found) if self.env.main else None)
+        if path is None:
+            raise RunDirError(
+                f"every checkpoint in {self.folder} is corrupt: {'; '.join(skipped)}; "
+                "delete them to start over, or rerun with --force"
+            )
+        return self._load(path, model, optimizer, tensors, skipped)
 
     def _load(
         self,

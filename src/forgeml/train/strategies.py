@@ -18,8 +18,6 @@ from forgeml.models.registry import ModelFamily
 from forgeml.recipe import TrainConfig
 from forgeml.train.launch import ONE_PROCESS, Dist
 
-STRATEGIES = ("single", "ddp", "fsdp", "tp", "fsdp+tp")
-
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
@@ -49,14 +47,6 @@ class Strategy:
     @property
     def dp_rank(self) -> int:
         return self.env.rank // self.tp_degree
-
-    @property
-    def rank(self) -> int:
-        return self.env.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.env.world_size
 
     def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the data-parallel ranks (each holds a different part of the batch)."""
@@ -99,10 +89,9 @@ class Strategy:
         if self.name in ("fsdp", "fsdp+tp"):
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            # bf16 compute with fp32 gradient reduction; fp32 runs keep everything in fp32.
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            options = {"mesh": self.mesh["dp"], "mp_policy": policy if self.precision == "bf16" else None}
-            options = {k: v for k, v in options.items() if v is not None}
+            options: dict[str, Any] = {"mesh": self.mesh["dp"]}
+            if self.precision == "bf16":  # bf16 compute, fp32 gradient reduction; fp32 runs stay fp32
+                options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for block in blocks or ():
                 fully_shard(block, **options)
             fully_shard(network, **options)

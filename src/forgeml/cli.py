@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -110,7 +109,9 @@ def train(
     With --nproc N, forgeml runs torchrun with N processes (and --nnodes/--node-rank/--rdzv-endpoint
     across machines); `torchrun ... -m forgeml train RECIPE` works as well.
     """
+    from forgeml import as_recipe
     from forgeml.train.launch import Dist, Launch, run_torchrun
+    from forgeml.train.strategies import check_launch
 
     overrides = [*(set_ or ())]
     overrides += [f"train.strategy={strategy}"] if strategy else []
@@ -123,6 +124,7 @@ def train(
         return
     # Audit and prepare here, once; then the workers train (their rank 0 skips what is done).
     launch = Launch(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts)
+    check_launch(as_recipe(recipe, tuple(overrides)), nproc * nnodes)
     folder = stages(recipe, overrides, run_dir, "prepare", force, allow_audit_failures)
     worker = ["train", recipe, "--run-dir", str(folder), *(a for o in overrides for a in ("--set", o))]
     worker += ["--allow-audit-failures"] * allow_audit_failures + ["--force-train"] * force
@@ -266,9 +268,12 @@ def main(argv: list[str] | None = None) -> Any:
             raise
         errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         errors.print("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except typer.TyperException as exc:  # typer's own click: an unknown option, a value out of range
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            errors.print(f"[bold red]error:[/bold red] {exc.format_message()}", highlight=False)
         sys.exit(2)

@@ -118,6 +118,10 @@ def test_forgeml_load_predicts(default_run):
         (["run", "tabular", "--set", "data.source=missing.csv"], "missing.csv"),
         (["run", "tabular", "--set", "train.lr"], "expected section.key=value"),
         (["report", "no/such/run"], "no such run directory"),
+        (["train", "tabular", "--no-such-option"], "No such option: --no-such-option"),
+        (["train", "tabular", "--nproc", "0"], "--nproc"),
+        (["train", "tabular", "--nproc", "2", "--strategy", "tp"], "tp is offered for gpt models, not mlp"),
+        (["train", "lm", "--nproc", "2", "--strategy", "fsdp+tp", "--tp-degree", "3"], "2 is not a multiple of 3"),
     ],
 )
 def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, args, expected):

@@ -81,15 +81,6 @@ def test_tensor_parallel_gpt_matches_one_process(tmp_path):
     assert_same_weights(tmp_path / "single", tmp_path / "tp")
 
 
-def test_degrees_that_do_not_fit_the_world_size_name_each_factor(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [*SMALL_LM, "--nproc", "2", "--strategy", "fsdp+tp", "--tp-degree", "3"]
-    command = [sys.executable, "-m", "forgeml", "train", *args, "--run-dir", str(tmp_path / "run")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "2 is not a multiple of 3" in done.stderr
-
-
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun's workers run in sessions of their own)."""
     parents = {}

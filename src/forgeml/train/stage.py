@@ -147,7 +147,7 @@ def train(
         keep_freed_memory()
     manifest = read_manifest(run)
     strategy = build_strategy(cfg, env, family_cls)
-    cfg = resolve_batch(cfg, strategy)
+    cfg = resolve_batch(cfg, strategy.dp_degree, strategy.tp_degree)
     encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
 
     def fresh() -> ModelFamily:  # the same initial weights on every rank

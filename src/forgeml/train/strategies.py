@@ -14,8 +14,9 @@ import torch.distributed as dist
 from torch import nn
 
 from forgeml.errors import ForgeError
+from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
-from forgeml.recipe import TrainConfig
+from forgeml.recipe import Recipe, TrainConfig
 from forgeml.train.launch import ONE_PROCESS, Dist
 
 
@@ -121,26 +122,9 @@ class Strategy:
 
 
 def build_strategy(cfg: TrainConfig, env: Dist, family: type[ModelFamily] | ModelFamily) -> Strategy:
-    """The recipe's strategy for this job; degrees that do not fit the world size are an error."""
+    """The recipe's strategy for this job, with its device mesh."""
     device = resolve_device(cfg.device, env.local_rank)
-    name = cfg.strategy
-    if name == "auto":
-        name = "ddp" if env.world_size > 1 else "single"
-    tp = cfg.tp_degree if name in ("tp", "fsdp+tp") else 1
-    if name in ("tp", "fsdp+tp") and family.tensor_parallel_plan is ModelFamily.tensor_parallel_plan:
-        raise ForgeError(f"train.strategy: {name} is offered for gpt models, not {family.name}; use ddp or fsdp")
-    if name == "tp":
-        tp = env.world_size  # all processes split the model
-    if name == "single" and env.world_size > 1:
-        raise ForgeError(
-            f"train.strategy: single runs one process, but {env.world_size} were started; use ddp, fsdp, tp or fsdp+tp"
-        )
-    if env.world_size % tp:
-        raise ForgeError(
-            f"train.tp_degree: {env.world_size} processes = data-parallel degree x tensor-parallel degree, "
-            f"but {env.world_size} is not a multiple of {tp}; choose a tp_degree that divides {env.world_size}"
-        )
-    dp = env.world_size // tp
+    name, dp, tp = degrees(cfg, env.world_size, family)
     mesh = None
     if env.world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -149,11 +133,37 @@ def build_strategy(cfg: TrainConfig, env: Dist, family: type[ModelFamily] | Mode
     return Strategy(name, device, env, dp, tp, mesh, cfg.activation_checkpointing, cfg.precision)
 
 
-def resolve_batch(cfg: TrainConfig, strategy: Strategy) -> TrainConfig:
+def degrees(cfg: TrainConfig, world_size: int, family: type[ModelFamily] | ModelFamily) -> tuple[str, int, int]:
+    """(strategy, data-parallel degree, tensor-parallel degree) for ``world_size`` processes;
+    a strategy the model does not offer, or degrees that do not fit, are an error."""
+    name = cfg.strategy
+    if name == "auto":
+        name = "ddp" if world_size > 1 else "single"
+    if name in ("tp", "fsdp+tp") and family.tensor_parallel_plan is ModelFamily.tensor_parallel_plan:
+        raise ForgeError(f"train.strategy: {name} is offered for gpt models, not {family.name}; use ddp or fsdp")
+    if name == "single" and world_size > 1:
+        raise ForgeError(
+            f"train.strategy: single runs one process, but {world_size} were started; use ddp, fsdp, tp or fsdp+tp"
+        )
+    tp = {"tp": world_size, "fsdp+tp": cfg.tp_degree}.get(name, 1)  # tp: all processes split the model
+    if world_size % tp:
+        raise ForgeError(
+            f"train.tp_degree: {world_size} processes = data-parallel degree x tensor-parallel degree, "
+            f"but {world_size} is not a multiple of {tp}; choose a tp_degree that divides {world_size}"
+        )
+    return name, world_size // tp, tp
+
+
+def check_launch(recipe: Recipe, world_size: int) -> None:
+    """What the workers would refuse, refused before any of them starts."""
+    _, dp, tp = degrees(recipe.train, world_size, MODELS.get(recipe.model.name).build)
+    resolve_batch(recipe.train, dp, tp)
+
+
+def resolve_batch(cfg: TrainConfig, dp: int, tp: int) -> TrainConfig:
     """``cfg`` with its micro-batch settled: global batch = micro-batch x accumulation x
     data-parallel degree, all whole numbers; without micro_batch_size, the global batch is split
     evenly over the data-parallel ranks."""
-    dp, tp = strategy.dp_degree, strategy.tp_degree
     micro = cfg.micro_batch_size or max(1, cfg.global_batch_size // dp)
     if cfg.global_batch_size % (micro * dp):
         raise ForgeError(

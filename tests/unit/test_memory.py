@@ -30,6 +30,13 @@ def page_faults(allocator: str) -> int:
     return int(done.stdout)
 
 
+# Pages the 10 measured steps allocate: 31 MiB of activations and 31 MiB of gradients each.
+PAGES_TOUCHED = 10 * 2 * 31 * 256
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 def test_steady_state_steps_reuse_freed_memory():
-    assert page_faults("keep") * 10 < page_faults("default")
+    # Under glibc's defaults these steps fault in every page they touch in most runs, and in
+    # none in others, depending on where the address space puts the heap; so the bound is on
+    # what keep_freed_memory guarantees, not on a comparison with the default.
+    assert page_faults("keep") < PAGES_TOUCHED // 10

@@ -1,3 +1,4 @@
+from itertools import islice
 from pathlib import Path
 
 import pandas as pd
@@ -6,7 +7,7 @@ import torch
 from pydantic import ValidationError
 from torch.nn import functional as F
 
-from forgeml.models.gpt import GPT, BPETokenizer, ByteTokenizer, GPTConfig, GPTNetwork
+from forgeml.models.gpt import GPT, BPETokenizer, ByteTokenizer, GPTConfig, GPTNetwork, next_token
 from forgeml.models.registry import MODELS, Splits
 
 
@@ -169,6 +170,94 @@ def test_generate(splits: Splits) -> None:
         "x" * 40, max_new_tokens=5, temperature=0
     )  # prompts past block_size are cropped; greedy is deterministic
     assert model.network.training  # the mode is restored
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.generate("a", max_new_tokens=1, temperature=-1)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        model.generate("a", max_new_tokens=1, top_k=0)
+    assert model.network.training
+
+
+def uncached_tokens(
+    net: GPTNetwork,
+    ids: list[int],
+    n: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Sampling without a cache: each step runs the whole growing sequence, cropped to its last
+    block_size tokens, through the network."""
+    context = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = net(torch.tensor([context[-net.block_size :]]))[0, -1]
+            context.append(next_token(logits, temperature, top_k, generator))
+    return context[len(ids) :]
+
+
+def random_net(seed: int = 0) -> GPTNetwork:
+    """Random weights, larger than GPT-2's init: greedy decoding then wanders among tokens instead of
+    repeating one, so that comparing sequences tests something."""
+    torch.manual_seed(seed)
+    net = GPTNetwork(tiny(), vocab_size=257).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.5)
+    return net
+
+
+def test_kv_cache_logits_match_the_full_forward() -> None:
+    net = random_net()
+    x = torch.randint(0, 257, (2, 16))
+    cache = net.new_cache(batch=2)
+    with torch.no_grad():
+        steps = [net(x[:, :5], cache)] + [net(x[:, i : i + 1], cache) for i in range(5, 16)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), net(x), rtol=1e-5, atol=1e-5)
+        assert cache[0].length == 16
+        with pytest.raises(ValueError, match=r"17 tokens .* block_size \(16\)"):
+            net(x[:, :1], cache)
+
+
+@pytest.mark.parametrize("prompt_length", [1, 7, 16, 23])  # short, to the brim of block_size (16), past it
+def test_greedy_with_kv_cache_equals_the_full_forward_past_block_size(prompt_length: int) -> None:
+    net = random_net(prompt_length)
+    prompt = torch.randint(0, 257, (prompt_length,), generator=torch.Generator().manual_seed(1)).tolist()
+    cached = list(islice(net.sample(prompt, temperature=0), 40))
+    assert cached == uncached_tokens(net, prompt, 40)
+    assert len(set(cached)) > 1  # not a single token repeated: the check has something to compare
+
+
+def test_seeded_sampling_with_kv_cache_equals_the_full_forward() -> None:
+    net = random_net()
+    prompt = [1, 2, 3]
+
+    def sampled(seed: int, temperature: float = 1.0, top_k: int | None = None) -> list[int]:
+        return list(islice(net.sample(prompt, temperature, top_k, torch.Generator().manual_seed(seed)), 30))
+
+    for temperature, top_k in [(1.0, None), (0.7, 5), (2.0, 1)]:
+        reference = uncached_tokens(net, prompt, 30, temperature, top_k, torch.Generator().manual_seed(0))
+        assert sampled(0, temperature, top_k) == reference
+    assert sampled(0) == sampled(0)
+    assert sampled(0) != sampled(1)
+    assert sampled(0, top_k=1) == uncached_tokens(net, prompt, 30)  # top-1 is greedy at any temperature
+
+    context = list(prompt)
+    with torch.no_grad():
+        for token in sampled(2, temperature=1.5, top_k=3):
+            logits = net(torch.tensor([context[-16:]]))[0, -1]
+            assert token in torch.topk(logits, 3).indices.tolist()
+            context.append(token)
+
+
+def test_stream_holds_back_partial_characters_and_stops_at_end_of_text(splits: Splits) -> None:
+    model = GPT.fit(tiny(), splits, seed=0)[0]
+    euro, eot = list("€".encode()), model.tokenizer.eot_id
+    model.network.sample = lambda *args: iter([ord("a"), 0xC3, 0xA9, *euro, eot, ord("z")])  # type: ignore[method-assign]
+    assert list(model.stream("", max_new_tokens=10)) == ["a", "", "é", "", "", "€", ""]
+    # The last token flushes an incomplete character, as the whole continuation decodes it.
+    assert list(model.stream("", max_new_tokens=2)) == ["a", "\ufffd"]
+    assert model.generate("", max_new_tokens=4) == "aé\ufffd"
 
 
 def test_encoder_saves_and_loads_the_same_tokenizer(splits: Splits, tmp_path: Path) -> None:

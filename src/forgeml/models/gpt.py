@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.registry import MODELS, Batch, Encoder, ModelFamily, Splits
@@ -57,6 +59,24 @@ class GPTConfig(Section):
 # ---------------------------------------------------------------- network
 
 
+@dataclass
+class KVCache:
+    """One attention layer's keys and values of the tokens seen so far, in tensors preallocated to
+    block_size positions, so that sampling feeds each new token alone instead of the whole context."""
+
+    keys: torch.Tensor  # (batch, heads, block_size, head_dim)
+    values: torch.Tensor
+    length: int = 0  # tokens stored, and so the position of the next one
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys and values after the cached ones; all of them so far."""
+        end = self.length + k.size(2)
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -69,15 +89,28 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # Heads are counted from the width, not stored: column-sharded projections hold fewer heads.
         q, k, v = (
             proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            k, v = cache.append(k, v)
+            # The new tokens are the last T keys: each sees every cached token and the new ones up to itself.
+            # A prefill (T == S) runs as plain is_causal attention; a single new token sees all, unmasked.
+            mask = causal_lower_right(T, k.size(2)) if T > 1 else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        shape = (batch, self.k_proj.out_features // self.head_dim, length, self.head_dim)
+        weight = self.k_proj.weight
+        return KVCache(weight.new_empty(shape), weight.new_empty(shape))
 
 
 class MLP(nn.Module):
@@ -102,8 +135,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -134,21 +167,73 @@ class GPTNetwork(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.size(1)
-        if self.block_size < T:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size ({self.block_size})")
-        pos = torch.arange(T, device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Next-token logits for every position. With ``cache`` (one per block, from ``new_cache``), the
+        ids continue the cached tokens: their positions start after them, and their keys and values are
+        added to the cache."""
+        start = cache[0].length if cache else 0
+        end = start + input_ids.size(1)
+        if self.block_size < end:
+            raise ValueError(f"sequence of {end} tokens is longer than block_size ({self.block_size})")
+        pos = torch.arange(start, end, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache[i] if cache else None)
         return self.lm_head(self.ln_f(x))
+
+    def new_cache(self, batch: int = 1) -> list[KVCache]:
+        """An empty KV cache, one per block, for ``batch`` sequences of up to block_size tokens."""
+        return [block.attn.new_cache(batch, self.block_size) for block in self.blocks]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        ids: Sequence[int],
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Tokens following ``ids``, sampled one at a time, endlessly: the caller stops (end-of-text is
+        yielded like any token). Run it in eval mode, or dropout makes it random.
+
+        The prompt is prefilled in one forward, then each step feeds only the newest token. The
+        positions are learned up to block_size, so a longer context slides: the window drops its first
+        token and every position shifts, which leaves no cached key valid. From then on each step
+        re-prefills the last block_size tokens, exactly what a forward of the cropped context computes."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        device = self.wte.weight.device
+        context = list(ids)
+        cache: list[KVCache] = []
+        while True:
+            if cache and cache[0].length < self.block_size:
+                feed = context[-1:]
+            else:
+                cache, feed = self.new_cache(), context[-self.block_size :]
+            logits = self(torch.tensor([feed], device=device), cache)[0, -1]
+            token = next_token(logits, temperature, top_k, generator)
+            context.append(token)
+            yield token
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; like nanoGPT, non-embedding leaves out only the position embeddings,
         since the token embedding doubles as the output layer."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
         return n - self.wpe.weight.numel() if non_embedding else n
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
+    """A token id drawn from one position's logits: the most likely at temperature 0, otherwise from the
+    softmax of logits / temperature, restricted to the ``top_k`` most likely tokens if given."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -373,7 +458,43 @@ class GPT(ModelFamily):
         n = self.network.num_params(non_embedding=True)
         return float(6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size)
 
-    @torch.no_grad()
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[str]:
+        """The continuation of ``prompt`` as it is sampled: one piece of text per sampled token, up to
+        ``max_new_tokens`` of them, stopping at end-of-text. A piece holds the characters its token
+        completes, so it is empty while a character's bytes are still coming; the pieces join to the
+        whole continuation. ``temperature`` 0 picks the most likely token."""
+        eot = self.tokenizer.eot_id
+        # An empty prompt starts a new document, which in training follows end-of-text.
+        ids = self.tokenizer.encode(prompt) or [eot]
+        new: list[int] = []
+        shown = 0
+        was_training = self.network.training
+        self.network.eval()
+        tokens = islice(self.network.sample(ids, temperature, top_k, generator), max_new_tokens)
+        try:
+            for step, token in enumerate(tokens):
+                ended = token == eot
+                if not ended:
+                    new.append(token)
+                # Decoding all new ids each time, not token by token, keeps a character whose bytes span
+                # tokens whole; a trailing U+FFFD may be one whose remaining bytes are still to come, so it
+                # waits until the last token.
+                text = self.tokenizer.decode(new)
+                end = len(text) if ended or step == max_new_tokens - 1 else len(text.rstrip("\ufffd"))
+                yield text[shown:end]
+                shown = end
+                if ended:
+                    break
+        finally:
+            self.network.train(was_training)
+
     def generate(
         self,
         prompt: str,
@@ -384,31 +505,4 @@ class GPT(ModelFamily):
     ) -> str:
         """The continuation of ``prompt`` (without the prompt), up to ``max_new_tokens`` tokens;
         it stops early at end-of-text. ``temperature`` 0 picks the most likely token."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        # An empty prompt starts a new document, which in training follows end-of-text.
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
-        device = next(self.network.parameters()).device
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        new: list[int] = []
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            for _ in range(max_new_tokens):
-                # No KV cache yet: rerun the last block_size tokens each step.
-                logits = self.network(idx[:, -self.config.block_size :])[:, -1, :]
-                if temperature == 0:
-                    token = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-                if token.item() == self.tokenizer.eot_id:
-                    break
-                new.append(int(token.item()))
-                idx = torch.cat([idx, token], dim=1)
-        finally:
-            self.network.train(was_training)
-        return self.tokenizer.decode(new)
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, generator))

@@ -31,24 +31,13 @@ import forgeml
 from forgeml.data.prepare import ENCODER_DIR, read_manifest, shard_location
 from forgeml.models import MODELS
 from forgeml.rundir import RunDir
-from forgeml.train.callbacks import Callback, MetricsLogger, ProgressBar
-from forgeml.train.loop import fit
-from forgeml.train.losses import NextTokenLoss
-from forgeml.train.memory import keep_freed_memory
-from forgeml.train.stage import loaders
-from forgeml.train.strategies import Strategy
-
-
-def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best achieved FLOP/s of an n x n x n matrix multiply on this machine, for the dtype."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+from forgeml.training.callbacks import Callback, MetricsLogger, ProgressBar
+from forgeml.training.loop import fit
+from forgeml.training.losses import NextTokenLoss
+from forgeml.training.memory import keep_freed_memory
+from forgeml.training.stage import loaders
+from forgeml.training.strategies import Strategy
+from forgeml.training.throughput import measured_matmul_flops
 
 
 class StepClock(Callback):
@@ -118,7 +107,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
         keep_freed_memory()
-    peak = matmul_peak_flops(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = measured_matmul_flops(dtype, torch.device("cpu"), n=2048, repeats=10)
 
     recipe = forgeml.as_recipe(
         "lm", (f"train.max_steps={args.steps}", f"train.precision={args.precision}", "train.warmup_steps=5")

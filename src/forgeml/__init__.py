@@ -68,7 +68,7 @@ def train(
 
 def report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever the run directory holds."""
-    from forgeml.report.html import write_report
+    from forgeml.reporting.html import write_report
 
     return write_report(Path(run_dir))
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from forgeml.errors import ForgeError
 
 if TYPE_CHECKING:
-    from forgeml.train.launch import Dist
+    from forgeml.training.launch import Dist
 
 app = typer.Typer(
     help="forgeml: audit, prepare, train, tune, compress, serve and explain a model from one recipe. "
@@ -91,7 +91,9 @@ def train(
         int | None, typer.Option("--nproc", min=1, help="processes on this machine (via torchrun)")
     ] = None,
     nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="machines taking part")] = 1,
-    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="this machine's number, 0 to nnodes-1")] = 0,
+    node_rank: Annotated[
+        int, typer.Option("--node-rank", min=0, help="this machine's number, 0 to nnodes-1; node 0 prepares the data")
+    ] = 0,
     rdzv_endpoint: Annotated[
         str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the machines meet (nnodes > 1)")
     ] = None,
@@ -110,8 +112,9 @@ def train(
     across machines); `torchrun ... -m forgeml train RECIPE` works as well.
     """
     from forgeml import as_recipe
-    from forgeml.train.launch import Dist, Launch, run_torchrun
-    from forgeml.train.strategies import check_launch
+    from forgeml.pipeline import default_run_dir
+    from forgeml.training.launch import Dist, Launch, run_torchrun
+    from forgeml.training.strategies import check_launch
 
     overrides = [*(set_ or ())]
     overrides += [f"train.strategy={strategy}"] if strategy else []
@@ -122,10 +125,16 @@ def train(
         if env.main:
             finish(folder)
         return
-    # Audit and prepare here, once; then the workers train (their rank 0 skips what is done).
-    launch = Launch(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts)
-    check_launch(as_recipe(recipe, tuple(overrides)), nproc * nnodes)
-    folder = stages(recipe, overrides, run_dir, "prepare", force, allow_audit_failures)
+    # Audit and prepare here, once; then the workers train (their rank 0 skips what is done). The
+    # nodes share the run folder, so only node 0 prepares: two nodes writing it at once would race,
+    # and the others' workers start only when node 0's join the rendezvous, after its prepare.
+    launch = Launch(nproc, nnodes, rdzv_endpoint, max_restarts)
+    spec = as_recipe(recipe, tuple(overrides))
+    check_launch(spec, nproc * nnodes)
+    if node_rank == 0:
+        folder = stages(recipe, overrides, run_dir, "prepare", force, allow_audit_failures)
+    else:
+        folder = run_dir or default_run_dir(spec)
     worker = ["train", recipe, "--run-dir", str(folder), *(a for o in overrides for a in ("--set", o))]
     worker += ["--allow-audit-failures"] * allow_audit_failures + ["--force-train"] * force
     if run_torchrun(launch, worker) != 0:  # the workers' rank 0 has printed the results
@@ -158,7 +167,7 @@ def stages(
 ) -> Path:
     from forgeml import as_recipe
     from forgeml.pipeline import default_run_dir, run_stages
-    from forgeml.train.launch import ONE_PROCESS
+    from forgeml.training.launch import ONE_PROCESS
 
     spec = as_recipe(recipe, tuple(set_ or ()))
     folder = run_dir or default_run_dir(spec)
@@ -196,7 +205,7 @@ def audit(
     from forgeml.data.audit import failed_checks
     from forgeml.data.sources import read_table, read_test_table, validate_table
     from forgeml.recipe import AuditConfig, DataConfig, PrepareConfig, apply_overrides, validate_sections
-    from forgeml.report.html import write_audit_page
+    from forgeml.reporting.html import write_audit_page
     from forgeml.rundir import write_json
 
     source = {"source": data, "label_column": label, "text_column": text, "test_source": test}
@@ -250,6 +259,53 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. r
     if not run_dir.is_dir():
         raise ForgeError(f"{run_dir}: no such run directory")
     console.print(f"report: {write(run_dir)}")
+
+
+MAX_NEW_TOKENS = 4096  # the streamed text is decoded afresh after every token, so keep runs bounded
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory of a gpt model, e.g. runs/lm")],
+    prompt: Annotated[str, typer.Option("--prompt", help="text to continue (empty: start a new document)")] = "",
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, max=MAX_NEW_TOKENS, help="tokens to sample at most")
+    ] = 128,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="0: always the most likely token; higher: more varied")
+    ] = 0.8,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="sample among the K most likely tokens only")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the sampling; the same seed repeats the text")] = 0,
+) -> None:
+    """Continue --prompt with the language model trained in RUN_DIR, printing the text as it is sampled."""
+    import time
+
+    import torch
+
+    from forgeml import load
+    from forgeml.models.gpt import GPT
+
+    if not run_dir.is_dir():
+        raise ForgeError(f"{run_dir}: no such run directory; train a language model with `forgeml train lm`")
+    model = load(run_dir)
+    if not isinstance(model, GPT):
+        raise ForgeError(
+            f"{run_dir}: its model, {model.name}, does not generate text; generate needs a gpt run "
+            "(model.name: gpt), e.g. `forgeml train lm`"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    start, tokens = time.perf_counter(), 0
+    for piece in model.stream(prompt, max_new_tokens, temperature, top_k, generator):
+        tokens += 1  # stream yields one piece per sampled token
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    seconds = time.perf_counter() - start
+    errors.print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> Any:

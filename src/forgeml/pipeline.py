@@ -18,11 +18,11 @@ from forgeml.data.prepare import prepare
 from forgeml.data.sources import source_fingerprint
 from forgeml.errors import ForgeError
 from forgeml.recipe import Recipe
-from forgeml.report.html import write_report
+from forgeml.reporting.html import write_report
 from forgeml.rundir import RunDir, sha256_file, sha256_json
-from forgeml.train.launch import ONE_PROCESS, Dist, process_group
-from forgeml.train.stage import train
-from forgeml.train.strategies import resolve_device
+from forgeml.training.launch import ONE_PROCESS, Dist, process_group
+from forgeml.training.stage import train
+from forgeml.training.strategies import resolve_device
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ EXECUTION_FIELDS = {
     "gc_every",
     "log_every",
     "device",
+    "memory_budget_gb",
 }
 
 
@@ -141,7 +142,14 @@ class TrainConfig(Section):
     max_steps: PositiveInt | None = None
     max_epochs: Annotated[float, Field(gt=0)] | None = None
     global_batch_size: PositiveInt = 32
-    micro_batch_size: PositiveInt | None = Field(None, description="defaults to global_batch_size")
+    micro_batch_size: PositiveInt | Literal["auto"] | None = Field(
+        None,
+        description="rows per forward pass on each rank; default: the global batch split over the data-parallel "
+        "ranks; auto: the largest that fits in memory (accumulation keeps the global batch)",
+    )
+    memory_budget_gb: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="CPU, micro_batch_size auto: memory per process; default: half the available, shared"
+    )
     lr: Annotated[float, Field(gt=0, le=1)] = 3e-4
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     weight_decay: NonNegativeFloat = 0.01
@@ -183,7 +191,7 @@ class TrainConfig(Section):
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set train.max_steps or train.max_epochs (or both: training stops at the first)")
         micro = self.micro_batch_size or self.global_batch_size
-        if self.global_batch_size % micro:
+        if micro != "auto" and self.global_batch_size % micro:
             raise ValueError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({micro})"

@@ -24,6 +24,19 @@ TINY_DEFAULT = [
 ]  # fmt: skip
 
 
+TINY_LM = [
+    "--set", "data.max_rows=60",
+    "--set", "model.n_layer=2",
+    "--set", "model.n_embd=32",
+    "--set", "model.n_head=4",
+    "--set", "model.block_size=32",
+    "--set", "model.vocab_size=300",
+    "--set", "train.max_steps=4",
+    "--set", "train.eval_every=4",
+    "--set", "train.global_batch_size=8",
+]  # fmt: skip
+
+
 def forgeml(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     return subprocess.run(
@@ -108,6 +121,38 @@ def test_forgeml_load_predicts(default_run):
     assert probs.sum(-1).sub(1).abs().max() < 1e-5
 
 
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("lm")
+    result = forgeml("train", "lm", *TINY_LM, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd
+
+
+def test_generate_prints_the_prompt_and_its_seeded_continuation(lm_run):
+    import torch
+
+    from forgeml import load
+
+    args = ["--max-new-tokens", "24", "--temperature", "0.9", "--top-k", "40", "--seed", "3"]
+    result = forgeml("generate", "runs/lm", "--prompt", "def ", *args, cwd=lm_run)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def ")
+    assert re.search(r"\b\d+ tokens in [\d.]+ s: [\d.]+ tokens/s", result.stderr), result.stderr
+    model = load(lm_run / "runs" / "lm")
+    continuation = model.generate("def ", 24, 0.9, 40, torch.Generator().manual_seed(3))
+    assert result.stdout == f"def {continuation}\n"  # the streamed pieces add up to the whole continuation
+
+
+def test_generate_refuses_a_model_that_is_not_a_language_model(default_run):
+    cwd, _ = default_run
+    result = forgeml("generate", "runs/default", "--prompt", "def ", cwd=cwd)
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "its model, text-classifier, does not generate text" in message and "generate needs a gpt run" in message
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -118,6 +163,11 @@ def test_forgeml_load_predicts(default_run):
         (["run", "tabular", "--set", "data.source=missing.csv"], "missing.csv"),
         (["run", "tabular", "--set", "train.lr"], "expected section.key=value"),
         (["report", "no/such/run"], "no such run directory"),
+        (["generate", "no/such/run"], "no such run directory"),
+        (["generate", "runs/lm", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "runs/lm", "--max-new-tokens", "100000"], "--max-new-tokens"),
+        (["generate", "runs/lm", "--temperature", "-1"], "--temperature"),
+        (["generate", "runs/lm", "--top-k", "0"], "--top-k"),
         (["train", "tabular", "--no-such-option"], "No such option: --no-such-option"),
         (["train", "tabular", "--nproc", "0"], "--nproc"),
         (["train", "tabular", "--nproc", "2", "--strategy", "tp"], "tp is offered for gpt models, not mlp"),

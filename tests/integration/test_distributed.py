@@ -1,13 +1,17 @@
 """Real torchrun jobs with gloo on CPU: every strategy ends with the weights one process gets
-from the same global batch, and a job resumes across world sizes."""
+from the same global batch, two nodes train as two processes do, a job resumes exactly after a
+crash or a lost worker (and across world sizes), and a hung rank ends the job with an error."""
 
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,10 +46,23 @@ SMALL_LM = [
 ]  # fmt: skip
 
 
+# The lm recipe with dropout, so that resuming must restore each rank's random stream as well.
+RESUMABLE_LM = [
+    *SMALL_LM,
+    "--set", "model.dropout=0.1",
+    "--set", "train.max_steps=48",
+    "--set", "train.checkpoint_every=8",
+    "--set", "train.log_every=1",
+]  # fmt: skip
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train_command(args: list[str], run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "forgeml", "train", *args, "--run-dir", str(run_dir), *extra]
+
+
 def forgeml_train(args: list[str], run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "forgeml", "train", *args, "--run-dir", str(run_dir), *extra]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(train_command(args, run_dir, *extra), env=ENV, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -96,8 +113,86 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def test_a_job_killed_on_two_processes_resumes_on_one(tmp_path):
+def alive(pid: int) -> bool:  # a zombie (state Z) is dead, whoever reaps it
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
 
+
+def kill(job: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process below it, as in a crash (a stopped process dies of it
+    too), and wait until they are gone."""
+    workers = descendants(job.pid)
+    for pid in [job.pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers), "a worker outlived SIGKILL"
+
+
+@contextlib.contextmanager
+def launched(args: list[str], run_dir: Path, *extra: str, log: Path) -> Iterator[subprocess.Popen]:
+    """`forgeml train` running in the background, its output going to ``log``; whatever is left of
+    the job when the block ends is killed, however the test went."""
+    with log.open("w") as out:
+        job = subprocess.Popen(
+            train_command(args, run_dir, *extra), env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield job
+    finally:
+        kill(job)
+
+
+def wait_for(path: Path, job: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not path.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"the job ended before {path} appeared:\n{log.read_text()}"
+
+
+def worker(job: subprocess.Popen, rank: int) -> int:
+    """The process of the job's worker of global ``rank`` (torchrun tells each in its environment)."""
+    for pid in descendants(job.pid):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"the job has no worker of rank {rank}")
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if row["split"] == "train"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_train_as_two_processes_do(tmp_path, one_process_table):
+    """Both nodes start at once on the same run folder (a shared filesystem): node 0 prepares the
+    data, node 1 waits for it at the rendezvous."""
+    run_dir = tmp_path / "run"
+    node = ["--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--node-rank"]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    with (
+        launched(TABLE, run_dir, *node, "0", log=logs[0]) as first,
+        launched(TABLE, run_dir, *node, "1", log=logs[1]) as second,
+    ):
+        for job, log in zip((first, second), logs, strict=True):
+            assert job.wait(timeout=300) == 0, log.read_text()
+    output = logs[0].read_text() + logs[1].read_text()
+    assert len(re.findall(r"^prepare .*\.\.\.$", output, re.MULTILINE)) == 1, output  # once, by node 0
+    assert "train on 2 processes" in output
+    assert_same_weights(one_process_table, run_dir)
+
+
+def test_a_job_killed_on_two_processes_resumes_on_one(tmp_path):
     args = [
         *SMALL_LM,
         "--set",
@@ -109,34 +204,78 @@ def test_a_job_killed_on_two_processes_resumes_on_one(tmp_path):
     ]
     forgeml_train(args, tmp_path / "straight")
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "moved"
-    command = [sys.executable, "-m", "forgeml", "train", *args, "--run-dir", str(run_dir), "--nproc", "2"]
-    job = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    checkpoint = run_dir / "train" / "checkpoints" / "step-8"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    workers = descendants(job.pid)
-    for pid in [job.pid, *workers]:  # torchrun's agent and both workers, as in a crash
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    job.wait()
-
-    def alive(pid: int) -> bool:  # a zombie (state Z) is dead, whoever reaps it
-        with contextlib.suppress(OSError):
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        return False
-
-    deadline = time.monotonic() + 30
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert checkpoint.exists(), "the job ended before its step-8 checkpoint"
+    log = tmp_path / "killed.log"
+    with launched(args, run_dir, "--nproc", "2", log=log) as job:
+        wait_for(run_dir / "train" / "checkpoints" / "step-8", job, log)
 
     done = forgeml_train(args, run_dir)  # one process, same recipe
     assert "(resuming)" in done.stderr
     assert "another number of processes" in done.stderr
     assert json.loads((run_dir / "train" / "eval.json").read_text())["steps"] == 300
     assert_same_weights(tmp_path / "straight", run_dir, tolerance=1e-3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """RESUMABLE_LM trained on 2 processes without a break, by strategy, once per module."""
+    runs: dict[str, Path] = {}
+
+    def run(strategy: str) -> Path:
+        if strategy not in runs:
+            runs[strategy] = tmp_path_factory.mktemp(strategy) / "run"
+            forgeml_train(RESUMABLE_LM, runs[strategy], "--nproc", "2", "--strategy", strategy)
+        return runs[strategy]
+
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_killed_job_resumes_exactly_on_as_many_processes(tmp_path, uninterrupted, strategy):
+    run_dir, log = tmp_path / "run", tmp_path / "killed.log"
+    two = ["--nproc", "2", "--strategy", strategy]
+    with launched(RESUMABLE_LM, run_dir, *two, log=log) as job:
+        wait_for(run_dir / "train" / "checkpoints" / "step-8", job, log)
+
+    done = forgeml_train(RESUMABLE_LM, run_dir, *two)
+    assert "(resuming)" in done.stdout + done.stderr
+    assert_same_weights(uninterrupted(strategy), run_dir, tolerance=0)
+    assert train_losses(run_dir) == train_losses(uninterrupted(strategy))  # dropout masks included
+
+
+def test_a_lost_worker_is_restarted_and_the_group_resumes_exactly(tmp_path, uninterrupted):
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    with launched(RESUMABLE_LM, run_dir, "--nproc", "2", "--strategy", "ddp", "--max-restarts", "1", log=log) as job:
+        wait_for(run_dir / "train" / "checkpoints" / "step-8", job, log)
+        os.kill(worker(job, rank=0), signal.SIGKILL)
+        assert job.wait(timeout=300) == 0, log.read_text()
+    assert "(resuming)" in log.read_text()
+    assert_same_weights(uninterrupted("ddp"), run_dir, tolerance=0)
+    assert train_losses(run_dir) == train_losses(uninterrupted("ddp"))
+
+
+def test_a_hung_rank_ends_the_job_with_an_error_naming_it(tmp_path):
+    args = [*SMALL_LM, "--set", "train.max_steps=100000", "--set", "train.collective_timeout_s=5"]
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    with launched(args, run_dir, "--nproc", "2", log=log) as job:
+        wait_for(run_dir / "train" / "metrics.jsonl", job, log)  # training has begun
+        os.kill(worker(job, rank=1), signal.SIGSTOP)  # it will never join the next collective
+        # Rank 0 times out, names rank 1 and exits; torchrun then gives the stopped worker 30 s to end
+        # on SIGTERM before it kills it, so the job ends within about a minute.
+        assert job.wait(timeout=300) != 0
+    output = " ".join(log.read_text().split())  # the message as one line, however it was wrapped
+    assert "waited train.collective_timeout_s (5 s) for rank 1 to join a collective" in output, output
+
+
+def test_workers_die_with_a_killed_launcher(tmp_path):
+    args = [*SMALL_LM, "--set", "train.max_steps=100000"]
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    with launched(args, run_dir, "--nproc", "2", log=log) as job:
+        wait_for(run_dir / "train" / "metrics.jsonl", job, log)
+        workers = [worker(job, rank) for rank in (0, 1)]
+        job.kill()  # the launcher alone, as an out-of-memory killer or a lost terminal would
+        job.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in workers), "a worker outlived its launcher"

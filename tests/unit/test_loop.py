@@ -14,11 +14,11 @@ from forgeml.errors import ForgeError
 from forgeml.models.mlp import MLP, MLPConfig
 from forgeml.models.registry import Splits
 from forgeml.recipe import TrainConfig
-from forgeml.train.callbacks import Callback
-from forgeml.train.loop import fit, warmup_cosine
-from forgeml.train.losses import ClassificationLoss, balanced_weights
-from forgeml.train.stage import loaders
-from forgeml.train.strategies import Strategy
+from forgeml.training.callbacks import Callback
+from forgeml.training.loop import fit, warmup_cosine
+from forgeml.training.losses import ClassificationLoss, balanced_weights
+from forgeml.training.stage import loaders
+from forgeml.training.strategies import Strategy
 
 
 def table(n: int = 160, seed: int = 0) -> Splits:
@@ -122,7 +122,7 @@ class Snapshots(Callback):
 
 
 def test_early_stopping_stops_and_restores_the_best_weights():
-    from forgeml.train.callbacks import EarlyStopping
+    from forgeml.training.callbacks import EarlyStopping
 
     losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0])
     snapshots = Snapshots()
@@ -160,7 +160,7 @@ def test_too_little_data_for_one_batch_is_a_clear_error():
 
 
 def test_weight_decay_skips_biases_and_norms():
-    from forgeml.train.loop import param_groups
+    from forgeml.training.loop import param_groups
 
     network = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     decay, no_decay = param_groups(network, 0.1)
@@ -226,7 +226,7 @@ class Crash(Callback):
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     from forgeml.recipe import AugmentConfig
-    from forgeml.train.checkpoint import Checkpoints
+    from forgeml.training.checkpoint import Checkpoints
 
     splits = table()
     # Dropout, noise and mixup draw random numbers: the resumed run must draw the same ones.
@@ -251,7 +251,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
 
 def test_a_corrupt_checkpoint_is_refused(tmp_path):
     from forgeml.errors import RunDirError
-    from forgeml.train.checkpoint import Checkpoints
+    from forgeml.training.checkpoint import Checkpoints
 
     checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=1)
     train_mlp(table(), checkpoints=checkpoints, max_steps=2, global_batch_size=32)
@@ -263,7 +263,7 @@ def test_a_corrupt_checkpoint_is_refused(tmp_path):
 
 
 def test_an_unfinished_checkpoint_is_invisible(tmp_path):
-    from forgeml.train.checkpoint import Checkpoints
+    from forgeml.training.checkpoint import Checkpoints
 
     checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=2)
     train_mlp(table(), checkpoints=checkpoints, max_steps=2, global_batch_size=32)
@@ -274,7 +274,7 @@ def test_an_unfinished_checkpoint_is_invisible(tmp_path):
 
 
 def test_prepare_rebalancing_choice_reaches_the_loss():
-    from forgeml.train.stage import build_loss
+    from forgeml.training.stage import build_loss
 
     labels, counts = ["a", "b", "c"], {"a": 60, "b": 30, "c": 10}
     cfg = TrainConfig(max_steps=1)

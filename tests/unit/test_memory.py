@@ -8,7 +8,7 @@ import pytest
 
 STEPS = """
 import resource, sys, torch
-from forgeml.train.memory import keep_freed_memory
+from forgeml.training.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():  # activations of several sizes, then gradients, freed in another order

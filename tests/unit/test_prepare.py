@@ -182,7 +182,7 @@ def test_a_split_left_empty_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
 def test_shards_written_to_an_fsspec_url_are_what_training_reads(tmp_path, scheme):
-    from forgeml.train.stage import train
+    from forgeml.training.stage import train
 
     url = f"memory://prepare-test/{tmp_path.name}" if scheme == "memory" else (tmp_path / "elsewhere").as_uri()
     result, manifest, splits = prepared(tmp_path, table(), model=MLP, shards_url=url)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from forgeml.report import plots
-from forgeml.report.html import write_report
+from forgeml.reporting import plots
+from forgeml.reporting.html import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = "data:image/png;base64,"

@@ -81,7 +81,7 @@ def test_a_changed_source_file_reruns_prepare(tmp_path):
 
 def test_train_needs_prepared_data(tmp_path):
     from forgeml.errors import DataError
-    from forgeml.train.stage import train
+    from forgeml.training.stage import train
 
     with pytest.raises(DataError, match="manifest.json is missing"):
         train(forgeml.as_recipe("tabular"), RunDir(tmp_path))

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from forgeml.train.metrics import HIGHER_IS_BETTER
+from forgeml.training.metrics import HIGHER_IS_BETTER
 
 
 @dataclass
@@ -28,10 +28,13 @@ class LoopState:
     tokens: int = 0  # target tokens seen so far (language models)
     samples_per_s: float = 0.0  # over the last log_every steps, evaluation excluded
     tokens_per_s: float = 0.0
+    mfu: float | None = None  # model FLOPs utilisation of the whole job, where the model counts its FLOPs
+    peak_memory: list[int] = field(default_factory=list)  # bytes, per rank, as of the last log step
     should_stop: bool = False
     best_step: int | None = None
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    losses_since_log: list[float] = field(default_factory=list)  # kept in checkpoints: a resumed log row is whole
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. from resuming)
 
     @property
@@ -80,6 +83,10 @@ class ProgressBar(Callback):
         if state.step % self.log_every and state.step != state.total_steps:
             return
         speed = f"{state.tokens_per_s:,.0f} tok/s" if state.tokens else f"{state.samples_per_s:,.1f} samples/s"
+        if state.mfu is not None:
+            speed += f"  MFU {state.mfu:.1%}"
+        if state.peak_memory:
+            speed += f"  mem {max(state.peak_memory) / 2**30:.2f} GiB"
         self.progress.update(self.task, completed=state.step, loss=f"{state.loss:.4f}", speed=speed, refresh=True)
 
     def on_fit_end(self, state: LoopState) -> None:
@@ -92,7 +99,6 @@ class MetricsLogger(Callback):
     def __init__(self, folder: Path, log_every: int) -> None:
         self.folder = folder
         self.log_every = log_every
-        self.losses: list[float] = []
 
     def on_fit_start(self, state: LoopState) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -117,10 +123,9 @@ class MetricsLogger(Callback):
                 self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     def on_step_end(self, state: LoopState) -> None:
-        self.losses.append(state.loss)
         if state.step % self.log_every and state.step != state.total_steps:
             return
-        loss, self.losses = sum(self.losses) / len(self.losses), []  # the mean since the last line
+        loss = sum(state.losses_since_log) / len(state.losses_since_log)  # the mean since the last line
         row = {
             "split": "train",
             "step": state.step,
@@ -131,7 +136,13 @@ class MetricsLogger(Callback):
         }
         if state.tokens:
             row["tokens_per_s"] = state.tokens_per_s
+        if state.mfu is not None:
+            row["mfu"] = state.mfu
+        if state.peak_memory:
+            row["peak_memory_mib"] = [round(peak / 2**20, 1) for peak in state.peak_memory]
         self._write(row)
+        for rank, peak in enumerate(state.peak_memory):  # one TensorBoard curve per rank
+            self.tensorboard.add_scalar(f"memory/peak_mib_rank{rank}", peak / 2**20, state.step)
 
     def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}

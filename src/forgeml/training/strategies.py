@@ -17,7 +17,7 @@ from forgeml.errors import ForgeError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
 from forgeml.recipe import Recipe, TrainConfig
-from forgeml.train.launch import ONE_PROCESS, Dist
+from forgeml.training.launch import ONE_PROCESS, Dist
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -163,7 +163,14 @@ def check_launch(recipe: Recipe, world_size: int) -> None:
 def resolve_batch(cfg: TrainConfig, dp: int, tp: int) -> TrainConfig:
     """``cfg`` with its micro-batch settled: global batch = micro-batch x accumulation x
     data-parallel degree, all whole numbers; without micro_batch_size, the global batch is split
-    evenly over the data-parallel ranks."""
+    evenly over the data-parallel ranks; ``auto`` is left for training to settle."""
+    if cfg.micro_batch_size == "auto":  # settled when training starts (autobatch), from this share
+        if cfg.global_batch_size % dp:
+            raise ForgeError(
+                f"train.global_batch_size ({cfg.global_batch_size}) must be a multiple of the data-parallel "
+                f"degree ({dp} = {dp * tp} processes / tp_degree {tp}); change one of them"
+            )
+        return cfg
     micro = cfg.micro_batch_size or max(1, cfg.global_batch_size // dp)
     if cfg.global_batch_size % (micro * dp):
         raise ForgeError(

@@ -7,8 +7,12 @@ command line and, inside each worker, joins the group torchrun describes in the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import signal
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +32,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     restart: int = 0  # how many times torchrun has restarted the group (elastic restarts)
+    local_world_size: int = 1  # processes on this machine
 
     @classmethod
     def from_torchrun(cls, environ: Mapping[str, str]) -> Dist:
@@ -39,6 +44,7 @@ class Dist:
             int(environ["WORLD_SIZE"]),
             int(environ.get("LOCAL_RANK", 0)),
             int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            int(environ.get("LOCAL_WORLD_SIZE", 1)),
         )
 
     @property
@@ -76,17 +82,72 @@ def backend_for(device_type: str) -> str:
 @contextlib.contextmanager
 def process_group(env: Dist, device_type: str, timeout_s: float) -> Iterator[Dist]:
     """Join torchrun's group for the job's length. The timeout bounds every collective, so a rank
-    that hangs ends the run with an error instead of blocking the others forever."""
+    that hangs ends the run with an error naming it instead of blocking the others forever."""
     if env.world_size == 1 or dist.is_initialized():
         yield env
         return
+    die_with_launcher()
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend_for(device_type), timeout=timedelta(seconds=timeout_s))
     try:
         yield env
+    except Exception as exc:
+        # gloo's timeout names no rank. So every rank that fails says so in the group's store, and one
+        # whose collective timed out names the ranks that stay silent.
+        store = agent_store()
+        if store is not None:
+            store.set(failed_key(env, env.rank), "")
+        if not timed_out(exc):
+            raise
+        # The others fail at about the same moment, of their own timeout or of its fallout; a rank still
+        # silent after that (a minute at most) is the one to look at, whether hung or only slow.
+        hung = silent_ranks(store, env, min(timeout_s, 60.0)) if store is not None else []
+        who = f"rank {', '.join(map(str, hung))}" if hung else "another rank"
+        raise ForgeError(
+            f"rank {env.rank} waited train.collective_timeout_s ({timeout_s:g} s) for {who} to join a collective; "
+            "check what that rank is doing (stuck, or far slower than the others), "
+            "or raise train.collective_timeout_s if it is only slow"
+        ) from exc
     finally:
         dist.destroy_process_group()
+
+
+def die_with_launcher() -> None:
+    """Have the kernel kill this worker when its launcher (torchrun's agent) dies, even by SIGKILL:
+    the workers run in sessions of their own, so nothing else would stop them, and without the agent
+    no one restarts or collects them (Linux only; elsewhere they end at the collective timeout)."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1  # linux/prctl.h
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def timed_out(exc: Exception) -> bool:
+    """A collective that gave up waiting: gloo says "Timed out waiting 5000ms for recv operation"."""
+    return isinstance(exc, RuntimeError) and "timed out" in str(exc).lower()
+
+
+def agent_store() -> dist.Store | None:
+    """The group's store where torchrun's agent holds it, so that no hung worker blocks it; None where
+    rank 0 holds it (--max-restarts, see run_torchrun): a call to a hung rank 0 would never return."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def failed_key(env: Dist, rank: int) -> str:
+    return f"forgeml/failed/{env.restart}/{rank}"  # a restarted group must not see the last one's
+
+
+def silent_ranks(store: dist.Store, env: Dist, wait_s: float) -> list[int]:
+    """The ranks that have not said they failed within ``wait_s``."""
+    keys = [failed_key(env, rank) for rank in range(env.world_size)]
+    deadline = time.monotonic() + wait_s
+    while not store.check(keys) and time.monotonic() < deadline:  # store.wait would log its timeout
+        time.sleep(0.1)
+    return [rank for rank, key in enumerate(keys) if not store.check([key])]
 
 
 @dataclass(frozen=True)
@@ -95,7 +156,6 @@ class Launch:
 
     nproc: int
     nnodes: int = 1
-    node_rank: int = 0
     rdzv_endpoint: str | None = None
     max_restarts: int = 0
 
@@ -104,7 +164,8 @@ class Launch:
         if self.nnodes > 1:
             if not self.rdzv_endpoint:
                 raise ForgeError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
-            args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--node-rank={self.node_rank}"]
+            # No --node-rank: the c10d rendezvous numbers the nodes itself (torchrun ignores it).
+            args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}"]
         else:
             args += ["--standalone"]
         return [*args, "-m", "forgeml", *worker_args]
@@ -118,6 +179,11 @@ def run_torchrun(launch: Launch, worker_args: list[str]) -> int:
     args = get_args_parser().parse_args(launch.torchrun_args(worker_args))
     # torchrun would give every worker one thread; keep the threads split over the processes.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc)))
+    if launch.max_restarts:
+        # torchrun keeps its rendezvous store across restarts, and the workers' process group reuses it, so a
+        # restarted group can read the last attempt's addresses and fail to connect (pytorch#135712, #167288).
+        # Without sharing, rank 0 holds a fresh store for each attempt.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)
     except ChildFailedError as exc:

@@ -1,5 +1,5 @@
 """Run report: one self-contained report.html built from a run directory."""
 
-from forgeml.report.html import write_report
+from forgeml.reporting.html import write_report
 
 __all__ = ["write_report"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from forgeml.errors import RunDirError
-from forgeml.report import plots
+from forgeml.reporting import plots
 from forgeml.rundir import atomic_write
 
 REPORT_NAME = "report.html"

@@ -19,14 +19,15 @@ from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
 from forgeml.recipe import Recipe, TrainConfig
 from forgeml.rundir import RunDir, sha256_json, write_json
-from forgeml.train.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
-from forgeml.train.checkpoint import Checkpoints
-from forgeml.train.launch import ONE_PROCESS, Dist
-from forgeml.train.loop import autocast_for, fit
-from forgeml.train.losses import ClassificationLoss, NextTokenLoss, balanced_weights
-from forgeml.train.memory import keep_freed_memory
-from forgeml.train.metrics import TASK_METRICS, evaluate
-from forgeml.train.strategies import Strategy, build_strategy, resolve_batch
+from forgeml.training.autobatch import available_memory_bytes, find_micro_batch
+from forgeml.training.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
+from forgeml.training.checkpoint import Checkpoints
+from forgeml.training.launch import ONE_PROCESS, Dist
+from forgeml.training.loop import autocast_for, fit
+from forgeml.training.losses import ClassificationLoss, NextTokenLoss, balanced_weights
+from forgeml.training.memory import keep_freed_memory
+from forgeml.training.metrics import TASK_METRICS, evaluate
+from forgeml.training.strategies import Strategy, build_strategy, resolve_batch
 
 
 @dataclass
@@ -114,6 +115,34 @@ def save_model(family: ModelFamily, destination: Path) -> None:
         staging.rename(destination)
 
 
+def auto_micro_batch(
+    cfg: TrainConfig,
+    family: ModelFamily,
+    manifest: dict[str, Any],
+    location: str,
+    loss_fn: Any,
+    strategy: Strategy,
+    autocast: Any,
+) -> TrainConfig:
+    """``cfg`` with ``micro_batch_size: auto`` replaced by the largest micro-batch that fits on every
+    rank, probed on rows of the first training shard."""
+    items = family.items(read_shard(location, manifest["splits"]["train"]["shards"][0]))
+    budget = cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb else None
+    if budget is None:  # half of what is free now, shared by this machine's processes
+        budget = available_memory_bytes() / (2 * strategy.env.local_world_size)
+    mine = find_micro_batch(
+        family.network,
+        items,
+        partial(family.collate, augment=None, generator=None),
+        loss_fn,
+        cfg.global_batch_size // strategy.dp_degree,
+        strategy.device,
+        autocast,
+        int(budget),
+    )
+    return cfg.model_copy(update={"micro_batch_size": min(strategy.env.gather(mine))})
+
+
 AUGMENTS_FOR = {"text": {"token_dropout", "random_mask"}, "features": {"gaussian_noise", "mixup_alpha"}}
 
 
@@ -154,8 +183,23 @@ def train(
         return family_cls.create(recipe.model, encoder, manifest["labels"], seed=cfg.seed)
 
     family = fresh()
-    data, augment = loaders(family, manifest, shard_location(run, manifest), cfg, strategy)
+    loss_fn = build_loss(
+        cfg,
+        family.task,
+        manifest["labels"],
+        manifest["class_counts"].get("train", {}),
+        manifest["rebalance"]["method"],
+    )
     autocast = autocast_for(cfg.precision, strategy.device)
+    location = shard_location(run, manifest)
+    if cfg.micro_batch_size == "auto":
+        cfg = auto_micro_batch(cfg, family, manifest, location, loss_fn, strategy, autocast)
+        if env.main:
+            passes = cfg.global_batch_size // (cfg.micro_batch * strategy.dp_degree)
+            (console or Console(stderr=True)).print(
+                f"micro_batch_size auto: {cfg.micro_batch} rows a pass, {passes} passes a step on each rank"
+            )
+    data, augment = loaders(family, manifest, location, cfg, strategy)
     measure = partial(evaluate, task=family.task, labels=family.labels, device=strategy.device, autocast=autocast)
 
     out = run.stage_dir("train")
@@ -173,25 +217,21 @@ def train(
         checkpoints.clear()
     env.barrier()
 
+    flops_per_token = family.flops_per_token()  # of the whole model, before any sharding
     model = strategy.wrap(family)
     torch.manual_seed(cfg.seed + strategy.dp_rank)  # dropout: its own masks on each data-parallel rank
     state = fit(
         model,
         data["train"],
         cfg,
-        build_loss(
-            cfg,
-            family.task,
-            manifest["labels"],
-            manifest["class_counts"].get("train", {}),
-            manifest["rebalance"]["method"],
-        ),
+        loss_fn,
         strategy,
         evaluate=lambda model: measure(model, data["val"]),
         callbacks=callbacks,
         augment=augment,
         checkpoints=checkpoints if cfg.checkpoint_every else None,
         resume=resume,
+        flops_per_token=flops_per_token,
     )
     val, test = measure(model, data["val"]), measure(model, data["test"])
     trained = strategy.unsharded(model, family, fresh)
@@ -207,6 +247,13 @@ def train(
                 "stopped_early": state.stopped_early,
                 "world_size": env.world_size,
                 "strategy": strategy.name,
+                "micro_batch_size": cfg.micro_batch,
+                "throughput": {
+                    "samples_per_s": state.samples_per_s,
+                    "tokens_per_s": state.tokens_per_s,
+                    "mfu": state.mfu,
+                    "peak_memory_mib": [round(peak / 2**20, 1) for peak in state.peak_memory],
+                },
                 "val": val,
                 "test": test,
             },

@@ -25,9 +25,10 @@ from forgeml.data.shards import ShardStream
 from forgeml.errors import ForgeError
 from forgeml.models.registry import Batch, logits_of
 from forgeml.recipe import TrainConfig
-from forgeml.train.callbacks import Callback, LoopState
-from forgeml.train.checkpoint import Checkpoints
-from forgeml.train.strategies import Strategy, accumulation
+from forgeml.training.callbacks import Callback, LoopState
+from forgeml.training.checkpoint import Checkpoints
+from forgeml.training.strategies import Strategy, accumulation
+from forgeml.training.throughput import peak_flops, peak_memory_bytes
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -124,12 +125,14 @@ def fit(
     augment: torch.Generator | None = None,
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
+    flops_per_token: float | None = None,
 ) -> LoopState:
     """Train ``model`` (as the strategy wrapped it) in place; returns the final loop state.
 
     ``train_loader`` iterates a ShardStream; ``augment`` is the generator its collate draws from.
     With ``checkpoints``, a checkpoint is saved every ``cfg.checkpoint_every`` steps and at the
-    end, and ``resume`` continues from the newest.
+    end, and ``resume`` continues from the newest. With ``flops_per_token`` (the model's training
+    FLOPs per token), the state carries MFU against the peak of every device in the job.
     """
     accumulate = accumulation(cfg, strategy)
     steps_per_epoch = len(train_loader) // accumulate
@@ -148,6 +151,7 @@ def fit(
     state = LoopState(network=model, total_steps=total, steps_per_epoch=steps_per_epoch)
     window: deque[tuple[float, int, int]] = deque(maxlen=cfg.log_every)
     batches = EpochBatches(train_loader, augment, cfg.seed, strategy.dp_rank, strategy.dp_degree)
+    job_peak_flops = sum(strategy.env.gather(peak_flops(device, cfg.precision))) if flops_per_token else None
 
     def rng_tensors() -> dict[str, torch.Tensor]:
         rng = {"torch_rng": torch.get_rng_state()}
@@ -157,7 +161,7 @@ def fit(
 
     def save_checkpoint(checkpoints: Checkpoints) -> None:
         extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "data": batches.state()}
-        counters = {"samples": state.samples, "tokens": state.tokens}
+        counters = {"samples": state.samples, "tokens": state.tokens, "losses_since_log": state.losses_since_log}
         checkpoints.save(state.step, model, optimizer, rng_tensors(), {**extra, **counters})
 
     if checkpoints is not None and resume:
@@ -175,6 +179,7 @@ def fit(
                 state.notes.append("resumed on another number of processes: random streams start afresh")
             state.notes += [f"skipped corrupt checkpoint {name}" for name in resumed.skipped]
             state.step, state.samples, state.tokens = resumed.step, resumed.extra["samples"], resumed.extra["tokens"]
+            state.losses_since_log = resumed.extra["losses_since_log"]
     for callback in callbacks:
         callback.on_fit_start(state)
 
@@ -223,12 +228,20 @@ def fit(
             state.tokens += tokens
             state.samples_per_s = sum(w[1] for w in window) / elapsed
             state.tokens_per_s = sum(w[2] for w in window) / elapsed
+            if job_peak_flops:
+                state.mfu = flops_per_token * state.tokens_per_s / job_peak_flops
+            state.losses_since_log.append(state.loss)
+            logged = step % cfg.log_every == 0 or step == total
+            if logged:  # a collective: the same steps on every rank
+                state.peak_memory = strategy.env.gather(peak_memory_bytes(device))
             if not math.isfinite(state.loss):
                 raise ForgeError(
                     f"the training loss became {state.loss} at step {step}; lower train.lr or set train.grad_clip"
                 )
             for callback in callbacks:
                 callback.on_step_end(state)
+            if logged:
+                state.losses_since_log = []
             if cfg.gc_every and step % cfg.gc_every == 0:
                 gc.collect(1)
             if evaluate is not None and (step % eval_every == 0 or step == total):

@@ -1,0 +1,138 @@
+"""Scaling: the `lm` recipe's GPT trained by `forgeml train` on 1 process and on 2 (DDP, FSDP2, TP).
+
+Every configuration is a real `forgeml train` run on the same prepared data, read back from its
+metrics.jsonl: tokens/s (median of the logged windows after the first), MFU and peak memory per
+rank. The baseline is the one-process run in the same invocation; the scaling ratio is a
+configuration's tokens/s over it (on a CPU the processes share the same cores, so 1.0 is ideal;
+with one GPU per process, the number of processes is).
+
+The share of step time spent in communication is measured against the same work without it: as
+many independent processes as ranks, started together, each training on its share of the global
+batch with its share of the cores (or its own GPU). Their step time is the compute; what a
+data-parallel rank takes beyond it is communication and waiting for it.
+
+    python benchmarks/scaling.py [--steps 60] [--nproc 2] [--precision fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import forgeml
+
+RECIPE = "lm"
+
+
+def forgeml(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "forgeml", *args]
+    return subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, err = process.communicate(timeout=1800)
+    if process.returncode:
+        raise SystemExit(f"{process.args}: exit {process.returncode}\n{err.decode()[-3000:]}")
+
+
+def measured(run_dir: Path) -> dict[str, float | list[float] | None]:
+    rows = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if row["split"] == "train"][1:]  # the first window holds the warm-up
+    mfu = [row["mfu"] for row in rows if "mfu" in row]
+    return {
+        "tokens_per_s": statistics.median(row["tokens_per_s"] for row in rows),
+        "mfu": statistics.median(mfu) if mfu else None,
+        "peak_memory_mib": rows[-1].get("peak_memory_mib"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.device_count() < args.nproc:
+        raise SystemExit(f"--nproc {args.nproc} needs as many GPUs; this machine has {torch.cuda.device_count()}")
+    cores = os.cpu_count() or 1
+    sets = [f"train.max_steps={args.steps}", "train.log_every=10", f"train.eval_every={args.steps}"]
+    sets += [f"train.precision={args.precision}"]
+    overrides = [a for s in sets for a in ("--set", s)]
+    recipe = forgeml.as_recipe(RECIPE)
+    global_batch, block = recipe.train.global_batch_size, recipe.model.block_size
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared"
+        finish(forgeml("prepare", RECIPE, "--run-dir", str(prepared)))
+
+        def run_dir(name: str) -> Path:  # a copy of the prepared run: every configuration reads the same shards
+            path = Path(tmp) / name
+            shutil.copytree(prepared, path)
+            return path
+
+        results = {}
+        one = run_dir("one")
+        finish(forgeml("train", RECIPE, *overrides, "--run-dir", str(one), env={"OMP_NUM_THREADS": str(cores)}))
+        results["single"] = measured(one)
+        for strategy in ("ddp", "fsdp", "tp"):
+            path = run_dir(strategy)
+            launch = ["--nproc", str(args.nproc), "--strategy", strategy]
+            finish(forgeml("train", RECIPE, *overrides, *launch, "--run-dir", str(path)))
+            results[strategy] = measured(path)
+
+        # The same per-rank work with no communication: independent processes, started together.
+        share = ["--set", f"train.global_batch_size={global_batch // args.nproc}"]
+        threads = str(max(1, cores // args.nproc))
+        alone = []
+        for rank in range(args.nproc):
+            env = {"OMP_NUM_THREADS": threads, **({"CUDA_VISIBLE_DEVICES": str(rank)} if cuda else {})}
+            path = run_dir(f"alone-{rank}")
+            alone.append((path, forgeml("train", RECIPE, *overrides, *share, "--run-dir", str(path), env=env)))
+        for _, process in alone:
+            finish(process)
+        compute_step_s = statistics.mean(
+            (global_batch // args.nproc) * block / measured(path)["tokens_per_s"] for path, _ in alone
+        )
+
+    base = results["single"]["tokens_per_s"]
+    figures = {}
+    for name, result in results.items():
+        step_s = global_batch * block / result["tokens_per_s"]
+        figures[name] = {
+            "tokens_per_s": round(result["tokens_per_s"], 1),
+            "step_ms": round(step_s * 1e3, 1),
+            "scaling_ratio": round(result["tokens_per_s"] / base, 3),
+            "mfu": None if result["mfu"] is None else round(result["mfu"], 4),
+            "peak_memory_mib": result["peak_memory_mib"],
+        }
+        if name in ("ddp", "fsdp"):  # data parallel: each rank does the independent process's work
+            figures[name]["comm_share"] = round(max(0.0, 1 - compute_step_s / step_s), 3)
+    print(
+        json.dumps(
+            {
+                "benchmark": "scaling",
+                "device": torch.cuda.get_device_name() if cuda else f"cpu x{cores}",
+                "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{block} (lm recipe)",
+                "precision": args.precision,
+                "steps": args.steps,
+                "global_batch": global_batch,
+                "nproc": args.nproc,
+                "compute_only_step_ms": round(compute_step_s * 1e3, 1),
+                **figures,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

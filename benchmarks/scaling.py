@@ -33,7 +33,7 @@ import forgeml
 RECIPE = "lm"
 
 
-def forgeml(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "forgeml", *args]
     return subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -73,7 +73,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared"
-        finish(forgeml("prepare", RECIPE, "--run-dir", str(prepared)))
+        finish(start("prepare", RECIPE, "--run-dir", str(prepared)))
 
         def run_dir(name: str) -> Path:  # a copy of the prepared run: every configuration reads the same shards
             path = Path(tmp) / name
@@ -82,12 +82,12 @@ def main() -> None:
 
         results = {}
         one = run_dir("one")
-        finish(forgeml("train", RECIPE, *overrides, "--run-dir", str(one), env={"OMP_NUM_THREADS": str(cores)}))
+        finish(start("train", RECIPE, *overrides, "--run-dir", str(one), env={"OMP_NUM_THREADS": str(cores)}))
         results["single"] = measured(one)
         for strategy in ("ddp", "fsdp", "tp"):
             path = run_dir(strategy)
             launch = ["--nproc", str(args.nproc), "--strategy", strategy]
-            finish(forgeml("train", RECIPE, *overrides, *launch, "--run-dir", str(path)))
+            finish(start("train", RECIPE, *overrides, *launch, "--run-dir", str(path)))
             results[strategy] = measured(path)
 
         # The same per-rank work with no communication: independent processes, started together.
@@ -97,7 +97,7 @@ def main() -> None:
         for rank in range(args.nproc):
             env = {"OMP_NUM_THREADS": threads, **({"CUDA_VISIBLE_DEVICES": str(rank)} if cuda else {})}
             path = run_dir(f"alone-{rank}")
-            alone.append((path, forgeml("train", RECIPE, *overrides, *share, "--run-dir", str(path), env=env)))
+            alone.append((path, start("train", RECIPE, *overrides, *share, "--run-dir", str(path), env=env)))
         for _, process in alone:
             finish(process)
         compute_step_s = statistics.mean(

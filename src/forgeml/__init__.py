@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from forgeml.models.registry import ModelFamily
     from forgeml.recipe import Recipe
+    from forgeml.tuning.study import TuneResult
 
 __version__ = "0.1.0"
 
@@ -66,6 +69,37 @@ def train(
     return run_stages(spec, run_dir, until="train", force=force, allow_audit_failures=allow_audit_failures)["train"]
 
 
+def tune(
+    recipe: Recipe | str | Path | dict[str, Any],
+    run_dir: str | Path | None = None,
+    *,
+    overrides: tuple[str, ...] = (),
+    allow_audit_failures: bool = False,
+    console: Console | None = None,
+) -> TuneResult:
+    """Search the recipe's ``tune.space`` with Optuna: audit and prepare the data once (if needed),
+    then train one trial after another on it. The study lives in ``tune.storage`` (default
+    ``run_dir/tune/study.db``) and goes on where it stopped when called again; ``run_dir/tune/best.yaml``
+    is the recipe with the best values, beside ``trials.csv`` and plots of the search."""
+    from rich.console import Console
+
+    from forgeml.data.audit_stage import gate
+    from forgeml.pipeline import default_run_dir, run_stages
+    from forgeml.rundir import RunDir
+    from forgeml.tuning.study import check_tune, run_study
+
+    spec = as_recipe(recipe, overrides)
+    check_tune(spec)  # a bad space or metric is refused before any data is prepared
+    console = console or Console(stderr=True)
+    folder = Path(run_dir) if run_dir else default_run_dir(spec)
+    run_stages(spec, folder, until="prepare", console=console)
+    run = RunDir(folder)
+    if spec.audit.enabled:
+        for name in gate(run, allow_audit_failures):
+            console.print(f"[yellow]audit check {name} failed; going on as allow_audit_failures asks[/yellow]")
+    return run_study(spec, run, console)
+
+
 def report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever the run directory holds."""
     from forgeml.reporting.html import write_report
@@ -85,4 +119,4 @@ def load(run_dir: str | Path) -> ModelFamily:
     return load_family(folder)
 
 
-__all__ = ["as_recipe", "load", "prepare", "report", "run", "train"]
+__all__ = ["as_recipe", "load", "prepare", "report", "run", "train", "tune"]

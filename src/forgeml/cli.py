@@ -186,6 +186,57 @@ def stages(
 
 
 @app.command()
+def tune(
+    recipe: RecipeArg,
+    trials: Annotated[int | None, typer.Option("--trials", min=1, help="trials to run now (tune.trials)")] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0, help="seconds after which no trial starts (tune.timeout_s)")
+    ] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="grid, random, tpe or gp (tune.sampler)")] = None,
+    pruner: Annotated[str | None, typer.Option("--pruner", help="none, median or hyperband (tune.pruner)")] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="SQLAlchemy URL of the study (default: RUN_DIR/tune/study.db)")
+    ] = None,
+    study: Annotated[str | None, typer.Option("--study", help="study name (default: the recipe's name)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="seed of the sampler (tune.seed)")] = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    allow_audit_failures: AllowOpt = False,
+) -> None:
+    """Search the recipe's tune.space with Optuna; running it again continues the same study.
+
+    Writes RUN_DIR/tune/best.yaml (train it with `forgeml train`), trials.csv and plots of the search.
+    """
+    from forgeml import as_recipe
+    from forgeml import tune as run_tune
+    from forgeml.recipe import validate_recipe
+
+    options = {
+        "trials": trials,
+        "timeout_s": timeout,
+        "sampler": sampler,
+        "pruner": pruner,
+        "storage": storage,
+        "study_name": study,
+        "seed": seed,
+    }
+    data = as_recipe(recipe, tuple(set_ or ())).model_dump(mode="json")
+    data["tune"].update({key: value for key, value in options.items() if value is not None})
+    result = run_tune(
+        validate_recipe(data, source=recipe), run_dir, allow_audit_failures=allow_audit_failures, console=errors
+    )
+    console.print(str(result))
+    table = Table(title="best values")
+    table.add_column("parameter")
+    table.add_column("best value", justify="right")
+    for name, value in result.best_params.items():
+        table.add_row(name, _fmt(value))
+    console.print(table)
+    console.print(f"best recipe: {result.folder / 'best.yaml'}")
+    console.print(f"trials:      {result.folder / 'trials.csv'}")
+
+
+@app.command()
 def audit(
     data: Annotated[str, typer.Argument(help="CSV / Parquet / JSONL path or fsspec URL, or a built-in dataset")],
     label: Annotated[str | None, typer.Option("--label", help="the label column")] = None,

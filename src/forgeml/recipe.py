@@ -207,8 +207,92 @@ class TrainConfig(Section):
         return self.global_batch_size // self.micro_batch
 
 
+class FloatParam(Section):
+    """A float in [low, high]; with ``step``, only low, low + step, ... (finite: a grid can take it)."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    step: Annotated[float, Field(gt=0)] | None = None
+    log: bool = Field(False, description="sample on a log scale (low > 0)")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> FloatParam:
+        _check_bounds(self.low, self.high, self.log)
+        if self.log and self.step is not None:
+            raise ValueError("a log scale takes no step")
+        return self
+
+
+class IntParam(Section):
+    """An integer in [low, high], every ``step``."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    step: PositiveInt = 1
+    log: bool = Field(False, description="sample on a log scale (low >= 1, step 1)")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> IntParam:
+        _check_bounds(self.low, self.high, self.log)
+        if self.log and self.step != 1:
+            raise ValueError("a log scale takes no step")
+        return self
+
+
+class CategoricalParam(Section):
+    """One of ``choices``: any YAML values (numbers, strings, lists such as hidden sizes)."""
+
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+def _check_bounds(low: float, high: float, log: bool) -> None:
+    if low > high:
+        raise ValueError(f"low ({low}) must not exceed high ({high})")
+    if log and low <= 0:
+        raise ValueError(f"a log scale needs low > 0 (got {low})")
+
+
+Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]  # noqa: UP007
+
+
 class TuneConfig(Section):
-    """Hyperparameter search (the tune stage reads it)."""
+    """Hyperparameter search (``forgeml tune``): which recipe fields to search and how."""
+
+    space: dict[str, Param] = Field(
+        {}, description="recipe field path -> distribution, e.g. train.lr: {type: float, low: 1e-5, high: 1e-2}"
+    )
+    metric: Literal["loss", "accuracy", "macro_f1", "perplexity"] = Field(
+        "loss", description="the validation metric to optimise"
+    )
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="default: maximize accuracy and macro_f1, minimize loss and perplexity"
+    )
+    trials: PositiveInt | None = Field(20, description="trials to run in this call; null: until timeout_s")
+    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="start no trial after this long")
+    sampler: Literal["grid", "random", "tpe", "gp"] = "tpe"
+    startup_trials: Annotated[int, Field(ge=0)] = Field(
+        4, description="tpe, gp: trials sampled at random before the model of the space takes over"
+    )
+    pruner: Literal["none", "median", "hyperband"] = "median"
+    prune_startup_trials: Annotated[int, Field(ge=0)] = Field(
+        3, description="median: trials that finish before any is pruned"
+    )
+    prune_from_eval: PositiveInt = Field(2, description="median: the first evaluation at which a trial may be pruned")
+    seed: int = 0
+    study_name: str | None = Field(None, description="default: the recipe's name")
+    storage: str | None = Field(None, description="SQLAlchemy URL; default: sqlite file tune/study.db in the run")
+    heartbeat_s: PositiveInt = Field(
+        10, description="a running trial writes a heartbeat this often; silent for twice as long, it counts as dead"
+    )
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> TuneConfig:
+        if self.trials is None and self.timeout_s is None:
+            raise ValueError("set tune.trials or tune.timeout_s (or both): the search would never end")
+        return self
 
 
 class CompressConfig(Section):

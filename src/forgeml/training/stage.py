@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -163,10 +164,16 @@ def check_options(cfg: TrainConfig, family: type[ModelFamily]) -> None:
 
 
 def train(
-    recipe: Recipe, run: RunDir, console: Console | None = None, resume: bool = False, env: Dist = ONE_PROCESS
+    recipe: Recipe,
+    run: RunDir,
+    console: Console | None = None,
+    resume: bool = False,
+    env: Dist = ONE_PROCESS,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train the recipe's model on the prepared splits; with ``resume``, continue from the newest
-    checkpoint. ``env``: this process's place in a torchrun job (whose group is already joined)."""
+    checkpoint. ``env``: this process's place in a torchrun job (whose group is already joined).
+    ``extra_callbacks`` watch the loop after the built-in ones (the tuner's pruning reports)."""
     cfg = recipe.train
     family_cls = MODELS.get(recipe.model.name).build
     check_options(cfg, family_cls)
@@ -209,6 +216,7 @@ def train(
     if cfg.early_stopping:  # on every rank: the same metrics give the same decision everywhere
         es = cfg.early_stopping
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
+    callbacks += extra_callbacks
 
     # Checkpoints belong to one training: the same prepared data and the same settings.
     tag = sha256_json([recipe.section_dump("data", "prepare", "model"), recipe.result_dump(), manifest])

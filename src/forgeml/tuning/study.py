@@ -1,0 +1,270 @@
+"""A study over the recipe's tune.space: sampler, pruner and storage from the recipe; each trial
+trains in this process on the run's prepared data; the results land in ``tune/``."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from forgeml.errors import ForgeError, RecipeError
+from forgeml.models import MODELS
+from forgeml.recipe import Recipe, TuneConfig
+from forgeml.rundir import RunDir, atomic_write
+from forgeml.training.callbacks import Callback, LoopState
+from forgeml.training.metrics import HIGHER_IS_BETTER, TASK_METRICS
+from forgeml.training.stage import train
+from forgeml.tuning.space import check_space, grid, recipe_values, suggest, with_values
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    metric: str
+    direction: str
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+    states: dict[str, int]  # this study's trials by state, earlier calls included
+    folder: Path
+
+    def __str__(self) -> str:
+        best = f"best {self.metric} {self.best_value:.4g} (trial {self.best_trial})"
+        return f"study {self.study_name}: {best}; {describe(self.states)}"
+
+
+def describe(states: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state.lower()}" for state, n in states.items())
+
+
+class ReportToTrial(Callback):
+    """Hands every validation metric to the trial and stops the training the pruner gives up on.
+    The step is the evaluation's number, so trials with other batch sizes still line up."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.evals = 0
+
+    def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None:
+        self.evals += 1
+        self.trial.report(float(metrics[self.metric]), self.evals)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"{self.metric} {metrics[self.metric]:.4g} at evaluation {self.evals}")
+
+
+def direction_of(cfg: TuneConfig) -> str:
+    return cfg.direction or ("maximize" if HIGHER_IS_BETTER[cfg.metric] else "minimize")
+
+
+def check_tune(recipe: Recipe) -> None:
+    """Everything about the search that can be refused before data is prepared or a trial runs."""
+    cfg = recipe.tune
+    check_space(recipe)
+    task = MODELS.get(recipe.model.name).build.task
+    if cfg.metric not in TASK_METRICS[task]:
+        raise RecipeError(
+            f"tune.metric: {recipe.model.name} models ({task}) do not measure {cfg.metric!r}; "
+            f"use one of {', '.join(TASK_METRICS[task])}"
+        )
+    if cfg.sampler == "grid":
+        grid(cfg.space)
+
+
+def make_sampler(cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler(grid(cfg.space), seed=seed)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed)
+    with quiet_experimental():
+        return optuna.samplers.GPSampler(n_startup_trials=cfg.startup_trials, seed=seed)
+
+
+def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.prune_startup_trials, n_warmup_steps=cfg.prune_from_eval
+        )
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+@contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Heartbeats, GPSampler and the matplotlib plots are marked experimental; we chose them knowingly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        yield
+
+
+@contextmanager
+def optuna_quiet() -> Iterator[None]:
+    """optuna logs a line (and failures a traceback) per trial; the progress bar and our notes say it."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def open_storage(
+    url: str, heartbeat_s: int, on_stale: Callable[[optuna.Study, FrozenTrial], None]
+) -> optuna.storages.RDBStorage:
+    """An RDB storage whose running trials beat every ``heartbeat_s``: a trial whose process died
+    stops beating, and after twice that long it is marked failed so the study goes on."""
+    try:
+        with quiet_experimental():
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_s, heartbeat_stale_trial_callback=on_stale
+            )
+    except Exception as exc:  # sqlalchemy and driver errors differ by database; all mean the same here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ForgeError(
+            f"tune.storage: cannot open {url!r} ({reason}); check the URL, the path and the server"
+        ) from exc
+
+
+def run_study(recipe: Recipe, run: RunDir, console: Console) -> TuneResult:
+    """Run ``recipe.tune.trials`` more trials (or until ``timeout_s``) of the study, continuing it
+    when the storage holds it already; the data stage of ``run`` must be prepared."""
+    cfg = recipe.tune
+    folder = run.stage_dir("tune")
+    folder.mkdir(parents=True, exist_ok=True)
+    url = cfg.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    name = cfg.study_name or recipe.name
+    direction = direction_of(cfg)
+    stale: list[int] = []
+    storage = open_storage(url, cfg.heartbeat_s, lambda study, trial: stale.append(trial.number))
+    with optuna_quiet():
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise ForgeError(
+            f"tune.study_name: study {name!r} in {url} was made to {study.direction.name.lower()} "
+            f"and this recipe asks to {direction} {cfg.metric}; choose another study name"
+        )
+    with quiet_experimental():
+        optuna.storages.fail_stale_trials(study)
+    if stale:
+        console.print(f"[yellow]marked trials {stale} failed: they were left running by a process that stopped[/]")
+    # A continued study draws from a sampler seeded afresh: the same seed would repeat the first trials.
+    study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
+    study.pruner = make_pruner(cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        try:  # a combination of values can be refused (e.g. a batch the micro-batch does not divide)
+            spec = with_values(recipe, suggest(trial, cfg.space), source=f"trial {trial.number}")
+            trial_run = trial_folder(run, name, trial.number)
+            atomic_write(trial_run.recipe_path, spec.to_yaml())
+            quiet = Console(file=io.StringIO(), width=120)  # the per-trial progress would drown the study's
+            result = train(spec, trial_run, quiet, extra_callbacks=[ReportToTrial(trial, cfg.metric)])
+        except ForgeError as exc:
+            trial.set_user_attr("error", str(exc))
+            raise
+        return float(result.val[cfg.metric])
+
+    progress = Progress(
+        TextColumn("[bold]tune"),
+        BarColumn(),
+        TextColumn("trial {task.completed}/{task.total}" if cfg.trials else "trial {task.completed}"),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task("tune", total=cfg.trials, best=best_text(study, cfg.metric))
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            reason = trial.user_attrs.get("error", "the objective raised or returned no number")
+            progress.console.print(f"[yellow]trial {trial.number} failed: {reason}[/]")
+        progress.update(task, advance=1, best=best_text(study, cfg.metric))
+
+    with progress, optuna_quiet():
+        study.optimize(
+            objective, n_trials=cfg.trials, timeout=cfg.timeout_s, catch=(ForgeError,), callbacks=[after_trial]
+        )
+    return write_outputs(study, recipe, folder, url)
+
+
+def trial_folder(run: RunDir, study_name: str, number: int) -> RunDir:
+    """``tune/trials/<study>/<number>``: a run directory whose data stage is the parent's (linked,
+    never copied or rewritten), so the train stage reads it as it reads any run's."""
+    path = run.stage_dir("tune") / "trials" / study_name / str(number)
+    shutil.rmtree(path, ignore_errors=True)  # left by a study of the same name whose storage was deleted
+    path.mkdir(parents=True)
+    (path / "data").symlink_to(os.path.relpath(run.stage_dir("data").resolve(), path.resolve()))
+    return RunDir(path)
+
+
+def best_text(study: optuna.Study, metric: str) -> str:
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    return f"{metric} {study.best_value:.4g} (trial {study.best_trial.number})" if done else "-"
+
+
+def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -> TuneResult:
+    """trials.csv, the plots, and best.yaml: the recipe with the best trial's values."""
+    cfg = recipe.tune
+    study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    states = dict(Counter(t.state.name for t in study.trials))
+    if not complete:
+        raise ForgeError(
+            f"no trial of study {study.study_name!r} completed ({describe(states)}); see {folder / 'trials.csv'}"
+        )
+    write_plots(study, folder, len(complete))
+    best = study.best_trial
+    # Its own name, so `forgeml train tune/best.yaml` trains in a fresh run directory.
+    tuned = with_values(recipe, {"name": f"{recipe.name}-tuned", **recipe_values(cfg.space, best.params)})
+    header = (
+        f"# Best of study {study.study_name} ({url}): trial {best.number}, {cfg.metric} {best.value:.6g}.\n"
+        f"# Train it with: forgeml train {folder / 'best.yaml'}\n"
+    )
+    atomic_write(folder / "best.yaml", header + tuned.to_yaml())
+    return TuneResult(
+        study.study_name,
+        url,
+        cfg.metric,
+        direction_of(cfg),
+        best.number,
+        float(best.value),
+        dict(best.params),
+        states,
+        folder,
+    )
+
+
+def write_plots(study: optuna.Study, folder: Path, complete: int) -> None:
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    drawings: dict[str, Callable[[optuna.Study], Any]] = {
+        "optimization_history": plots.plot_optimization_history,
+        "parallel_coordinate": plots.plot_parallel_coordinate,
+    }
+    if complete >= 2 and len(study.best_trial.params) > 1:  # importances compare trials and parameters
+        drawings["param_importances"] = plots.plot_param_importances
+    for name, draw in drawings.items():
+        with warnings.catch_warnings():  # notes on degenerate axes or equal importances of a small study
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            axes = draw(study)
+        figure = axes.figure
+        figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(figure)

@@ -1,0 +1,174 @@
+"""forgeml tune end to end: real optuna studies in real SQLite, each trial a real (tiny) MLP training."""
+
+import csv
+import shutil
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from forgeml import prepare
+from forgeml.cli import main
+from forgeml.errors import RecipeError
+from forgeml.recipe import validate_recipe
+from forgeml.tuning.space import grid
+
+pytestmark = pytest.mark.slow
+
+BASE = {
+    "name": "tiny",
+    "data": {"source": "breast-cancer"},
+    "audit": {"enabled": False},
+    "model": {"name": "mlp", "hidden_sizes": [8]},
+    "train": {"max_steps": 8, "global_batch_size": 64, "eval_every": 4, "lr": 1e-2, "seed": 0},
+    "tune": {
+        "trials": 2,
+        "startup_trials": 1,
+        "space": {
+            "train.lr": {"type": "categorical", "choices": [1e-3, 1e-2]},
+            "model.dropout": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.1},
+            "train.global_batch_size": {"type": "int", "low": 32, "high": 64, "step": 32},
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """One prepared run directory; each test tunes in its own copy of it."""
+    folder = tmp_path_factory.mktemp("prepared") / "run"
+    prepare(BASE, folder)
+    return folder
+
+
+def setup(tmp_path: Path, prepared: Path, **changes) -> tuple[Path, Path]:
+    recipe = {**BASE, **changes}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    shutil.copytree(prepared, run)
+    return path, run
+
+
+def tune(path: Path, run: Path, *args: str) -> None:
+    main(["tune", str(path), "--run-dir", str(run), *args])
+
+
+def rows(run: Path) -> list[dict]:
+    with (run / "tune" / "trials.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("sampler", ["grid", "random", "tpe", "gp"])
+def test_each_sampler_runs_a_study(tmp_path, prepared, sampler):
+    path, run = setup(tmp_path, prepared)
+    tune(path, run, "--sampler", sampler, "--pruner", "none")
+    trials = rows(run)
+    assert len(trials) == 2 and {t["state"] for t in trials} == {"COMPLETE"}
+    best = yaml.safe_load((run / "tune" / "best.yaml").read_text())
+    assert best["name"] == "tiny-tuned" and best["train"]["lr"] in (1e-3, 1e-2)
+    assert best["train"]["global_batch_size"] in (32, 64)
+    assert (run / "tune" / "study.db").exists()
+    assert {"optimization_history.png", "parallel_coordinate.png", "param_importances.png"} <= {
+        p.name for p in (run / "tune").glob("*.png")
+    }
+    # Every trial trained in its own run directory on the parent's prepared data.
+    assert (run / "tune" / "trials" / "tiny" / "0" / "data").resolve() == (run / "data").resolve()
+    assert (run / "tune" / "trials" / "tiny" / "1" / "train" / "eval.json").exists()
+
+
+def test_median_pruner_prunes_hopeless_trials(tmp_path, prepared):
+    # Learning rates down to 1e-6 barely move the loss in 8 steps: those trials fall below the median.
+    space = {"train.lr": {"type": "float", "low": 1e-6, "high": 0.5, "log": True}}
+    tune_cfg = {"trials": 8, "space": space, "prune_startup_trials": 1, "prune_from_eval": 1}
+    path, run = setup(tmp_path, prepared, tune=tune_cfg, train={**BASE["train"], "eval_every": 1})
+    tune(path, run, "--sampler", "random", "--pruner", "median")
+    states = [t["state"] for t in rows(run)]
+    assert "PRUNED" in states and "COMPLETE" in states
+
+
+def test_hyperband_pruner_runs(tmp_path, prepared):
+    path, run = setup(tmp_path, prepared)
+    tune(path, run, "--pruner", "hyperband", "--trials", "3")
+    assert len(rows(run)) == 3
+
+
+def test_rerun_continues_the_study(tmp_path, prepared, capsys):
+    path, run = setup(tmp_path, prepared)
+    tune(path, run, "--sampler", "random")
+    tune(path, run, "--sampler", "random", "--trials", "1")
+    assert len(rows(run)) == 3
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{run / 'tune' / 'study.db'}")
+    assert len(study.trials) == 3
+    # The second call's sampler is seeded afresh: it does not repeat the first call's first trial.
+    assert study.trials[2].params != study.trials[0].params
+
+
+def test_best_recipe_trains(tmp_path, prepared):
+    path, run = setup(tmp_path, prepared)
+    tune(path, run, "--sampler", "random", "--study", "s1")
+    best = run / "tune" / "best.yaml"
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{run / 'tune' / 'study.db'}")
+    loaded = yaml.safe_load(best.read_text())
+    assert loaded["train"]["lr"] == study.best_params["train.lr"]
+    main(["train", str(best), "--run-dir", str(tmp_path / "best-run")])
+    assert (tmp_path / "best-run" / "train" / "eval.json").exists()
+
+
+def test_stale_running_trial_is_failed_on_restart(tmp_path, prepared, capsys):
+    path, run = setup(tmp_path, prepared)
+    (run / "tune").mkdir()
+    url = f"sqlite:///{run / 'tune' / 'study.db'}"
+    # A trial whose process was killed: RUNNING, with a heartbeat that stops.
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name="tiny", direction="minimize")
+    killed = study.ask()
+    storage.record_heartbeat(killed._trial_id)
+    time.sleep(2.5)  # longer than the grace period (twice the heartbeat)
+    tune(path, run, "--trials", "1", "--set", "tune.heartbeat_s=1")
+    states = {t.number: t.state for t in optuna.load_study(study_name="tiny", storage=url).trials}
+    assert states == {0: optuna.trial.TrialState.FAIL, 1: optuna.trial.TrialState.COMPLETE}
+    assert "marked trials [0] failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"space": {}}, "tune.space is empty"),
+        ({"space": {"train.lrr": {"type": "float", "low": 0.1, "high": 0.2}}}, "train.lrr: unknown key"),
+        ({"space": {"model.dropot": {"type": "float", "low": 0.1, "high": 0.2}}}, "did you mean model.dropout"),
+        ({"space": {"train.lr": {"type": "float", "low": 0.1, "high": 2.0}}}, "tune.space.train.lr = 2.0"),
+        ({"space": {"data.max_rows": {"type": "int", "low": 100, "high": 200}}}, "tune.space.data.max_rows: cannot"),
+        ({"metric": "perplexity"}, "tune.metric: mlp models (classification) do not measure 'perplexity'"),
+        (
+            {"sampler": "grid", "space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}},
+            "the grid sampler needs a finite set of values",
+        ),
+        ({"storage": "sqlite:////nonexistent-forgeml-dir/sub/study.db"}, "tune.storage: cannot open"),
+        ({"storage": "nosuchdb://host/x"}, "tune.storage: cannot open"),
+        ({"space": {"train.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}}, "log scale needs low > 0"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(tmp_path, prepared, capsys, change, message):
+    path, run = setup(tmp_path, prepared, tune={**BASE["tune"], **change})
+    with pytest.raises(SystemExit) as exit_:
+        tune(path, run)
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err
+    assert not (run / "tune" / "trials").exists()  # refused before any trial ran
+
+
+def test_grid_values():
+    recipe = validate_recipe(BASE)
+    assert grid(recipe.tune.space) == {
+        "train.lr": [1e-3, 1e-2],
+        "model.dropout": [0.0, 0.1, 0.2],
+        "train.global_batch_size": [32, 64],
+    }
+    with pytest.raises(RecipeError, match="log scale takes no step"):
+        validate_recipe(
+            {**BASE, "tune": {"space": {"train.lr": {"type": "float", "low": 1, "high": 2, "log": True, "step": 1}}}}
+        )

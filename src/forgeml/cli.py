@@ -199,9 +199,13 @@ def tune(
     ] = None,
     study: Annotated[str | None, typer.Option("--study", help="study name (default: the recipe's name)")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="seed of the sampler (tune.seed)")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="processes running trials at once (tune.workers)")
+    ] = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
     allow_audit_failures: AllowOpt = False,
+    worker: Annotated[bool, typer.Option("--worker", hidden=True)] = False,
 ) -> None:
     """Search the recipe's tune.space with Optuna; running it again continues the same study.
 
@@ -219,9 +223,16 @@ def tune(
         "storage": storage,
         "study_name": study,
         "seed": seed,
+        "workers": workers,
     }
     data = as_recipe(recipe, tuple(set_ or ())).model_dump(mode="json")
     data["tune"].update({key: value for key, value in options.items() if value is not None})
+    if worker:  # one of the processes `--workers` starts (always with --run-dir): trials only
+        from forgeml.rundir import RunDir
+        from forgeml.tuning.study import work
+
+        work(validate_recipe(data, source=recipe), RunDir(run_dir), errors)
+        return
     result = run_tune(
         validate_recipe(data, source=recipe), run_dir, allow_audit_failures=allow_audit_failures, console=errors
     )

@@ -284,6 +284,9 @@ class TuneConfig(Section):
     seed: int = 0
     study_name: str | None = Field(None, description="default: the recipe's name")
     storage: str | None = Field(None, description="SQLAlchemy URL; default: sqlite file tune/study.db in the run")
+    workers: PositiveInt = Field(
+        1, description="processes on this machine running trials of the study at once, the cores split among them"
+    )
     heartbeat_s: PositiveInt = Field(
         10, description="a running trial writes a heartbeat this often; silent for twice as long, it counts as dead"
     )

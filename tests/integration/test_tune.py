@@ -1,7 +1,12 @@
 """forgeml tune end to end: real optuna studies in real SQLite, each trial a real (tiny) MLP training."""
 
+import contextlib
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,3 +177,44 @@ def test_grid_values():
         validate_recipe(
             {**BASE, "tune": {"space": {"train.lr": {"type": "float", "low": 1, "high": 2, "log": True, "step": 1}}}}
         )
+
+
+def study_of(run: Path) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{run / 'tune' / 'study.db'}")
+
+
+def test_two_workers_share_one_sqlite_study_without_losing_trials(tmp_path, prepared):
+    path, run = setup(tmp_path, prepared)
+    tune(path, run, "--workers", "2", "--trials", "4", "--sampler", "random", "--pruner", "none")
+    trials = study_of(run).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    assert len({t.user_attrs["process"] for t in trials}) == 2  # both workers took trials
+    assert len(rows(run)) == 4
+
+
+def test_a_worker_killed_mid_trial_fails_its_trial_and_the_study_goes_on(tmp_path, prepared):
+    # Trials long enough to be caught running.
+    slow = {**BASE["train"], "max_steps": 3000, "eval_every": 1000}
+    path, run = setup(tmp_path, prepared, train=slow)
+    command = [sys.executable, "-m", "forgeml", "tune", str(path), "--run-dir", str(run), "--workers", "2"]
+    command += ["--trials", "3", "--sampler", "random", "--pruner", "none"]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        victim = None
+        while victim is None and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+            with contextlib.suppress(Exception):  # the study may not exist yet
+                running = study_of(run).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                victim = next((t for t in running if "process" in t.user_attrs), None)
+        assert victim is not None, "no trial was seen running"
+        os.kill(victim.user_attrs["process"], signal.SIGKILL)
+        _, err = job.communicate(timeout=300)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err
+    states = {t.number: t.state.name for t in study_of(run).trials}
+    assert states[victim.number] == "FAIL"
+    assert "COMPLETE" in states.values()
+    assert f"trial {victim.number} failed: its worker ended" in " ".join(err.split())

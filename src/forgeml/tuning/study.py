@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -133,7 +136,11 @@ def open_storage(
     try:
         with quiet_experimental():
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, heartbeat_stale_trial_callback=on_stale
+                url,
+                # SQLite lets one writer in at a time; workers wait their turn instead of failing at once.
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                heartbeat_interval=heartbeat_s,
+                heartbeat_stale_trial_callback=on_stale,
             )
     except Exception as exc:  # sqlalchemy and driver errors differ by database; all mean the same here
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -144,7 +151,42 @@ def open_storage(
 
 def run_study(recipe: Recipe, run: RunDir, console: Console) -> TuneResult:
     """Run ``recipe.tune.trials`` more trials (or until ``timeout_s``) of the study, continuing it
-    when the storage holds it already; the data stage of ``run`` must be prepared."""
+    when the storage holds it already, in this process or in ``tune.workers`` processes; the data
+    stage of ``run`` must be prepared."""
+    cfg = recipe.tune
+    study, storage, url = open_study(recipe, run, console)
+    progress = Progress(
+        TextColumn("[bold]tune"),
+        BarColumn(),
+        TextColumn("trial {task.completed}/{task.total}" if cfg.trials else "trial {task.completed}"),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task("tune", total=cfg.trials, best=best_text(study, cfg.metric))
+    with progress:
+        if cfg.workers == 1:
+
+            def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+                report_failure(trial, progress.console)
+                progress.update(task, advance=1, best=best_text(study, cfg.metric))
+
+            run_trials(study, recipe, run, [after_trial])
+        else:
+            run_workers(
+                study,
+                storage,
+                recipe,
+                run,
+                lambda done: progress.update(task, completed=done, best=best_text(study, cfg.metric)),
+                lambda note: progress.console.print(f"[yellow]{note}[/]"),
+            )
+    return write_outputs(study, recipe, run.stage_dir("tune"), url)
+
+
+def open_study(recipe: Recipe, run: RunDir, console: Console) -> tuple[optuna.Study, optuna.storages.RDBStorage, str]:
+    """The recipe's study in its storage (created, or loaded to go on), with trials left running by
+    a process that died marked failed, and the recipe's sampler and pruner."""
     cfg = recipe.tune
     folder = run.stage_dir("tune")
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,8 +209,23 @@ def run_study(recipe: Recipe, run: RunDir, console: Console) -> TuneResult:
     # A continued study draws from a sampler seeded afresh: the same seed would repeat the first trials.
     study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
     study.pruner = make_pruner(cfg)
+    return study, storage, url
+
+
+def run_trials(
+    study: optuna.Study,
+    recipe: Recipe,
+    run: RunDir,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
+    total: int | None = None,
+) -> None:
+    """Trials in this process until ``tune.trials`` (or, with ``total``, until the study holds
+    that many, however many processes add to it) or ``tune.timeout_s``."""
+    cfg = recipe.tune
+    name = study.study_name
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("process", os.getpid())  # so a worker's death can be pinned on its trial
         try:  # a combination of values can be refused (e.g. a batch the micro-batch does not divide)
             spec = with_values(recipe, suggest(trial, cfg.space), source=f"trial {trial.number}")
             trial_run = trial_folder(run, name, trial.number)
@@ -180,27 +237,69 @@ def run_study(recipe: Recipe, run: RunDir, console: Console) -> TuneResult:
             raise
         return float(result.val[cfg.metric])
 
-    progress = Progress(
-        TextColumn("[bold]tune"),
-        BarColumn(),
-        TextColumn("trial {task.completed}/{task.total}" if cfg.trials else "trial {task.completed}"),
-        TextColumn("best {task.fields[best]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    task = progress.add_task("tune", total=cfg.trials, best=best_text(study, cfg.metric))
-
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
-            reason = trial.user_attrs.get("error", "the objective raised or returned no number")
-            progress.console.print(f"[yellow]trial {trial.number} failed: {reason}[/]")
-        progress.update(task, advance=1, best=best_text(study, cfg.metric))
-
-    with progress, optuna_quiet():
+    if total is not None:  # counts every trial, running ones included, so the workers stop together
+        callbacks = [*callbacks, optuna.study.MaxTrialsCallback(total, states=None)]
+    with optuna_quiet():
         study.optimize(
-            objective, n_trials=cfg.trials, timeout=cfg.timeout_s, catch=(ForgeError,), callbacks=[after_trial]
+            objective,
+            n_trials=cfg.trials if total is None else None,
+            timeout=cfg.timeout_s,
+            catch=(ForgeError,),
+            callbacks=callbacks,
         )
-    return write_outputs(study, recipe, folder, url)
+
+
+def report_failure(trial: FrozenTrial, console: Console) -> None:
+    if trial.state == TrialState.FAIL:
+        reason = trial.user_attrs.get("error", "the objective raised or returned no number")
+        console.print(f"[yellow]trial {trial.number} failed: {reason}[/]")
+
+
+def run_workers(
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    recipe: Recipe,
+    run: RunDir,
+    show: Callable[[int], None],
+    warn: Callable[[str], None],
+) -> None:
+    """``tune.workers`` processes of `forgeml tune --worker`, each drawing trials from the shared
+    storage until the study holds ``tune.trials`` more (or ``timeout_s`` passes); the storage is
+    all they share, exactly as workers on other machines would."""
+    cfg = recipe.tune
+    start = len(study.trials)
+    spec = run.stage_dir("tune") / f"{study.study_name}.worker.yaml"
+    atomic_write(spec, recipe.to_yaml())
+    threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
+    workers = []
+    for index in range(cfg.workers):
+        command = [sys.executable, "-m", "forgeml", "tune", str(spec), "--run-dir", str(run.path), "--worker"]
+        # Each its own seed, or they would sample the same values.
+        command += ["--set", f"tune.seed={cfg.seed + 1000 * (index + 1)}"]
+        command += ["--set", f"tune.trials={start + cfg.trials}"] if cfg.trials else []
+        workers.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": threads}))
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    while any(worker.poll() is None for worker in workers):
+        show(len(study.get_trials(deepcopy=False, states=finished)) - start)
+        time.sleep(0.5)
+    # A worker that died (killed, out of memory) left its trial running: mark it failed now rather
+    # than when its heartbeat goes stale, and go on with what the others found.
+    dead = {worker.pid: worker.returncode for worker in workers if worker.returncode}
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("process") in dead:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            warn(f"trial {trial.number} failed: its worker ended with exit status {dead[trial.user_attrs['process']]}")
+    for pid, code in dead.items():
+        warn(f"tune worker {pid} ended with exit status {code}; the study went on without it")
+    show(len(study.get_trials(deepcopy=False, states=finished)) - start)
+
+
+def work(recipe: Recipe, run: RunDir, console: Console) -> None:
+    """One worker of `run_workers`: trials until the study holds ``tune.trials`` of them."""
+    study, _, _ = open_study(recipe, run, console)
+    run_trials(study, recipe, run, [lambda study, trial: report_failure(trial, console)], total=recipe.tune.trials)
 
 
 def trial_folder(run: RunDir, study_name: str, number: int) -> RunDir:

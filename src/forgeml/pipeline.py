@@ -32,6 +32,7 @@ class Stage:
     inputs: Callable[[Recipe, RunDir], dict[str, str]]  # fingerprints of what it reads
     call: Callable[[Recipe, RunDir, Console, bool, Dist], Any]  # (recipe, run, console, resume, env)
     enabled: Callable[[Recipe], bool] = lambda recipe: True
+    check: Callable[[Recipe], None] = lambda recipe: None  # refuses bad settings before any stage runs
 
 
 def file_hashes(*relative: str) -> Callable[[Recipe, RunDir], dict[str, str]]:
@@ -71,13 +72,40 @@ STAGES = (
         lambda recipe, run, console, resume, env: train(recipe, run, console, resume, env),
     ),
     Stage(
+        "tune",
+        ("data", "prepare", "model", "train", "tune"),
+        file_hashes("data/manifest.json"),
+        lambda recipe, run, console, resume, env: _tune(recipe, run, console),
+        enabled=lambda recipe: bool(recipe.tune.space),
+        check=lambda recipe: _check_tune(recipe),
+    ),
+    Stage(
         "report",
         (),
-        file_hashes("recipe.yaml", "audit/report.json", "data/manifest.json", "train/eval.json", "train/metrics.jsonl"),
+        file_hashes(
+            "recipe.yaml",
+            "audit/report.json",
+            "data/manifest.json",
+            "train/eval.json",
+            "train/metrics.jsonl",
+            "tune/summary.json",
+        ),
         lambda recipe, run, console, resume, env: write_report(run.path),
     ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def _tune(recipe: Recipe, run: RunDir, console: Console) -> Any:
+    from forgeml.tuning.study import run_study  # optuna loads only for runs that tune
+
+    return run_study(recipe, run, console)
+
+
+def _check_tune(recipe: Recipe) -> None:
+    from forgeml.tuning.study import check_tune
+
+    check_tune(recipe)
 
 
 def config_slice(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -116,6 +144,8 @@ def run_stages(
     run = RunDir(run_dir or default_run_dir(recipe))
     chosen = [stage for stage in STAGES[: STAGE_NAMES.index(until) + 1] if stage.enabled(recipe)]
     hashes = {stage.name: sha256_json(config_slice(recipe, stage.sections)) for stage in chosen}
+    for stage in chosen:
+        stage.check(recipe)
     device_type = resolve_device(recipe.train.device, env.local_rank).type
     with process_group(env, device_type, recipe.train.collective_timeout_s):
         on_main(env, lambda: run.claim(recipe.to_yaml(), hashes, force))

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import json
 import os
 import shutil
 import signal
@@ -135,7 +136,7 @@ def test_stale_running_trial_is_failed_on_restart(tmp_path, prepared, capsys):
     tune(path, run, "--trials", "1", "--set", "tune.heartbeat_s=1")
     states = {t.number: t.state for t in optuna.load_study(study_name="tiny", storage=url).trials}
     assert states == {0: optuna.trial.TrialState.FAIL, 1: optuna.trial.TrialState.COMPLETE}
-    assert "marked trials [0] failed" in capsys.readouterr().err
+    assert "marked trial 0 failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -218,3 +219,25 @@ def test_a_worker_killed_mid_trial_fails_its_trial_and_the_study_goes_on(tmp_pat
     assert states[victim.number] == "FAIL"
     assert "COMPLETE" in states.values()
     assert f"trial {victim.number} failed: its worker ended" in " ".join(err.split())
+
+
+def test_run_tunes_when_the_recipe_has_a_space_and_the_report_shows_it(tmp_path, prepared):
+    path, run = setup(tmp_path, prepared)
+    main(["run", str(path), "--run-dir", str(run)])
+    stages = json.loads((run / "run.json").read_text())["stages"]
+    assert stages["tune"]["status"] == "done" and len(rows(run)) == 2
+    page = (run / "report.html").read_text()
+    tuning = page[page.index("<h2>Tuning</h2>") :]
+    assert "tune/best.yaml" in tuning and "train.lr" in tuning
+    assert tuning.count("data:image/png;base64,") == 3  # history, importances, parallel coordinates
+    main(["run", str(path), "--run-dir", str(run)])  # up to date: no more trials
+    assert len(rows(run)) == 2
+
+
+def test_a_bad_space_stops_run_before_any_stage(tmp_path, prepared, capsys):
+    bad = {**BASE["tune"], "space": {"train.lrr": {"type": "float", "low": 0.1, "high": 0.2}}}
+    path, run = setup(tmp_path, prepared, tune=bad)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(path), "--run-dir", str(run)])
+    assert exit_.value.code == 2 and "train.lrr: unknown key" in capsys.readouterr().err
+    assert not (run / "train").exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def test_cuda_peak_comes_from_the_datasheet(monkeypatch, name, precision, tflops
 
 
 def test_peak_memory_counts_what_the_process_held():
-    resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     block = torch.ones(256 * 2**20 // 4)  # 256 MiB more, every page touched
     assert peak_memory_bytes(torch.device("cpu")) >= resident + 0.9 * block.nbytes
 

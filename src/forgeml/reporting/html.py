@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ class Run:
     metrics: list[Mapping[str, Any]]
     eval: Mapping[str, Any] | None
     audit: Mapping[str, Any] | None = None
+    tuning: Mapping[str, Any] | None = None  # tune/summary.json
+    tuning_plots: Mapping[str, bytes] = field(default_factory=dict)  # the tune stage's PNGs by name
 
 
 Builder = Callable[[Run], str | None]
@@ -93,6 +95,8 @@ def load_run(run_dir: Path) -> Run:
         metrics=_read_jsonl(run_dir / "train" / "metrics.jsonl"),
         eval=_dict_or_none(_read_json(run_dir / "train" / "eval.json")),
         audit=_dict_or_none(_read_json(run_dir / "audit" / "report.json")),
+        tuning=_dict_or_none(_read_json(run_dir / "tune" / "summary.json")),
+        tuning_plots={png.stem: png.read_bytes() for png in sorted((run_dir / "tune").glob("*.png"))},
     )
 
 
@@ -321,6 +325,29 @@ def _evaluation(run: Run) -> str:
     return _section("Evaluation", "\n".join(parts))
 
 
+TUNING_PLOTS = {
+    "optimization_history": "optimisation history",
+    "param_importances": "parameter importances",
+    "parallel_coordinate": "parallel coordinates",
+}
+
+
+def _tuning(run: Run) -> str:
+    summary = run.tuning
+    if summary is None:
+        return _absent("Tuning", run, "tune")
+    states = ", ".join(f"{n} {state.lower()}" for state, n in summary["states"].items())
+    parts = [
+        f"<p>Study <code>{escape(summary['study_name'])}</code> in <code>{escape(summary['storage'])}</code>: "
+        f"{escape(states)}. Best {escape(summary['metric'])} {_fmt(summary['best_value'])} "
+        f"({escape(summary['direction'])}), trial {summary['best_trial']}; the recipe with its values is "
+        "<code>tune/best.yaml</code>.</p>",
+        _table(["parameter", "best value"], [[name, value] for name, value in summary["best_params"].items()]),
+    ]
+    parts += [_img(run.tuning_plots[name], alt) for name, alt in TUNING_PLOTS.items() if name in run.tuning_plots]
+    return _section("Tuning", "\n".join(parts))
+
+
 SECTIONS: list[Builder] = [
     _header,
     _recipe,
@@ -328,7 +355,7 @@ SECTIONS: list[Builder] = [
     _data,
     _training,
     _evaluation,
-    placeholder("Tuning"),
+    _tuning,
     placeholder("Compression"),
     placeholder("Explanations"),
 ]

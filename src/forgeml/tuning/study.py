@@ -13,7 +13,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from forgeml.errors import ForgeError, RecipeError
 from forgeml.models import MODELS
 from forgeml.recipe import Recipe, TuneConfig
-from forgeml.rundir import RunDir, atomic_write
+from forgeml.rundir import RunDir, atomic_write, write_json
 from forgeml.training.callbacks import Callback, LoopState
 from forgeml.training.metrics import HIGHER_IS_BETTER, TASK_METRICS
 from forgeml.training.stage import train
@@ -128,6 +128,17 @@ def optuna_quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
+def shown(url: str) -> str:
+    """``url`` with any password masked, for messages and files."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL at all: nothing to hide
+        return url
+
+
 def open_storage(
     url: str, heartbeat_s: int, on_stale: Callable[[optuna.Study, FrozenTrial], None]
 ) -> optuna.storages.RDBStorage:
@@ -145,7 +156,7 @@ def open_storage(
     except Exception as exc:  # sqlalchemy and driver errors differ by database; all mean the same here
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ForgeError(
-            f"tune.storage: cannot open {url!r} ({reason}); check the URL, the path and the server"
+            f"tune.storage: cannot open {shown(url)!r} ({reason}); check the URL, the path and the server"
         ) from exc
 
 
@@ -193,23 +204,24 @@ def open_study(recipe: Recipe, run: RunDir, console: Console) -> tuple[optuna.St
     url = cfg.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     name = cfg.study_name or recipe.name
     direction = direction_of(cfg)
-    stale: list[int] = []
-    storage = open_storage(url, cfg.heartbeat_s, lambda study, trial: stale.append(trial.number))
+
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:  # now or when a later trial starts
+        console.print(f"[yellow]marked trial {trial.number} failed: a process that stopped left it running[/]")
+
+    storage = open_storage(url, cfg.heartbeat_s, on_stale)
     with optuna_quiet():
         study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
     if study.direction.name.lower() != direction:
         raise ForgeError(
-            f"tune.study_name: study {name!r} in {url} was made to {study.direction.name.lower()} "
+            f"tune.study_name: study {name!r} in {shown(url)} was made to {study.direction.name.lower()} "
             f"and this recipe asks to {direction} {cfg.metric}; choose another study name"
         )
     with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
-    if stale:
-        console.print(f"[yellow]marked trials {stale} failed: they were left running by a process that stopped[/]")
     # A continued study draws from a sampler seeded afresh: the same seed would repeat the first trials.
     study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
     study.pruner = make_pruner(cfg)
-    return study, storage, url
+    return study, storage, shown(url)
 
 
 def run_trials(
@@ -336,7 +348,7 @@ def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -
         f"# Train it with: forgeml train {folder / 'best.yaml'}\n"
     )
     atomic_write(folder / "best.yaml", header + tuned.to_yaml())
-    return TuneResult(
+    result = TuneResult(
         study.study_name,
         url,
         cfg.metric,
@@ -347,6 +359,8 @@ def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -
         states,
         folder,
     )
+    write_json(folder / "summary.json", {**asdict(result), "folder": str(folder)})  # for the report
+    return result
 
 
 def write_plots(study: optuna.Study, folder: Path, complete: int) -> None:

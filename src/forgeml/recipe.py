@@ -258,21 +258,30 @@ def _check_bounds(low: float, high: float, log: bool) -> None:
 Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]  # noqa: UP007
 
 
+# What a trial's trained model costs, measured after training, for multi-objective studies.
+MODEL_COST_METRICS = ("size_mb", "latency_ms")
+TuneMetric = Literal["loss", "accuracy", "macro_f1", "perplexity", "size_mb", "latency_ms"]
+
+
 class TuneConfig(Section):
     """Hyperparameter search (``forgeml tune``): which recipe fields to search and how."""
 
     space: dict[str, Param] = Field(
         {}, description="recipe field path -> distribution, e.g. train.lr: {type: float, low: 1e-5, high: 1e-2}"
     )
-    metric: Literal["loss", "accuracy", "macro_f1", "perplexity"] = Field(
-        "loss", description="the validation metric to optimise"
+    metric: TuneMetric | list[TuneMetric] = Field(
+        "loss",
+        description="the validation metric to optimise; a list of two or more (e.g. [macro_f1, latency_ms]): a "
+        "multi-objective study (NSGA-II, no pruning) whose result is the Pareto front",
     )
     direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="default: maximize accuracy and macro_f1, minimize loss and perplexity"
+        None, description="one metric: default maximize accuracy and macro_f1, minimize the others"
     )
     trials: PositiveInt | None = Field(20, description="trials to run in this call; null: until timeout_s")
     timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="start no trial after this long")
-    sampler: Literal["grid", "random", "tpe", "gp"] = "tpe"
+    sampler: Literal["grid", "random", "tpe", "gp", "nsga2"] = Field(
+        "tpe", description="nsga2 (genetic, multi-objective) is the default for a list of metrics"
+    )
     startup_trials: Annotated[int, Field(ge=0)] = Field(
         4, description="tpe, gp: trials sampled at random before the model of the space takes over"
     )
@@ -295,7 +304,37 @@ class TuneConfig(Section):
     def _check_stop(self) -> TuneConfig:
         if self.trials is None and self.timeout_s is None:
             raise ValueError("set tune.trials or tune.timeout_s (or both): the search would never end")
+        if not isinstance(self.metric, list):
+            if self.metric in MODEL_COST_METRICS:
+                raise ValueError(
+                    f"metric {self.metric} only pairs with a validation metric, e.g. [macro_f1, {self.metric}]"
+                )
+            return self
+        if len(set(self.metric)) < 2:
+            raise ValueError("a list of metrics needs two or more different ones; give one metric as a plain value")
+        if set(self.metric) <= set(MODEL_COST_METRICS):
+            raise ValueError("a list of metrics needs a validation metric too, e.g. [macro_f1, size_mb]")
+        if self.direction is not None:
+            raise ValueError("direction: each metric of a list has its own (size and latency are minimised)")
+        if self.pruner != "none":
+            raise ValueError(
+                f"pruner {self.pruner}: pruning is not available in a multi-objective study; set pruner none"
+            )
+        if self.sampler not in ("nsga2", "random"):
+            raise ValueError(f"sampler {self.sampler}: a multi-objective study takes nsga2 or random")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _multi_objective_defaults(cls, data: Any) -> Any:
+        """A list of metrics searches with NSGA-II and prunes nothing, unless the recipe says otherwise."""
+        if isinstance(data, dict) and isinstance(data.get("metric"), list):
+            return {"sampler": "nsga2", "pruner": "none", **data}
+        return data
+
+    @property
+    def objectives(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
 
 
 class CompressConfig(Section):

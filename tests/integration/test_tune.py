@@ -241,3 +241,30 @@ def test_a_bad_space_stops_run_before_any_stage(tmp_path, prepared, capsys):
         main(["run", str(path), "--run-dir", str(run)])
     assert exit_.value.code == 2 and "train.lrr: unknown key" in capsys.readouterr().err
     assert not (run / "train").exists()
+
+
+def test_a_list_of_metrics_is_a_multi_objective_study_with_a_pareto_front(tmp_path, prepared):
+    # Wider models are larger: size competes with accuracy, so the front has more than one trial.
+    space = {"model.hidden_sizes": {"type": "categorical", "choices": [[4], [64], [256, 64]]}}
+    multi = {**BASE["tune"], "metric": ["accuracy", "size_mb", "latency_ms"], "trials": 4, "space": space}
+    path, run = setup(tmp_path, prepared, tune=multi)
+    tune(path, run)
+    study = study_of(run)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4 and all(t.values[1] > 0 and t.values[2] > 0 for t in complete)
+    summary = json.loads((run / "tune" / "summary.json").read_text())
+    assert summary["pareto"] == [t.number for t in study.best_trials]
+    assert summary["best_trial"] in summary["pareto"]
+    assert (run / "tune" / "pareto_front.png").exists()
+    if len(summary["pareto"]) > 1:
+        assert "Pareto front" in (run / "tune" / "best.yaml").read_text()
+
+
+def test_pruning_is_refused_for_a_multi_objective_study(tmp_path, prepared, capsys):
+    multi = {**BASE["tune"], "metric": ["accuracy", "latency_ms"]}
+    path, run = setup(tmp_path, prepared, tune=multi)
+    with pytest.raises(SystemExit) as exit_:
+        tune(path, run, "--pruner", "median")
+    assert exit_.value.code == 2
+    assert "pruning is not available in a multi-objective study" in " ".join(capsys.readouterr().err.split())

@@ -326,10 +326,23 @@ def _evaluation(run: Run) -> str:
 
 
 TUNING_PLOTS = {
+    "pareto_front": "Pareto front",
     "optimization_history": "optimisation history",
     "param_importances": "parameter importances",
     "parallel_coordinate": "parallel coordinates",
 }
+
+
+def _best(summary: Mapping[str, Any]) -> str:
+    metrics, directions = summary["metric"].split(", "), summary["direction"].split(", ")
+    if len(metrics) == 1:
+        value = _fmt(summary["best_value"])
+        return f"Best {escape(metrics[0])} {value} ({escape(directions[0])}), trial {summary['best_trial']}"
+    goals = ", ".join(f"{escape(d)} {escape(m)}" for m, d in zip(metrics, directions, strict=True))
+    return (
+        f"Objectives: {goals}. Pareto front: trials {escape(str(summary['pareto']))}; trial {summary['best_trial']} "
+        f"is the front's best on {escape(metrics[0])}"
+    )
 
 
 def _tuning(run: Run) -> str:
@@ -339,9 +352,7 @@ def _tuning(run: Run) -> str:
     states = ", ".join(f"{n} {state.lower()}" for state, n in summary["states"].items())
     parts = [
         f"<p>Study <code>{escape(summary['study_name'])}</code> in <code>{escape(summary['storage'])}</code>: "
-        f"{escape(states)}. Best {escape(summary['metric'])} {_fmt(summary['best_value'])} "
-        f"({escape(summary['direction'])}), trial {summary['best_trial']}; the recipe with its values is "
-        "<code>tune/best.yaml</code>.</p>",
+        f"{escape(states)}. {_best(summary)}; the recipe with its values is <code>tune/best.yaml</code>.</p>",
         _table(["parameter", "best value"], [[name, value] for name, value in summary["best_params"].items()]),
     ]
     parts += [_img(run.tuning_plots[name], alt) for name, alt in TUNING_PLOTS.items() if name in run.tuning_plots]

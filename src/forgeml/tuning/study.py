@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgeml.errors import ForgeError, RecipeError
 from forgeml.models import MODELS
-from forgeml.recipe import Recipe, TuneConfig
+from forgeml.recipe import MODEL_COST_METRICS, Recipe, TuneConfig
 from forgeml.rundir import RunDir, atomic_write, write_json
 from forgeml.training.callbacks import Callback, LoopState
 from forgeml.training.metrics import HIGHER_IS_BETTER, TASK_METRICS
 from forgeml.training.stage import train
+from forgeml.tuning.objectives import model_cost
 from forgeml.tuning.space import check_space, grid, recipe_values, suggest, with_values
 
 
@@ -44,9 +46,13 @@ class TuneResult:
     best_params: dict[str, Any]
     states: dict[str, int]  # this study's trials by state, earlier calls included
     folder: Path
+    pareto: list[int]  # a multi-objective study's front (trial numbers); else the best trial
 
     def __str__(self) -> str:
         best = f"best {self.metric} {self.best_value:.4g} (trial {self.best_trial})"
+        if len(self.pareto) > 1:
+            first = self.metric.split(", ")[0]
+            best = f"Pareto front of trials {self.pareto}; best.yaml is trial {self.best_trial}, best on {first}"
         return f"study {self.study_name}: {best}; {describe(self.states)}"
 
 
@@ -70,8 +76,10 @@ class ReportToTrial(Callback):
             raise optuna.TrialPruned(f"{self.metric} {metrics[self.metric]:.4g} at evaluation {self.evals}")
 
 
-def direction_of(cfg: TuneConfig) -> str:
-    return cfg.direction or ("maximize" if HIGHER_IS_BETTER[cfg.metric] else "minimize")
+def directions(cfg: TuneConfig) -> list[str]:
+    if cfg.direction:
+        return [cfg.direction]
+    return ["maximize" if HIGHER_IS_BETTER.get(metric, False) else "minimize" for metric in cfg.objectives]
 
 
 def check_tune(recipe: Recipe) -> None:
@@ -79,11 +87,12 @@ def check_tune(recipe: Recipe) -> None:
     cfg = recipe.tune
     check_space(recipe)
     task = MODELS.get(recipe.model.name).build.task
-    if cfg.metric not in TASK_METRICS[task]:
-        raise RecipeError(
-            f"tune.metric: {recipe.model.name} models ({task}) do not measure {cfg.metric!r}; "
-            f"use one of {', '.join(TASK_METRICS[task])}"
-        )
+    for metric in cfg.objectives:
+        if metric not in (*TASK_METRICS[task], *MODEL_COST_METRICS):
+            raise RecipeError(
+                f"tune.metric: {recipe.model.name} models ({task}) do not measure {metric!r}; "
+                f"use one of {', '.join((*TASK_METRICS[task], *MODEL_COST_METRICS))}"
+            )
     if cfg.sampler == "grid":
         grid(cfg.space)
 
@@ -95,6 +104,8 @@ def make_sampler(cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed)
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     with quiet_experimental():
         return optuna.samplers.GPSampler(n_startup_trials=cfg.startup_trials, seed=seed)
 
@@ -203,18 +214,19 @@ def open_study(recipe: Recipe, run: RunDir, console: Console) -> tuple[optuna.St
     folder.mkdir(parents=True, exist_ok=True)
     url = cfg.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     name = cfg.study_name or recipe.name
-    direction = direction_of(cfg)
+    wanted = directions(cfg)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:  # now or when a later trial starts
         console.print(f"[yellow]marked trial {trial.number} failed: a process that stopped left it running[/]")
 
     storage = open_storage(url, cfg.heartbeat_s, on_stale)
     with optuna_quiet():
-        study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
-    if study.direction.name.lower() != direction:
+        study = optuna.create_study(storage=storage, study_name=name, directions=wanted, load_if_exists=True)
+    made = [d.name.lower() for d in study.directions]
+    if made != wanted:
         raise ForgeError(
-            f"tune.study_name: study {name!r} in {shown(url)} was made to {study.direction.name.lower()} "
-            f"and this recipe asks to {direction} {cfg.metric}; choose another study name"
+            f"tune.study_name: study {name!r} in {shown(url)} was made to {', '.join(made)} and this recipe asks "
+            f"to {', '.join(wanted)} {', '.join(cfg.objectives)}; choose another study name"
         )
     with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
@@ -243,11 +255,17 @@ def run_trials(
             trial_run = trial_folder(run, name, trial.number)
             atomic_write(trial_run.recipe_path, spec.to_yaml())
             quiet = Console(file=io.StringIO(), width=120)  # the per-trial progress would drown the study's
-            result = train(spec, trial_run, quiet, extra_callbacks=[ReportToTrial(trial, cfg.metric)])
+            # Pruning follows one metric: a multi-objective study has none (the recipe refuses a pruner).
+            reports = [] if cfg.pruner == "none" else [ReportToTrial(trial, cfg.objectives[0])]
+            result = train(spec, trial_run, quiet, extra_callbacks=reports)
+            values = [
+                model_cost(metric, trial_run) if metric in MODEL_COST_METRICS else float(result.val[metric])
+                for metric in cfg.objectives
+            ]
         except ForgeError as exc:
             trial.set_user_attr("error", str(exc))
             raise
-        return float(result.val[cfg.metric])
+        return values[0] if len(values) == 1 else values
 
     if total is not None:  # counts every trial, running ones included, so the workers stop together
         callbacks = [*callbacks, optuna.study.MaxTrialsCallback(total, states=None)]
@@ -324,9 +342,20 @@ def trial_folder(run: RunDir, study_name: str, number: int) -> RunDir:
     return RunDir(path)
 
 
-def best_text(study: optuna.Study, metric: str) -> str:
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    return f"{metric} {study.best_value:.4g} (trial {study.best_trial.number})" if done else "-"
+def best_trial(study: optuna.Study) -> FrozenTrial:
+    """The best trial; in a multi-objective study, the Pareto-front trial best on the first metric."""
+    if len(study.directions) == 1:
+        return study.best_trial
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    return min(study.best_trials, key=lambda trial: sign * trial.values[0])
+
+
+def best_text(study: optuna.Study, metric: str | list[str]) -> str:
+    if not any(t.state == TrialState.COMPLETE for t in study.trials):
+        return "-"
+    if len(study.directions) > 1:
+        return f"Pareto front of {len(study.best_trials)} trials"
+    return f"{metric} {study.best_value:.4g} (trial {study.best_trial.number})"
 
 
 def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -> TuneResult:
@@ -339,40 +368,48 @@ def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -
         raise ForgeError(
             f"no trial of study {study.study_name!r} completed ({describe(states)}); see {folder / 'trials.csv'}"
         )
-    write_plots(study, folder, len(complete))
-    best = study.best_trial
+    write_plots(study, folder, len(complete), cfg.objectives)
+    best = best_trial(study)
+    front = [t.number for t in study.best_trials] if len(study.directions) > 1 else [best.number]
     # Its own name, so `forgeml train tune/best.yaml` trains in a fresh run directory.
     tuned = with_values(recipe, {"name": f"{recipe.name}-tuned", **recipe_values(cfg.space, best.params)})
+    values = ", ".join(f"{m} {v:.6g}" for m, v in zip(cfg.objectives, best.values, strict=True))
     header = (
-        f"# Best of study {study.study_name} ({url}): trial {best.number}, {cfg.metric} {best.value:.6g}.\n"
-        f"# Train it with: forgeml train {folder / 'best.yaml'}\n"
+        f"# Best of study {study.study_name} ({url}): trial {best.number}, {values}.\n"
+        + (f"# Pareto front: trials {front}; this one is best on {cfg.objectives[0]}.\n" if len(front) > 1 else "")
+        + f"# Train it with: forgeml train {folder / 'best.yaml'}\n"
     )
     atomic_write(folder / "best.yaml", header + tuned.to_yaml())
     result = TuneResult(
         study.study_name,
         url,
-        cfg.metric,
-        direction_of(cfg),
+        ", ".join(cfg.objectives),
+        ", ".join(directions(cfg)),
         best.number,
-        float(best.value),
+        float(best.values[0]),
         dict(best.params),
         states,
         folder,
+        front,
     )
     write_json(folder / "summary.json", {**asdict(result), "folder": str(folder)})  # for the report
     return result
 
 
-def write_plots(study: optuna.Study, folder: Path, complete: int) -> None:
+def write_plots(study: optuna.Study, folder: Path, complete: int, objectives: list[str]) -> None:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as plots
 
-    drawings: dict[str, Callable[[optuna.Study], Any]] = {
-        "optimization_history": plots.plot_optimization_history,
-        "parallel_coordinate": plots.plot_parallel_coordinate,
-    }
-    if complete >= 2 and len(study.best_trial.params) > 1:  # importances compare trials and parameters
-        drawings["param_importances"] = plots.plot_param_importances
+    # A multi-objective study plots its front, and the rest against its first metric.
+    target: dict[str, Any] = {}
+    drawings: dict[str, Callable[..., Any]] = {}
+    if len(objectives) > 1:
+        target = {"target": lambda trial: trial.values[0], "target_name": objectives[0]}
+        drawings["pareto_front"] = partial(plots.plot_pareto_front, target_names=objectives)
+    drawings["optimization_history"] = partial(plots.plot_optimization_history, **target)
+    drawings["parallel_coordinate"] = partial(plots.plot_parallel_coordinate, **target)
+    if complete >= 2 and len(best_trial(study).params) > 1:  # importances compare trials and parameters
+        drawings["param_importances"] = partial(plots.plot_param_importances, **target)
     for name, draw in drawings.items():
         with warnings.catch_warnings():  # notes on degenerate axes or equal importances of a small study
             warnings.simplefilter("ignore", UserWarning)

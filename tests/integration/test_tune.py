@@ -268,3 +268,29 @@ def test_pruning_is_refused_for_a_multi_objective_study(tmp_path, prepared, caps
         tune(path, run, "--pruner", "median")
     assert exit_.value.code == 2
     assert "pruning is not available in a multi-objective study" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_study_goes_on_after_its_process_is_killed(tmp_path, prepared):
+    slow = {**BASE["train"], "max_steps": 400, "eval_every": 100}
+    path, run = setup(tmp_path, prepared, train=slow)
+    command = [sys.executable, "-m", "forgeml", "tune", str(path), "--run-dir", str(run), "--trials", "20"]
+    command += ["--sampler", "random", "--pruner", "none", "--set", "tune.heartbeat_s=1"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        done: list = []
+        while len(done) < 1 and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+            with contextlib.suppress(Exception):  # the study may not exist yet
+                done = study_of(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    finally:
+        job.kill()
+        job.wait()
+    assert done, "no trial completed before the kill"
+    before = study_of(run).trials
+    time.sleep(2.5)  # the killed trial's heartbeat goes stale
+    tune(path, run, "--trials", "1", "--sampler", "random", "--pruner", "none", "--set", "tune.heartbeat_s=1")
+    after = study_of(run).trials
+    assert len(after) == len(before) + 1
+    assert all(t.state.name != "RUNNING" for t in after)  # the one the kill interrupted is failed
+    assert [t.params for t in after[: len(done)]] == [t.params for t in before[: len(done)]]  # nothing lost

@@ -3,6 +3,7 @@ trains in this process on the run's prepared data; the results land in ``tune/``
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import shutil
@@ -72,7 +73,8 @@ class ReportToTrial(Callback):
     def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None:
         self.evals += 1
         self.trial.report(float(metrics[self.metric]), self.evals)
-        if self.trial.should_prune():
+        # A trial that has trained its whole budget is finished, whatever a rung there would say.
+        if state.step < state.total_steps and self.trial.should_prune():
             raise optuna.TrialPruned(f"{self.metric} {metrics[self.metric]:.4g} at evaluation {self.evals}")
 
 
@@ -269,14 +271,21 @@ def run_trials(
 
     if total is not None:  # counts every trial, running ones included, so the workers stop together
         callbacks = [*callbacks, optuna.study.MaxTrialsCallback(total, states=None)]
-    with optuna_quiet():
-        study.optimize(
-            objective,
-            n_trials=cfg.trials if total is None else None,
-            timeout=cfg.timeout_s,
-            catch=(ForgeError,),
-            callbacks=callbacks,
-        )
+    # The loop collects all garbage after each evaluation; in a tuning process that would walk the
+    # half a million objects optuna, SQLAlchemy and matplotlib hold (0.2 s each time), so they are
+    # frozen out of the collector's view for the study's length.
+    gc.freeze()
+    try:
+        with optuna_quiet():
+            study.optimize(
+                objective,
+                n_trials=cfg.trials if total is None else None,
+                timeout=cfg.timeout_s,
+                catch=(ForgeError,),
+                callbacks=callbacks,
+            )
+    finally:
+        gc.unfreeze()
 
 
 def report_failure(trial: FrozenTrial, console: Console) -> None:

@@ -279,10 +279,16 @@ def test_a_study_goes_on_after_its_process_is_killed(tmp_path, prepared):
     try:
         deadline = time.monotonic() + 120
         done: list = []
-        while len(done) < 1 and time.monotonic() < deadline and job.poll() is None:
+        running: list = []
+        # Kill while a trial trains after one has finished: a trial beats its heartbeat from its start,
+        # which is how the next call knows it died (one killed before its first beat stays RUNNING).
+        while not (done and running) and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.2)
             with contextlib.suppress(Exception):  # the study may not exist yet
-                done = study_of(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+                study = study_of(run)
+                done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+                running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if t.user_attrs]
+        time.sleep(0.3)
     finally:
         job.kill()
         job.wait()

@@ -13,8 +13,8 @@ its epochs and flagged. Prints one JSON line: per-seed figures, the medians and 
 median(TPE + Hyperband epochs) / median(random epochs) (goal <= 0.5), and wall times.
 
 Each trial trains 20 epochs by default, not a power of Hyperband's reduction factor (3): with 27
-(or 9) evaluations the top rung of Hyperband's most aggressive bracket falls on the last evaluation,
-and trials that have trained their whole budget are pruned there, their value thrown away.
+(or 9) evaluations the top rung of Hyperband's most aggressive bracket falls on the last evaluation
+(forgeml no longer prunes there, but the figures below were measured at 20 epochs).
 
     python benchmarks/tune_efficiency.py [--seeds 5] [--budget 16] [--cap 32] [--epochs 20]
                                          [--startup-trials 4] [--keep DIR]

@@ -55,7 +55,7 @@ def step_times(stamps: list[float]) -> list[float]:
 def run_forgeml(network, loader, cfg, logs: Path) -> list[float]:
     clock = StepClock()
     quiet = Console(file=io.StringIO())
-    callbacks = [clock, ProgressBar(quiet, cfg.log_every), MetricsLogger(logs, cfg.log_every)]
+    callbacks = [clock, ProgressBar(quiet), MetricsLogger(logs)]
     fit(network, loader, cfg, NextTokenLoss(), Strategy.single(torch.device("cpu")), callbacks=callbacks)
     return step_times(clock.stamps)
 

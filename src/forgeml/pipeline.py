@@ -193,8 +193,7 @@ def _run_stage(
 
     def decide() -> tuple[str, float]:
         if stage.name == "train" and recipe.audit.enabled:
-            for name in gate(run, allow_audit_failures):
-                console.print(f"[yellow]audit check {name} failed; going on as --allow-audit-failures asks[/yellow]")
+            gate(run, allow_audit_failures, console)
         inputs = stage.inputs(recipe, run)
         if not force and run.is_done(stage.name, config_hash, inputs):
             console.print(f"[dim]{stage.name}: up to date, skipped[/dim]")

@@ -132,7 +132,9 @@ def test_stale_running_trial_is_failed_on_restart(tmp_path, prepared, capsys):
     study = optuna.create_study(storage=storage, study_name="tiny", direction="minimize")
     killed = study.ask()
     storage.record_heartbeat(killed._trial_id)
-    time.sleep(2.5)  # longer than the grace period (twice the heartbeat)
+    # Longer than the grace period (twice the heartbeat) by more than a second: SQLite's clock,
+    # which optuna compares heartbeats with, counts whole seconds.
+    time.sleep(3.5)
     tune(path, run, "--trials", "1", "--set", "tune.heartbeat_s=1")
     states = {t.number: t.state for t in optuna.load_study(study_name="tiny", storage=url).trials}
     assert states == {0: optuna.trial.TrialState.FAIL, 1: optuna.trial.TrialState.COMPLETE}
@@ -294,7 +296,7 @@ def test_a_study_goes_on_after_its_process_is_killed(tmp_path, prepared):
         job.wait()
     assert done, "no trial completed before the kill"
     before = study_of(run).trials
-    time.sleep(2.5)  # the killed trial's heartbeat goes stale
+    time.sleep(3.5)  # the killed trial's heartbeat goes stale (see above: whole seconds)
     tune(path, run, "--trials", "1", "--sampler", "random", "--pruner", "none", "--set", "tune.heartbeat_s=1")
     after = study_of(run).trials
     assert len(after) == len(before) + 1

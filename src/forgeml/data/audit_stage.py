@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from rich.console import Console
+
 from forgeml.data.audit import audit, failed_checks, summary_lines
 from forgeml.data.sources import Table, read_table, read_test_table, validate_table
 from forgeml.errors import ForgeError
@@ -48,11 +50,12 @@ def audit_stage(recipe: Recipe, run: RunDir) -> AuditResult:
     return AuditResult(report)
 
 
-def gate(run: RunDir, allow_failures: bool) -> list[str]:
-    """Raise AuditFailed when a check failed and failures are not allowed; return the failed checks."""
+def gate(run: RunDir, allow_failures: bool, console: Console) -> None:
+    """Raise AuditFailed when a check failed and failures are not allowed; otherwise name each
+    failed check on ``console`` as training goes on."""
     path = run.path / REPORT
     if not path.exists():
-        return []
+        return
     report = json.loads(path.read_text())
     failed = failed_checks(report)
     if failed and not allow_failures:
@@ -63,4 +66,5 @@ def gate(run: RunDir, allow_failures: bool) -> list[str]:
             "prepare.drop_leaked: true, prepare.rebalance: auto, prepare.impute: median), "
             "or pass --allow-audit-failures to train anyway."
         )
-    return failed
+    for name in failed:
+        console.print(f"[yellow]audit check {name} failed; going on as --allow-audit-failures asks[/yellow]")

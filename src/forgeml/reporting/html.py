@@ -334,7 +334,7 @@ TUNING_PLOTS = {
 
 
 def _best(summary: Mapping[str, Any]) -> str:
-    metrics, directions = summary["metric"].split(", "), summary["direction"].split(", ")
+    metrics, directions = summary["metrics"], summary["directions"]
     if len(metrics) == 1:
         value = _fmt(summary["best_value"])
         return f"Best {escape(metrics[0])} {value} ({escape(directions[0])}), trial {summary['best_trial']}"

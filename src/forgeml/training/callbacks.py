@@ -26,6 +26,7 @@ class LoopState:
     lr: float = 0.0
     samples: int = 0  # rows seen so far
     tokens: int = 0  # target tokens seen so far (language models)
+    log_step: bool = False  # this step is one the logs show (every log_every steps, and the last)
     samples_per_s: float = 0.0  # over the last log_every steps, evaluation excluded
     tokens_per_s: float = 0.0
     mfu: float | None = None  # model FLOPs utilisation of the whole job, where the model counts its FLOPs
@@ -54,8 +55,7 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    def __init__(self, console: Console | None = None, log_every: int = 1) -> None:
-        self.log_every = log_every
+    def __init__(self, console: Console | None = None) -> None:
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -80,7 +80,7 @@ class ProgressBar(Callback):
         )
 
     def on_step_end(self, state: LoopState) -> None:
-        if state.step % self.log_every and state.step != state.total_steps:
+        if not state.log_step:
             return
         speed = f"{state.tokens_per_s:,.0f} tok/s" if state.tokens else f"{state.samples_per_s:,.1f} samples/s"
         if state.mfu is not None:
@@ -96,9 +96,8 @@ class ProgressBar(Callback):
 class MetricsLogger(Callback):
     """metrics.jsonl (one JSON object a line) and TensorBoard event files in the same folder."""
 
-    def __init__(self, folder: Path, log_every: int) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.log_every = log_every
 
     def on_fit_start(self, state: LoopState) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -123,7 +122,7 @@ class MetricsLogger(Callback):
                 self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     def on_step_end(self, state: LoopState) -> None:
-        if state.step % self.log_every and state.step != state.total_steps:
+        if not state.log_step:
             return
         loss = sum(state.losses_since_log) / len(state.losses_since_log)  # the mean since the last line
         row = {

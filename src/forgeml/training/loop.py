@@ -231,8 +231,8 @@ def fit(
             if job_peak_flops:
                 state.mfu = flops_per_token * state.tokens_per_s / job_peak_flops
             state.losses_since_log.append(state.loss)
-            logged = step % cfg.log_every == 0 or step == total
-            if logged:  # a collective: the same steps on every rank
+            state.log_step = step % cfg.log_every == 0 or step == total
+            if state.log_step:  # a collective: the same steps on every rank
                 state.peak_memory = strategy.env.gather(peak_memory_bytes(device))
             if not math.isfinite(state.loss):
                 raise ForgeError(
@@ -240,7 +240,7 @@ def fit(
                 )
             for callback in callbacks:
                 callback.on_step_end(state)
-            if logged:
+            if state.log_step:
                 state.losses_since_log = []
             if cfg.gc_every and step % cfg.gc_every == 0:
                 gc.collect(1)

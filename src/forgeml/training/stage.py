@@ -28,7 +28,7 @@ from forgeml.training.loop import autocast_for, fit
 from forgeml.training.losses import ClassificationLoss, NextTokenLoss, balanced_weights
 from forgeml.training.memory import keep_freed_memory
 from forgeml.training.metrics import TASK_METRICS, evaluate
-from forgeml.training.strategies import Strategy, build_strategy, resolve_batch
+from forgeml.training.strategies import Strategy, accumulation, build_strategy, resolve_batch
 
 
 @dataclass
@@ -202,7 +202,7 @@ def train(
     if cfg.micro_batch_size == "auto":
         cfg = auto_micro_batch(cfg, family, manifest, location, loss_fn, strategy, autocast)
         if env.main:
-            passes = cfg.global_batch_size // (cfg.micro_batch * strategy.dp_degree)
+            passes = accumulation(cfg, strategy)
             (console or Console(stderr=True)).print(
                 f"micro_batch_size auto: {cfg.micro_batch} rows a pass, {passes} passes a step on each rank"
             )
@@ -212,7 +212,7 @@ def train(
     out = run.stage_dir("train")
     callbacks: list[Callback] = []
     if env.main:  # one process writes the logs and draws the progress
-        callbacks += [ProgressBar(console, cfg.log_every), MetricsLogger(out, cfg.log_every)]
+        callbacks += [ProgressBar(console), MetricsLogger(out)]
     if cfg.early_stopping:  # on every rank: the same metrics give the same decision everywhere
         es = cfg.early_stopping
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))

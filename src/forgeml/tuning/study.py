@@ -40,19 +40,19 @@ from forgeml.tuning.space import check_space, grid, recipe_values, suggest, with
 class TuneResult:
     study_name: str
     storage: str
-    metric: str
-    direction: str
+    metrics: list[str]  # one, or a multi-objective study's several
+    directions: list[str]  # minimize or maximize, one a metric
     best_trial: int
-    best_value: float
+    best_value: float  # of the first metric
     best_params: dict[str, Any]
     states: dict[str, int]  # this study's trials by state, earlier calls included
     folder: Path
     pareto: list[int]  # a multi-objective study's front (trial numbers); else the best trial
 
     def __str__(self) -> str:
-        best = f"best {self.metric} {self.best_value:.4g} (trial {self.best_trial})"
+        first = self.metrics[0]
+        best = f"best {first} {self.best_value:.4g} (trial {self.best_trial})"
         if len(self.pareto) > 1:
-            first = self.metric.split(", ")[0]
             best = f"Pareto front of trials {self.pareto}; best.yaml is trial {self.best_trial}, best on {first}"
         return f"study {self.study_name}: {best}; {describe(self.states)}"
 
@@ -392,8 +392,8 @@ def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -
     result = TuneResult(
         study.study_name,
         url,
-        ", ".join(cfg.objectives),
-        ", ".join(directions(cfg)),
+        cfg.objectives,
+        directions(cfg),
         best.number,
         float(best.values[0]),
         dict(best.params),

@@ -6,6 +6,7 @@ Imports are deferred so ``import forgeml`` stays fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
 
     from forgeml.models.registry import ModelFamily
     from forgeml.recipe import Recipe
+    from forgeml.training.launch import Dist
     from forgeml.tuning.study import TuneResult
 
 __version__ = "0.1.0"
@@ -76,27 +78,36 @@ def tune(
     overrides: tuple[str, ...] = (),
     allow_audit_failures: bool = False,
     console: Console | None = None,
-) -> TuneResult:
+    env: Dist | None = None,
+) -> TuneResult | None:
     """Search the recipe's ``tune.space`` with Optuna: audit and prepare the data once (if needed),
     then train one trial after another on it. The study lives in ``tune.storage`` (default
     ``run_dir/tune/study.db``) and goes on where it stopped when called again; ``run_dir/tune/best.yaml``
-    is the recipe with the best values, beside ``trials.csv`` and plots of the search."""
+    is the recipe with the best values, beside ``trials.csv`` and plots of the search.
+
+    In a torchrun job (``env``, default: read from the environment) every trial trains on all the
+    job's processes; rank 0 runs the study and returns the result, the other ranks None."""
     from rich.console import Console
 
     from forgeml.data.audit_stage import gate
-    from forgeml.pipeline import default_run_dir, run_stages
+    from forgeml.pipeline import default_run_dir, on_main, run_stages
     from forgeml.rundir import RunDir
+    from forgeml.training.launch import Dist, process_group
+    from forgeml.training.strategies import resolve_device
     from forgeml.tuning.study import check_tune, run_study
 
     spec = as_recipe(recipe, overrides)
-    check_tune(spec)  # a bad space or metric is refused before any data is prepared
+    env = env or Dist.from_torchrun(os.environ)
+    check_tune(spec, env.world_size)  # a bad space or metric is refused before any data is prepared
     console = console or Console(stderr=True)
     folder = Path(run_dir) if run_dir else default_run_dir(spec)
-    run_stages(spec, folder, until="prepare", console=console)
-    run = RunDir(folder)
-    if spec.audit.enabled:
-        gate(run, allow_audit_failures, console)
-    return run_study(spec, run, console)
+    device_type = resolve_device(spec.train.device, env.local_rank).type
+    with process_group(env, device_type, spec.train.collective_timeout_s):
+        run_stages(spec, folder, until="prepare", console=console, env=env)
+        run = RunDir(folder)
+        if spec.audit.enabled:
+            on_main(env, lambda: gate(run, allow_audit_failures, console))
+        return run_study(spec, run, console, env)
 
 
 def report(run_dir: str | Path) -> Path:

@@ -15,7 +15,8 @@ from rich.table import Table
 from forgeml.errors import ForgeError
 
 if TYPE_CHECKING:
-    from forgeml.training.launch import Dist
+    from forgeml.recipe import Recipe
+    from forgeml.training.launch import Dist, Launch
 
 app = typer.Typer(
     help="forgeml: audit, prepare, train, tune, compress, serve and explain a model from one recipe. "
@@ -39,6 +40,12 @@ BadRowsOpt = Annotated[
     typer.Option("--on-bad-rows", help="malformed CSV/JSONL rows: fail (default) or skip (reported with their lines)"),
 ]
 AllowOpt = Annotated[bool, typer.Option("--allow-audit-failures", help="train even when the data fails an audit check")]
+NprocOpt = Annotated[int | None, typer.Option("--nproc", min=1, help="processes on this machine (via torchrun)")]
+NnodesOpt = Annotated[int, typer.Option("--nnodes", min=1, help="machines taking part")]
+NodeRankOpt = Annotated[
+    int, typer.Option("--node-rank", min=0, help="this machine's number, 0 to nnodes-1; node 0 prepares the data")
+]
+RdzvOpt = Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the machines meet (nnodes > 1)")]
 
 
 def results_table(run_dir: Path) -> Table | None:
@@ -87,16 +94,10 @@ def train(
     run_dir: RunDirOpt = None,
     force: ForceOpt = False,
     allow_audit_failures: AllowOpt = False,
-    nproc: Annotated[
-        int | None, typer.Option("--nproc", min=1, help="processes on this machine (via torchrun)")
-    ] = None,
-    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="machines taking part")] = 1,
-    node_rank: Annotated[
-        int, typer.Option("--node-rank", min=0, help="this machine's number, 0 to nnodes-1; node 0 prepares the data")
-    ] = 0,
-    rdzv_endpoint: Annotated[
-        str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the machines meet (nnodes > 1)")
-    ] = None,
+    nproc: NprocOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    rdzv_endpoint: RdzvOpt = None,
     strategy: Annotated[
         str | None, typer.Option("--strategy", help="single, ddp, fsdp, tp or fsdp+tp (train.strategy)")
     ] = None,
@@ -205,11 +206,17 @@ def tune(
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
     allow_audit_failures: AllowOpt = False,
+    nproc: NprocOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    rdzv_endpoint: RdzvOpt = None,
     worker: Annotated[bool, typer.Option("--worker", hidden=True)] = False,
 ) -> None:
     """Search the recipe's tune.space with Optuna; running it again continues the same study.
 
     Writes RUN_DIR/tune/best.yaml (train it with `forgeml train`), trials.csv and plots of the search.
+    With --nproc N (and --nnodes/--node-rank/--rdzv-endpoint) every trial trains on N processes
+    through torchrun, with the recipe's train.strategy; `torchrun ... -m forgeml tune RECIPE` works too.
     """
     from forgeml import as_recipe
     from forgeml import tune as run_tune
@@ -227,6 +234,12 @@ def tune(
     }
     data = as_recipe(recipe, tuple(set_ or ())).model_dump(mode="json")
     data["tune"].update({key: value for key, value in options.items() if value is not None})
+    if nproc is not None:
+        from forgeml.training.launch import Launch
+
+        launch = Launch(nproc, nnodes, rdzv_endpoint)
+        launch_tune(validate_recipe(data, source=recipe), run_dir, allow_audit_failures, launch, node_rank)
+        return
     if worker:  # one of the processes `--workers` starts (always with --run-dir): trials only
         from forgeml.rundir import RunDir
         from forgeml.tuning.study import work
@@ -236,6 +249,8 @@ def tune(
     result = run_tune(
         validate_recipe(data, source=recipe), run_dir, allow_audit_failures=allow_audit_failures, console=errors
     )
+    if result is None:  # a torchrun worker other than rank 0: rank 0 prints
+        return
     console.print(str(result))
     table = Table(title="best values")
     table.add_column("parameter")
@@ -245,6 +260,35 @@ def tune(
     console.print(table)
     console.print(f"best recipe: {result.folder / 'best.yaml'}")
     console.print(f"trials:      {result.folder / 'trials.csv'}")
+
+
+def launch_tune(
+    spec: Recipe,
+    run_dir: Path | None,
+    allow_audit_failures: bool,
+    launch: Launch,
+    node_rank: int,
+) -> None:
+    """`forgeml tune --nproc`: prepare here (node 0 only, as for train), then torchrun runs the
+    study with every trial training on all its processes."""
+    from forgeml.pipeline import default_run_dir, run_stages
+    from forgeml.rundir import atomic_write
+    from forgeml.training.launch import run_torchrun
+    from forgeml.training.strategies import check_launch
+    from forgeml.tuning.study import check_tune
+
+    check_tune(spec, launch.nproc * launch.nnodes)
+    check_launch(spec, launch.nproc * launch.nnodes)
+    folder = run_dir or default_run_dir(spec)
+    if node_rank == 0:
+        run_stages(spec, folder, until="prepare", console=errors)
+    # The workers read the recipe as settled here (--set and the options included).
+    worker_spec = folder / "tune" / f"{spec.tune.study_name or spec.name}.torchrun.yaml"
+    worker_spec.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(worker_spec, spec.to_yaml())
+    worker = ["tune", str(worker_spec), "--run-dir", str(folder), *["--allow-audit-failures"] * allow_audit_failures]
+    if run_torchrun(launch, worker) != 0:  # the workers' rank 0 has printed the results
+        raise typer.Exit(1)
 
 
 @app.command()

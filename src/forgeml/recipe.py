@@ -290,6 +290,14 @@ class TuneConfig(Section):
         3, description="median: trials that finish before any is pruned"
     )
     prune_from_eval: PositiveInt = Field(2, description="median: the first evaluation at which a trial may be pruned")
+    hyperband_min_evals: PositiveInt = Field(
+        1, description="hyperband: evaluations a trial of the most aggressive bracket gets before its first rung"
+    )
+    hyperband_reduction: Annotated[int, Field(ge=2)] = Field(
+        3,
+        description="hyperband: one trial in this many goes on at each rung; brackets = "
+        "1 + log_reduction(evaluations / hyperband_min_evals), and TPE learns from one bracket's trials only",
+    )
     seed: int = 0
     study_name: str | None = Field(None, description="default: the recipe's name")
     storage: str | None = Field(None, description="SQLAlchemy URL; default: sqlite file tune/study.db in the run")

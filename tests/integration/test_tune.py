@@ -302,3 +302,30 @@ def test_a_study_goes_on_after_its_process_is_killed(tmp_path, prepared):
     assert len(after) == len(before) + 1
     assert all(t.state.name != "RUNNING" for t in after)  # the one the kill interrupted is failed
     assert [t.params for t in after[: len(done)]] == [t.params for t in before[: len(done)]]  # nothing lost
+
+
+def test_torchrun_study_trains_each_trial_on_every_process(tmp_path, prepared):
+    # A grid over two learning rates, the good one first (tune.seed 1): median pruning from the first
+    # evaluation, after one finished trial, stops the second trial on both ranks at once.
+    space = {"train.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
+    settings = {"space": space, "sampler": "grid", "pruner": "median", "prune_startup_trials": 1, "prune_from_eval": 1}
+    path, run = setup(tmp_path, prepared, tune={**BASE["tune"], **settings, "seed": 1})
+    command = [sys.executable, "-m", "forgeml", "tune", str(path), "--run-dir", str(run), "--nproc", "2"]
+    command += ["--set", "train.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = rows(run)
+    assert [(t["params_train.lr"], t["state"]) for t in trials] == [("0.03", "COMPLETE"), ("1e-07", "PRUNED")]
+    finished = json.loads((run / "tune" / "trials" / "tiny" / "0" / "train" / "eval.json").read_text())
+    assert finished["world_size"] == 2 and finished["strategy"] == "ddp"
+    assert done.stdout.count("best recipe:") == 1  # rank 0 alone prints the result
+    assert yaml.safe_load((run / "tune" / "best.yaml").read_text())["train"]["lr"] == 0.03
+
+
+def test_torchrun_study_refuses_workers(tmp_path, prepared, capsys):
+    path, run = setup(tmp_path, prepared)
+    with pytest.raises(SystemExit) as exit_info:
+        tune(path, run, "--nproc", "2", "--workers", "2")
+    assert exit_info.value.code == 2
+    assert "tune.workers: 2 workers in a job where every trial trains on 2 processes" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """A study over the recipe's tune.space: sampler, pruner and storage from the recipe; each trial
-trains in this process on the run's prepared data; the results land in ``tune/``."""
+trains in this process (or, in a torchrun job, on all its processes) on the run's prepared data;
+the results land in ``tune/``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ from forgeml.models import MODELS
 from forgeml.recipe import MODEL_COST_METRICS, Recipe, TuneConfig
 from forgeml.rundir import RunDir, atomic_write, write_json
 from forgeml.training.callbacks import Callback, LoopState
+from forgeml.training.launch import ONE_PROCESS, Dist
 from forgeml.training.metrics import HIGHER_IS_BETTER, TASK_METRICS
 from forgeml.training.stage import train
 from forgeml.tuning.objectives import model_cost
@@ -63,18 +65,23 @@ def describe(states: dict[str, int]) -> str:
 
 class ReportToTrial(Callback):
     """Hands every validation metric to the trial and stops the training the pruner gives up on.
-    The step is the evaluation's number, so trials with other batch sizes still line up."""
+    The step is the evaluation's number, so trials with other batch sizes still line up. In a
+    torchrun job rank 0 holds the trial (the others pass None) and every rank follows its decision."""
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+    def __init__(self, trial: optuna.Trial | None, metric: str, env: Dist = ONE_PROCESS) -> None:
         self.trial = trial
         self.metric = metric
+        self.env = env
         self.evals = 0
 
     def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None:
         self.evals += 1
-        self.trial.report(float(metrics[self.metric]), self.evals)
-        # A trial that has trained its whole budget is finished, whatever a rung there would say.
-        if state.step < state.total_steps and self.trial.should_prune():
+        prune = False
+        if self.trial is not None:
+            self.trial.report(float(metrics[self.metric]), self.evals)
+            # A trial that has trained its whole budget is finished, whatever a rung there would say.
+            prune = state.step < state.total_steps and self.trial.should_prune()
+        if self.env.broadcast(prune):
             raise optuna.TrialPruned(f"{self.metric} {metrics[self.metric]:.4g} at evaluation {self.evals}")
 
 
@@ -84,10 +91,16 @@ def directions(cfg: TuneConfig) -> list[str]:
     return ["maximize" if HIGHER_IS_BETTER.get(metric, False) else "minimize" for metric in cfg.objectives]
 
 
-def check_tune(recipe: Recipe) -> None:
-    """Everything about the search that can be refused before data is prepared or a trial runs."""
+def check_tune(recipe: Recipe, world_size: int = 1) -> None:
+    """Everything about the search that can be refused before data is prepared or a trial runs;
+    ``world_size``: the processes each trial trains on."""
     cfg = recipe.tune
     check_space(recipe)
+    if world_size > 1 and cfg.workers > 1:
+        raise RecipeError(
+            f"tune.workers: {cfg.workers} workers in a job where every trial trains on {world_size} processes; "
+            "set tune.workers to 1, and start more such jobs against one tune.storage to run trials side by side"
+        )
     task = MODELS.get(recipe.model.name).build.task
     for metric in cfg.objectives:
         if metric not in (*TASK_METRICS[task], *MODEL_COST_METRICS):
@@ -118,7 +131,9 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
             n_startup_trials=cfg.prune_startup_trials, n_warmup_steps=cfg.prune_from_eval
         )
     if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=cfg.hyperband_min_evals, max_resource="auto", reduction_factor=cfg.hyperband_reduction
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -173,10 +188,14 @@ def open_storage(
         ) from exc
 
 
-def run_study(recipe: Recipe, run: RunDir, console: Console) -> TuneResult:
+def run_study(recipe: Recipe, run: RunDir, console: Console, env: Dist = ONE_PROCESS) -> TuneResult | None:
     """Run ``recipe.tune.trials`` more trials (or until ``timeout_s``) of the study, continuing it
     when the storage holds it already, in this process or in ``tune.workers`` processes; the data
-    stage of ``run`` must be prepared."""
+    stage of ``run`` must be prepared. In a torchrun job (``env``, group joined) rank 0 runs the
+    study and every trial trains on all ranks; the other ranks return None."""
+    if not env.main:
+        follow_trials(recipe, env)
+        return None
     cfg = recipe.tune
     study, storage, url = open_study(recipe, run, console)
     progress = Progress(
@@ -195,7 +214,7 @@ def run_study(recipe: Recipe, run: RunDir, console: Console) -> TuneResult:
                 report_failure(trial, progress.console)
                 progress.update(task, advance=1, best=best_text(study, cfg.metric))
 
-            run_trials(study, recipe, run, [after_trial])
+            run_trials(study, recipe, run, [after_trial], env=env)
         else:
             run_workers(
                 study,
@@ -244,9 +263,11 @@ def run_trials(
     run: RunDir,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
     total: int | None = None,
+    env: Dist = ONE_PROCESS,
 ) -> None:
     """Trials in this process until ``tune.trials`` (or, with ``total``, until the study holds
-    that many, however many processes add to it) or ``tune.timeout_s``."""
+    that many, however many processes add to it) or ``tune.timeout_s``; in a torchrun job, this
+    is rank 0, and each trial trains on every rank of ``env`` (see follow_trials)."""
     cfg = recipe.tune
     name = study.study_name
 
@@ -256,10 +277,10 @@ def run_trials(
             spec = with_values(recipe, suggest(trial, cfg.space), source=f"trial {trial.number}")
             trial_run = trial_folder(run, name, trial.number)
             atomic_write(trial_run.recipe_path, spec.to_yaml())
-            quiet = Console(file=io.StringIO(), width=120)  # the per-trial progress would drown the study's
+            env.broadcast((spec, trial_run))  # the other ranks train it with this one
             # Pruning follows one metric: a multi-objective study has none (the recipe refuses a pruner).
-            reports = [] if cfg.pruner == "none" else [ReportToTrial(trial, cfg.objectives[0])]
-            result = train(spec, trial_run, quiet, extra_callbacks=reports)
+            reports = [] if cfg.pruner == "none" else [ReportToTrial(trial, cfg.objectives[0], env)]
+            result = train(spec, trial_run, quiet_console(), env=env, extra_callbacks=reports)
             values = [
                 model_cost(metric, trial_run) if metric in MODEL_COST_METRICS else float(result.val[metric])
                 for metric in cfg.objectives
@@ -271,19 +292,42 @@ def run_trials(
 
     if total is not None:  # counts every trial, running ones included, so the workers stop together
         callbacks = [*callbacks, optuna.study.MaxTrialsCallback(total, states=None)]
-    # The loop collects all garbage after each evaluation; in a tuning process that would walk the
-    # half a million objects optuna, SQLAlchemy and matplotlib hold (0.2 s each time), so they are
-    # frozen out of the collector's view for the study's length.
+    with frozen_gc(), optuna_quiet():
+        study.optimize(
+            objective,
+            n_trials=cfg.trials if total is None else None,
+            timeout=cfg.timeout_s,
+            catch=(ForgeError,),
+            callbacks=callbacks,
+        )
+    env.broadcast(None)  # the study is over. (Had rank 0 failed, torchrun would have stopped the others.)
+
+
+def follow_trials(recipe: Recipe, env: Dist) -> None:
+    """Ranks other than 0 of a torchrun job running a study: train each trial rank 0 hands out, with
+    it, until it says the study is over. Rank 0 records how each trial ended."""
+    metric = recipe.tune.objectives[0]
+    with frozen_gc():
+        while (order := env.broadcast(None)) is not None:
+            spec, trial_run = order
+            reports = [] if recipe.tune.pruner == "none" else [ReportToTrial(None, metric, env)]
+            with suppress(optuna.TrialPruned, ForgeError):  # rank 0 meets the same end and records it
+                train(spec, trial_run, quiet_console(), env=env, extra_callbacks=reports)
+
+
+def quiet_console() -> Console:
+    """A trial's console: its progress bar would drown the study's."""
+    return Console(file=io.StringIO(), width=120)
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """The loop collects all garbage after each evaluation; in a tuning process that would walk the
+    half a million objects optuna, SQLAlchemy and matplotlib hold (0.2 s each time), so they are
+    frozen out of the collector's view for the study's length."""
     gc.freeze()
     try:
-        with optuna_quiet():
-            study.optimize(
-                objective,
-                n_trials=cfg.trials if total is None else None,
-                timeout=cfg.timeout_s,
-                catch=(ForgeError,),
-                callbacks=callbacks,
-            )
+        yield
     finally:
         gc.unfreeze()
 

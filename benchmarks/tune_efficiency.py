@@ -1,23 +1,22 @@
 """Tuning efficiency: TPE with Hyperband pruning against random search without pruning, in epochs.
 
 Both search the built-in `tune` recipe's space (learning rate, dropout, width, batch size of the
-tabular MLP on breast-cancer) through ``forgeml.tune``, on data prepared once, with the same
-per-trial budget (``--epochs`` epochs, one evaluation per epoch, so Hyperband's resource is the
-epoch for every batch size) and the same seeds (tune.seed and train.seed). For each seed, random
-search runs ``--budget`` trials without pruning; its best validation value (tune.metric, val loss)
-is the target. Counted, in training epochs (steps / steps per epoch, read from each trial's
-train/metrics.jsonl, so a pruned trial counts what it trained): what random search spent until
-its first trial that reached the target, and what TPE + Hyperband (up to ``--cap`` trials) spent
-until its first completed trial at least as good. A TPE run that never gets there is charged all
-its epochs and flagged. Prints one JSON line: per-seed figures, the medians and the ratio
-median(TPE + Hyperband epochs) / median(random epochs) (goal <= 0.5), and wall times.
+tabular MLP, on breast-cancer unless ``--source`` names another built-in table) through
+``forgeml.tune``, on data prepared once, with the same per-trial budget (``--epochs`` epochs, one
+evaluation per epoch, so Hyperband's resource is the epoch for every batch size), the same early
+stopping (``--patience`` evaluations without improvement; the best weights are restored, so a
+trial's value is its best evaluation) and the same seeds (tune.seed and train.seed). For each seed,
+random search runs ``--budget`` trials without pruning; its best validation value (tune.metric,
+val loss) is the target. Counted, in training epochs (steps / steps per epoch, read from each
+trial's train/metrics.jsonl, so a pruned or stopped trial counts what it trained): what random
+search spent until its first trial that reached the target, and what TPE + Hyperband (up to
+``--cap`` trials, Hyperband with ``--min-evals`` and ``--reduction``) spent until its first
+completed trial at least as good. A TPE run that never gets there is charged all its epochs and
+flagged. Prints one JSON line: per-seed figures, the medians and the ratio median(TPE + Hyperband
+epochs) / median(random epochs) (goal <= 0.5), and wall times.
 
-Each trial trains 20 epochs by default, not a power of Hyperband's reduction factor (3): with 27
-(or 9) evaluations the top rung of Hyperband's most aggressive bracket falls on the last evaluation
-(forgeml no longer prunes there, but the figures below were measured at 20 epochs).
-
-    python benchmarks/tune_efficiency.py [--seeds 5] [--budget 16] [--cap 32] [--epochs 20]
-                                         [--startup-trials 4] [--keep DIR]
+    python benchmarks/tune_efficiency.py [--seeds 5] [--budget 16] [--cap 64] [--epochs 20]
+        [--patience 3] [--min-evals 3] [--reduction 3] [--startup-trials 4] [--source NAME] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -88,9 +87,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=16, help="random search: trials, none pruned")
-    parser.add_argument("--cap", type=int, default=32, help="TPE + Hyperband: at most this many trials")
+    parser.add_argument("--cap", type=int, default=64, help="TPE + Hyperband: at most this many trials")
     parser.add_argument("--epochs", type=int, default=20, help="every trial's training budget")
     parser.add_argument("--startup-trials", type=int, default=4, help="tune.startup_trials of TPE")
+    parser.add_argument("--source", default="breast-cancer", help="data.source: a built-in table")
+    parser.add_argument("--min-evals", type=int, default=3, help="tune.hyperband_min_evals")
+    parser.add_argument("--reduction", type=int, default=3, help="tune.hyperband_reduction")
+    parser.add_argument(
+        "--patience", type=int, default=3, help="train.early_stopping.patience (best weights restored); 0: none"
+    )
     parser.add_argument("--keep", type=Path, help="run directory to keep (default: a temporary one)")
     args = parser.parse_args()
 
@@ -105,13 +110,17 @@ def main() -> None:
         # matplotlib loaded) that is ~0.2 s a collection, most of a trial's time at one evaluation an
         # epoch. Python's own collections instead: wall time only, the same arithmetic.
         "train.gc_every=null",
+        f"data.source={args.source}",
+        f"tune.hyperband_min_evals={args.min_evals}",
+        f"tune.hyperband_reduction={args.reduction}",
+        *([f"train.early_stopping.patience={args.patience}"] if args.patience else []),
     )
     better = (lambda value, target: value <= target) if minimize else (lambda value, target: value >= target)
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.keep or Path(tmp) / "run"
         started = time.perf_counter()
-        forgeml.prepare(recipe, run)  # audited and prepared once; every study's trials link it
+        forgeml.prepare(forgeml.as_recipe(recipe, common), run)  # prepared once; every study's trials link it
         prepare_s = time.perf_counter() - started
         per_seed = []
         for seed in range(args.seeds):
@@ -165,13 +174,14 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "tune_efficiency",
-                "recipe": f"{recipe} (mlp on breast-cancer), {args.epochs} epochs a trial, one evaluation an epoch",
+                "recipe": f"{recipe} (mlp on {args.source}), {args.epochs} epochs a trial, one evaluation an epoch",
+                "early_stopping_patience": args.patience,
                 "metric": f"val {metric}",
                 "seeds": args.seeds,
                 "random_budget": args.budget,
                 "tpe_hb_cap": args.cap,
                 "startup_trials": args.startup_trials,
-                "hyperband": "min_resource 1, reduction_factor 3, max_resource auto",
+                "hyperband": f"min_evals {args.min_evals}, reduction {args.reduction}",
                 "per_seed": per_seed,
                 "median_random_epochs": random_median,
                 "median_tpe_hb_epochs": tpe_median,

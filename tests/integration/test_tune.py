@@ -20,6 +20,7 @@ from forgeml.cli import main
 from forgeml.errors import RecipeError
 from forgeml.recipe import validate_recipe
 from forgeml.tuning.space import grid
+from forgeml.tuning.study import make_pruner
 
 pytestmark = pytest.mark.slow
 
@@ -329,3 +330,12 @@ def test_torchrun_study_refuses_workers(tmp_path, prepared, capsys):
         tune(path, run, "--nproc", "2", "--workers", "2")
     assert exit_info.value.code == 2
     assert "tune.workers: 2 workers in a job where every trial trains on 2 processes" in capsys.readouterr().err
+
+
+def test_hyperband_brackets_follow_the_recipe():
+    recipe = validate_recipe(
+        {**BASE, "tune": {**BASE["tune"], "pruner": "hyperband", "hyperband_min_evals": 3, "hyperband_reduction": 4}}
+    )
+    pruner = make_pruner(recipe.tune)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._reduction_factor) == (3, 4)

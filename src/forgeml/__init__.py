@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from forgeml.compression.stage import CompressResult
     from forgeml.models.registry import ModelFamily
     from forgeml.recipe import Recipe
     from forgeml.training.launch import Dist
@@ -108,6 +109,25 @@ def tune(
         if spec.audit.enabled:
             on_main(env, lambda: gate(run, allow_audit_failures, console))
         return run_study(spec, run, console, env)
+
+
+def compress(
+    run_dir: str | Path,
+    *,
+    overrides: tuple[str, ...] = (),
+    console: Console | None = None,
+) -> CompressResult:
+    """Compressed variants of the run's trained model, as its recipe's ``compress`` section (with
+    ``overrides``, e.g. ``compress.methods=[quantize]``) asks, each measured against it; the
+    results land in ``run_dir/compress`` (``variants.json``, ``pareto.png``, one folder a variant)."""
+    from forgeml.compression.stage import compress as run_compress
+    from forgeml.errors import RunDirError
+    from forgeml.rundir import RunDir
+
+    folder = Path(run_dir)
+    if not (folder / "recipe.yaml").exists():
+        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
+    return run_compress(as_recipe(folder / "recipe.yaml", overrides), RunDir(folder), console)
 
 
 def report(run_dir: str | Path) -> Path:

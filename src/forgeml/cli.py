@@ -358,6 +358,54 @@ def _fmt(value: Any) -> str:
 
 
 @app.command()
+def compress(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with a trained model, e.g. runs/default")],
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="comma-separated: quantize, onnx, compile (compress.methods)"),
+    ] = None,
+    target_latency_ms: Annotated[
+        float | None,
+        typer.Option("--target-latency-ms", min=0, help="recommend the most accurate variant this fast at batch 1"),
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="threads while measuring")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build compressed variants of RUN_DIR's trained model and measure them side by side.
+
+    Writes RUN_DIR/compress/variants.json (accuracy, macro-F1, size, p50/p99 latency, throughput,
+    agreement with the trained model, the Pareto front and the recommended variant), pareto.png,
+    and one loadable folder per variant.
+    """
+    from forgeml import compress as run_compress
+
+    overrides = [*(set_ or ())]
+    if methods is not None:
+        overrides.append(f"compress.methods=[{methods}]")
+    overrides += [f"compress.target_latency_ms={target_latency_ms}"] if target_latency_ms is not None else []
+    overrides += [f"compress.threads={threads}"] if threads is not None else []
+    result = run_compress(run_dir, overrides=tuple(overrides), console=errors)
+    table = Table(title="variants (* Pareto front, ** recommended)")
+    for column in ("variant", "acc", "F1", "MB", "p50 ms", "p99 ms", "rows/s", "agree"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in result.variants:
+        mark = " **" if row["recommended"] else " *" if row["pareto"] else ""
+        table.add_row(
+            row["name"] + mark,
+            f"{row['accuracy']:.3f}",
+            f"{row['macro_f1']:.3f}",
+            f"{row['size_bytes'] / 1e6:.3g}",
+            f"{row['p50_ms']:.3g}",
+            f"{row['p99_ms']:.3g}",
+            f"{row['throughput_batch32']:.3g}",
+            f"{row['label_agreement']:.3f}",
+        )
+    console.print(table)
+    console.print(f"variants: {result.folder / 'variants.json'}")
+    console.print(f"recommended: {result.folder / result.recommended}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/default")]) -> None:
     """Write RUN_DIR/report.html from what the run directory holds."""
     from forgeml import report as write

@@ -80,6 +80,13 @@ STAGES = (
         check=lambda recipe: _check_tune(recipe),
     ),
     Stage(
+        "compress",
+        ("data", "prepare", "model", "train", "compress"),
+        file_hashes("train/model/forgeml.json", "data/manifest.json"),
+        lambda recipe, run, console, resume, env: _compress(recipe, run, console),
+        enabled=lambda recipe: bool(recipe.compress.methods),
+    ),
+    Stage(
         "report",
         (),
         file_hashes(
@@ -89,6 +96,7 @@ STAGES = (
             "train/eval.json",
             "train/metrics.jsonl",
             "tune/summary.json",
+            "compress/variants.json",
         ),
         lambda recipe, run, console, resume, env: write_report(run.path),
     ),
@@ -100,6 +108,12 @@ def _tune(recipe: Recipe, run: RunDir, console: Console) -> Any:
     from forgeml.tuning.study import run_study  # optuna loads only for runs that tune
 
     return run_study(recipe, run, console)
+
+
+def _compress(recipe: Recipe, run: RunDir, console: Console) -> Any:
+    from forgeml.compression.stage import compress  # onnxruntime loads only for runs that compress
+
+    return compress(recipe, run, console)
 
 
 def _check_tune(recipe: Recipe) -> None:

@@ -345,8 +345,26 @@ class TuneConfig(Section):
         return self.metric if isinstance(self.metric, list) else [self.metric]
 
 
+CompressMethod = Literal["quantize", "onnx", "compile", "prune", "distill"]
+
+
 class CompressConfig(Section):
-    """Compression variants (the compress stage reads it)."""
+    """Compression variants of the trained model (``forgeml compress``), each measured against it."""
+
+    methods: list[CompressMethod] = Field(
+        [],
+        description="quantize (torch dynamic int8), onnx (ONNX Runtime fp32, dynamic and static int8), "
+        "compile (torch.compile); empty: the stage does not run in `forgeml run`",
+    )
+    target_latency_ms: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="recommend the most accurate variant at or under this p50 batch-1 latency; "
+        "default: the knee of the accuracy-latency front",
+    )
+    threads: PositiveInt = Field(2, description="threads every variant runs with while measured")
+    latency_runs: Annotated[int, Field(ge=10)] = Field(100, description="batch-1 predictions timed per variant")
+    throughput_batches: PositiveInt = Field(5, description="batches of 32 timed per variant")
+    calibration_rows: PositiveInt = Field(128, description="training rows that calibrate static int8")
 
 
 class ServeConfig(Section):

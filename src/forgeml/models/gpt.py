@@ -416,7 +416,7 @@ class GPT(ModelFamily):
         self.write_meta(directory)
 
     @classmethod
-    def load(cls, directory: Path) -> GPT:
+    def load(cls, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> GPT:
         saved = json.loads((directory / CONFIG_FILE).read_text())
         config = GPTConfig.model_validate(saved["config"])
         tokenizer: TextTokenizer = ByteTokenizer()
@@ -428,8 +428,9 @@ class GPT(ModelFamily):
                 f"was saved with {saved['vocab_size']}"
             )
         network = GPTNetwork(config, tokenizer.vocab_size)
-        missing, unexpected = network.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
-        if missing != ["lm_head.weight"] or unexpected:
+        weights = load_file(str(directory / WEIGHTS_FILE)) if weights is None else weights
+        missing, unexpected = network.load_state_dict(weights, strict=False)
+        if weights and (missing != ["lm_head.weight"] or unexpected):
             raise ForgeError(f"{directory / WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
         network.eval()
         return cls(config, tokenizer, network)

@@ -124,11 +124,12 @@ class MLP(ModelFamily):
         self.write_meta(directory, feature_columns=self.features)
 
     @classmethod
-    def load(cls, directory: Path) -> MLP:
+    def load(cls, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> MLP:
         config = json.loads((directory / "config.json").read_text())
         features, labels = config.pop("features"), config.pop("labels")
         family = cls(MLPConfig(**config), features, labels)
-        family.network.load_state_dict(load_file(directory / "model.safetensors"))
+        weights = load_file(directory / "model.safetensors") if weights is None else weights
+        family.network.load_state_dict(weights, strict=bool(weights))
         return family
 
     def encode_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

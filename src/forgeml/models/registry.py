@@ -128,8 +128,9 @@ class ModelFamily(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, directory: Path) -> ModelFamily:
-        """Rebuild from ``save``'s files."""
+    def load(cls, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> ModelFamily:
+        """Rebuild from ``save``'s files; ``weights``: these instead of the weights file (which may
+        then be absent), none at all (``{}``) for a family that only preprocesses for another runtime."""
 
     def encode_inputs(self, inputs: list[Any]) -> dict[str, torch.Tensor]:
         """Raw inputs (texts or feature objects) -> network inputs, for prediction."""
@@ -164,6 +165,6 @@ def logits_of(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def load_family(directory: Path) -> ModelFamily:
+def load_family(directory: Path, weights: dict[str, torch.Tensor] | None = None) -> ModelFamily:
     meta = json.loads((directory / META_FILE).read_text())
-    return MODELS.get(meta["family"]).build.load(directory)
+    return MODELS.get(meta["family"]).build.load(directory, weights)

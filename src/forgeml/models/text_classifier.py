@@ -185,11 +185,16 @@ class TextClassifier(ModelFamily):
         self.write_meta(directory)
 
     @classmethod
-    def load(cls, directory: Path) -> TextClassifier:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def load(cls, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> TextClassifier:
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         config = TextClassifierConfig(**json.loads((directory / "forgeml_config.json").read_text()))
         meta = json.loads((directory / "forgeml.json").read_text())
-        network = AutoModelForSequenceClassification.from_pretrained(directory)
+        if weights is None:
+            network = AutoModelForSequenceClassification.from_pretrained(directory)
+        else:
+            network = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(directory))
+            network.load_state_dict(weights, strict=bool(weights))
+            network.eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
         return cls(config, network, tokenizer, meta["labels"])

@@ -134,3 +134,26 @@ def class_counts(counts: Mapping[str, int]) -> bytes:
     ax.set(ylabel="examples", title="Class counts")
     ax.margins(y=0.15)
     return _png(fig)
+
+
+def accuracy_latency(variants: Sequence[Mapping[str, Any]]) -> bytes:
+    """Each compressed variant's held-out accuracy against its p50 batch-1 latency; the Pareto
+    front joined by a line, the recommended variant ringed."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for row in variants:
+        ax.scatter(row["p50_ms"], row["accuracy"], color="tab:blue" if row["pareto"] else "tab:gray", zorder=3)
+        ax.annotate(
+            row["name"], (row["p50_ms"], row["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
+        if row["recommended"]:
+            ax.scatter(row["p50_ms"], row["accuracy"], s=220, facecolors="none", edgecolors="tab:red", zorder=4)
+    front = sorted((row["p50_ms"], row["accuracy"]) for row in variants if row["pareto"])
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:blue", alpha=0.5, label="Pareto front")
+    ax.set_xlabel("p50 latency at batch 1 (ms)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Compressed variants (red ring: recommended)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _png(fig)

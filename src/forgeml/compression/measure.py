@@ -1,0 +1,116 @@
+"""Measuring variants side by side: held-out quality, agreement with the source model, size, and
+speed at batch 1 and 32, all in one process with a fixed thread count. Speed is timed in rounds
+that visit every variant in turn, after a warm-up, so a slow spell of the machine falls on all of
+them alike rather than on whichever ran then."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from forgeml.compression.variants import Variant
+from forgeml.training.metrics import classification_metrics
+
+WARMUP = 5
+
+
+@dataclass
+class Inputs:
+    """What every variant is measured on: the test split in batches of 32 (with its labels),
+    single rows for latency, and batches of 32 for throughput."""
+
+    batches: list[dict[str, torch.Tensor]]
+    targets: torch.Tensor
+    singles: list[dict[str, torch.Tensor]]
+    thirty_twos: list[dict[str, torch.Tensor]]
+
+
+def quality(variant: Variant, inputs: Inputs) -> tuple[dict[str, Any], torch.Tensor]:
+    """Accuracy, macro-F1 and loss on the test split, and the class probabilities behind them."""
+    logits = torch.cat([variant.logits(batch) for batch in inputs.batches])
+    loss = float(torch.nn.functional.cross_entropy(logits, inputs.targets))
+    metrics = classification_metrics(inputs.targets.numpy(), logits.argmax(-1).numpy(), loss, variant.family.labels)
+    return metrics, logits.softmax(-1)
+
+
+def agreement(probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """How far a variant's probabilities are from its source's on the same rows."""
+    return {
+        "max_abs_diff": float((probs - reference).abs().max()),
+        "label_agreement": float((probs.argmax(-1) == reference.argmax(-1)).float().mean()),
+    }
+
+
+def timed_rounds(variants: list[Variant], items: list[dict[str, torch.Tensor]], rounds: int) -> list[list[float]]:
+    """Seconds of each call, per variant: ``rounds`` rounds, each calling every variant once on
+    the round's item (items cycle), after WARMUP untimed calls each."""
+    for variant in variants:
+        for item in items[:WARMUP]:
+            variant.logits(item)
+    seconds: list[list[float]] = [[] for _ in variants]
+    for r in range(rounds):
+        item = items[r % len(items)]
+        for index, variant in enumerate(variants):
+            started = time.perf_counter()
+            variant.logits(item)
+            seconds[index].append(time.perf_counter() - started)
+    return seconds
+
+
+def speed(
+    variants: list[Variant], inputs: Inputs, latency_runs: int, throughput_batches: int, progress: Callable[[], None]
+) -> list[dict[str, float]]:
+    latency = timed_rounds(variants, inputs.singles, latency_runs)
+    progress()
+    batched = timed_rounds(variants, inputs.thirty_twos, throughput_batches)
+    progress()
+    rows = sum(len(next(iter(b.values()))) for b in inputs.thirty_twos) / len(inputs.thirty_twos)
+    return [
+        {
+            "p50_ms": float(np.percentile(single, 50) * 1000),
+            "p99_ms": float(np.percentile(single, 99) * 1000),
+            "throughput_batch32": float(rows / np.mean(batch)),
+        }
+        for single, batch in zip(latency, batched, strict=True)
+    ]
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[bool]:
+    """On the front of accuracy (higher) against p50 latency (lower): no other variant is at least
+    as good on both and better on one."""
+
+    def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return (
+            a["accuracy"] >= b["accuracy"]
+            and a["p50_ms"] <= b["p50_ms"]
+            and (a["accuracy"] > b["accuracy"] or a["p50_ms"] < b["p50_ms"])
+        )
+
+    return [not any(beats(other, row) for other in rows if other is not row) for row in rows]
+
+
+def recommend(rows: list[dict[str, Any]], target_latency_ms: float | None, max_drop: float = 0.01) -> int:
+    """The index of the variant to serve. With a latency target: the most accurate variant at or
+    under it (the fastest one if none is). Otherwise the knee of the front: with latency and
+    accuracy scaled to [0, 1] along it, the point that gains the most accuracy for its latency
+    (highest above the line from the fastest to the most accurate end). Where no point lies above
+    that line (a front of two, or a sagging one), the fastest end if it loses at most
+    ``max_drop`` accuracy against the most accurate, else the most accurate."""
+    if target_latency_ms is not None:
+        within = [i for i, row in enumerate(rows) if row["p50_ms"] <= target_latency_ms]
+        if not within:
+            return min(range(len(rows)), key=lambda i: rows[i]["p50_ms"])
+        return max(within, key=lambda i: (rows[i]["accuracy"], -rows[i]["p50_ms"]))
+    front = sorted((i for i, row in enumerate(rows) if row["pareto"]), key=lambda i: rows[i]["p50_ms"])
+    fast, accurate = front[0], front[-1]
+    lat = np.array([rows[i]["p50_ms"] for i in front])
+    acc = np.array([rows[i]["accuracy"] for i in front])
+    above = (acc - acc.min()) / max(np.ptp(acc), 1e-12) - (lat - lat.min()) / max(np.ptp(lat), 1e-12)
+    if above.max() > 1e-9:
+        return front[int(np.argmax(above))]
+    return fast if rows[accurate]["accuracy"] - rows[fast]["accuracy"] <= max_drop else accurate

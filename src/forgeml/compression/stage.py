@@ -1,0 +1,172 @@
+"""The compress stage: build the variants the recipe asks for from the trained model, measure
+them all side by side, and write ``compress/variants.json``, a Pareto plot and one folder per
+variant."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from forgeml.compression.measure import Inputs, agreement, pareto, quality, recommend, speed
+from forgeml.compression.variants import VARIANT_FILE, Variant, baseline, torch_logits
+from forgeml.data.prepare import read_manifest, shard_location
+from forgeml.data.shards import read_shard
+from forgeml.errors import ForgeError, RunDirError
+from forgeml.models.registry import META_FILE, ModelFamily
+from forgeml.recipe import CompressConfig, Recipe
+from forgeml.reporting.plots import accuracy_latency
+from forgeml.rundir import RunDir, write_json
+
+BATCH = 32
+CALIBRATION_BATCH = 8
+
+
+@dataclass
+class CompressResult:
+    variants: list[dict[str, Any]]  # as in variants.json
+    recommended: str
+    folder: Path
+
+
+def split_items(family: ModelFamily, run: RunDir, split: str) -> list[Any]:
+    manifest = read_manifest(run)
+    location = shard_location(run, manifest)
+    return [item for shard in manifest["splits"][split]["shards"] for item in family.items(read_shard(location, shard))]
+
+
+def measurement_inputs(family: ModelFamily, run: RunDir, cfg: CompressConfig) -> Inputs:
+    test = split_items(family, run, "test")
+    if not test:
+        raise ForgeError("the test split is empty: nothing to measure the variants on; raise prepare.test_fraction")
+
+    def collate(items: list[Any]) -> dict[str, torch.Tensor]:
+        return family.collate(items, augment=None, generator=None).inputs
+
+    batches = [test[i : i + BATCH] for i in range(0, len(test), BATCH)]
+    targets = torch.cat([family.collate(b, augment=None, generator=None).targets for b in batches])
+    cycled = (test * (BATCH // len(test) + 1))[: max(len(test), BATCH)]  # at least one full batch
+    full = [cycled[i : i + BATCH] for i in range(0, len(cycled) - BATCH + 1, BATCH)]
+    return Inputs(
+        batches=[collate(b) for b in batches],
+        targets=targets,
+        singles=[collate([item]) for item in test[: cfg.latency_runs]],
+        thirty_twos=[collate(b) for b in full[: cfg.throughput_batches]],
+    )
+
+
+def calibration_batches(family: ModelFamily, run: RunDir, rows: int) -> list[dict[str, torch.Tensor]]:
+    train = split_items(family, run, "train")[:rows]
+    return [
+        family.collate(train[i : i + CALIBRATION_BATCH], augment=None, generator=None).inputs
+        for i in range(0, len(train), CALIBRATION_BATCH)
+    ]
+
+
+def compiled(source: Variant, folder: Path) -> Variant:
+    """torch.compile of the source network: the same files, compiled when loaded (dynamic shapes,
+    so texts of every length share one compilation)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    relative = Path("..") / source.folder.name
+    network = torch.compile(source.family.network, dynamic=True)
+    weights = [str(relative / name) for name in source.weights]
+    variant = Variant("torch-compile", "compile", "torch", source.family, torch_logits(network), folder, weights)
+    variant.write_record(source=str(relative))
+    return variant
+
+
+BUILT = ("quantize", "onnx", "compile")  # the methods built so far
+
+
+def build(method: str, source: Variant, run: RunDir, cfg: CompressConfig, inputs: Inputs) -> Iterator[Variant]:
+    from forgeml.compression.onnx import onnx_variants
+    from forgeml.compression.quantize import torch_int8
+
+    root = run.stage_dir("compress")
+    if method == "quantize":
+        yield torch_int8(source, root / "torch-int8")
+    elif method == "compile":
+        yield compiled(source, root / "torch-compile")
+    else:
+        calibration = calibration_batches(source.family, run, cfg.calibration_rows)
+        yield from onnx_variants(source, inputs.batches[0], calibration, root, cfg.threads)
+
+
+def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> CompressResult:
+    """Variants of ``run``'s trained model per ``recipe.compress``, measured against it."""
+    cfg = recipe.compress
+    console = console or Console(stderr=True)
+    model_dir = run.stage_dir("train") / "model"
+    if not (model_dir / META_FILE).exists():
+        raise RunDirError(
+            f"{run.path} holds no trained model ({model_dir / META_FILE} is missing); "
+            f"train it first: forgeml train {run.path / 'recipe.yaml'} --run-dir {run.path}"
+        )
+    if not cfg.methods:
+        raise ForgeError("compress.methods is empty; name some, e.g. --methods quantize,onnx")
+    missing = [method for method in cfg.methods if method not in BUILT]
+    if missing:
+        raise ForgeError(f"compress.methods: {', '.join(missing)} not available yet; use {', '.join(BUILT)}")
+    torch.set_num_threads(cfg.threads)
+    folder = run.stage_dir("compress")
+    folder.mkdir(parents=True, exist_ok=True)
+    source = baseline(model_dir, folder / "baseline")
+    if source.family.task != "classification":
+        raise ForgeError(
+            f"compress: {source.family.name} models ({source.family.task}) cannot be compressed yet; "
+            "classification models (mlp, text-classifier) can"
+        )
+    inputs = measurement_inputs(source.family, run, cfg)
+    progress = Progress(
+        TextColumn("[bold]compress {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("build", total=len(cfg.methods))
+        variants = [source]
+        for method in cfg.methods:
+            progress.update(task, description=f"build {method}")
+            variants += list(build(method, source, run, cfg, inputs))
+            progress.advance(task)
+        task = progress.add_task("check", total=len(variants))
+        rows = []
+        _, reference = quality(source, inputs)
+        for variant in variants:
+            progress.update(task, description=f"check {variant.name}")
+            metrics, probs = quality(variant, inputs)
+            rows.append(
+                {
+                    "name": variant.name,
+                    "method": variant.method,
+                    "backend": variant.backend,
+                    "accuracy": metrics["accuracy"],
+                    "macro_f1": metrics["macro_f1"],
+                    "size_bytes": variant.size_bytes(),
+                    **agreement(probs, reference),
+                }
+            )
+            progress.advance(task)
+        task = progress.add_task("time (batch 1, batch 32)", total=2)
+        speeds = speed(variants, inputs, cfg.latency_runs, cfg.throughput_batches, lambda: progress.advance(task))
+    for row, timing in zip(rows, speeds, strict=True):
+        row.update(timing)
+    for row, on_front in zip(rows, pareto(rows), strict=True):
+        row["pareto"] = on_front
+    chosen = recommend(rows, cfg.target_latency_ms)
+    for index, row in enumerate(rows):
+        row["recommended"] = index == chosen
+    for variant, row in zip(variants, rows, strict=True):
+        write_json(variant.folder / "metrics.json", row)
+    write_json(folder / "variants.json", rows)
+    stale = {p.name for p in folder.iterdir() if (p / VARIANT_FILE).exists()} - {v.name for v in variants}
+    for name in stale:  # variants of an earlier call that this one did not build
+        shutil.rmtree(folder / name)
+    (folder / "pareto.png").write_bytes(accuracy_latency(rows))
+    return CompressResult(rows, rows[chosen]["name"], folder)

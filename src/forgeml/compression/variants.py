@@ -1,0 +1,85 @@
+"""A variant: a way to compute the trained model's logits, and the folder that holds it.
+
+Every variant folder has a ``variant.json`` saying how to load it, so ``load_variant`` (the
+server's entry point) needs nothing but the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgeml.errors import RunDirError
+from forgeml.models.registry import ModelFamily, load_family, logits_of
+
+VARIANT_FILE = "variant.json"
+Logits = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class Variant:
+    name: str  # its folder under compress/
+    method: str  # baseline, quantize, onnx, compile
+    backend: str  # torch or onnxruntime
+    family: ModelFamily  # preprocessing (tokenizer, features, labels) and, for torch, the network
+    logits: Logits  # network inputs (as the family collates them) -> logits
+    folder: Path
+    weights: list[str]  # the files, relative to folder, whose bytes are the variant's size
+
+    def size_bytes(self) -> int:
+        return sum((self.folder / name).stat().st_size for name in self.weights)
+
+    def write_record(self, **extra: Any) -> None:
+        record = {"name": self.name, "method": self.method, "backend": self.backend, "weights": self.weights, **extra}
+        (self.folder / VARIANT_FILE).write_text(json.dumps(record, indent=2))
+
+
+def torch_logits(network: torch.nn.Module) -> Logits:
+    network.eval()
+
+    @torch.inference_mode()
+    def run(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits_of(network(**inputs)).float()
+
+    return run
+
+
+def baseline(model_dir: Path, folder: Path) -> Variant:
+    """The trained fp32 model as it is, copied so the compress folder stands alone."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(model_dir, folder)
+    family = load_family(folder)
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    variant = Variant("baseline", "baseline", "torch", family, torch_logits(family.network), folder, weights)
+    variant.write_record()
+    return variant
+
+
+def load_variant(folder: Path, threads: int | None = None) -> Variant:
+    """A variant from its folder alone (``compress/<name>``)."""
+    from forgeml.compression.onnx import load_onnx
+    from forgeml.compression.quantize import load_torch_int8
+
+    path = folder / VARIANT_FILE
+    if not path.exists():
+        raise RunDirError(f"{folder} is not a compressed variant (no {VARIANT_FILE}); run `forgeml compress` first")
+    record = json.loads(path.read_text())
+    name, method, weights = record["name"], record["method"], record["weights"]
+    if record["backend"] == "onnxruntime":
+        family, logits = load_onnx(folder, weights[0], threads)
+        return Variant(name, method, "onnxruntime", family, logits, folder, weights)
+    if method == "quantize":
+        family = load_torch_int8(folder)
+        return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
+    if method == "compile":  # the baseline's files, compiled when loaded
+        family = load_family(folder / record["source"])
+        compiled = torch.compile(family.network, dynamic=True)
+        return Variant(name, method, "torch", family, torch_logits(compiled), folder, weights)
+    family = load_family(folder)
+    return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)

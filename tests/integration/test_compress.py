@@ -1,0 +1,127 @@
+"""forgeml compress end to end: real int8 modules, real ONNX exports run by ONNX Runtime, real
+torch.compile, on small trained models."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import forgeml
+from forgeml.compression.variants import load_variant
+from forgeml.data.prepare import load_splits
+from forgeml.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {
+    "name", "method", "backend", "accuracy", "macro_f1", "size_bytes", "p50_ms", "p99_ms", "throughput_batch32",
+    "max_abs_diff", "label_agreement", "pareto", "recommended",
+}  # fmt: skip
+QUICK = {"latency_runs": 20, "throughput_batches": 2, "calibration_rows": 32}
+TABLE = {
+    "name": "tiny",
+    "data": {"source": "breast-cancer"},
+    "audit": {"enabled": False},
+    "model": {"name": "mlp", "hidden_sizes": [32, 16]},
+    "train": {"max_steps": 30, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
+    "compress": {"methods": ["quantize", "onnx", "compile"], **QUICK},
+}
+TEXT = {
+    "name": "tiny-text",
+    "data": {"source": "stdlib-docstrings", "top_k_labels": 3, "max_rows": 160},
+    "audit": {"enabled": False},
+    "model": {"name": "text-classifier", "max_length": 32, "freeze_layers": 4},
+    "train": {"max_steps": 6, "global_batch_size": 16, "lr": 5e-4, "seed": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory) -> Path:
+    """A trained mlp, compressed as a stage of `forgeml run`."""
+    folder = tmp_path_factory.mktemp("table") / "run"
+    forgeml.run(TABLE, folder)
+    return folder
+
+
+def test_every_variant_is_measured_checked_and_ranked(table_run):
+    rows = json.loads((table_run / "compress" / "variants.json").read_text())
+    names = ["baseline", "torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "torch-compile"]
+    assert [row["name"] for row in rows] == names
+    assert all(set(row) == FIELDS for row in rows)
+    assert sum(row["recommended"] for row in rows) == 1
+    assert any(row["pareto"] for row in rows if row["recommended"])
+    baseline = rows[0]
+    assert baseline["max_abs_diff"] == 0 and baseline["label_agreement"] == 1
+    for row in rows[1:]:  # every variant computes (nearly) what the trained model does
+        assert row["max_abs_diff"] < 0.1 and row["label_agreement"] >= 0.95, row
+        assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"] and row["throughput_batch32"] > 0
+    sizes = {row["name"]: row["size_bytes"] for row in rows}
+    assert sizes["torch-int8"] < 0.5 * sizes["baseline"]  # (ONNX int8 pays off on larger models: see the text test)
+    assert (table_run / "compress" / "pareto.png").stat().st_size > 0
+    assert json.loads((table_run / "run.json").read_text())["stages"]["compress"]["status"] == "done"
+
+
+def test_each_variant_folder_loads_alone_and_predicts_as_measured(table_run):
+    source = load_variant(table_run / "compress" / "baseline")
+    rows = load_splits(RunDir(table_run)).test[source.family.features].head(8).to_dict("records")
+    inputs = source.family.encode_inputs(rows)
+    expected = source.logits(inputs).softmax(-1)
+    for name in ("torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "torch-compile"):
+        variant = load_variant(table_run / "compress" / name, threads=1)
+        got = variant.logits(variant.family.encode_inputs(rows)).softmax(-1)
+        assert torch.allclose(got, expected, atol=0.1), name
+        assert variant.family.labels == source.family.labels
+
+
+def test_torch_int8_round_trips_exactly(table_run, tmp_path):
+    from forgeml.compression.quantize import load_torch_int8, quantize_linear
+
+    source = load_variant(table_run / "compress" / "baseline")
+    fresh = quantize_linear(source.family.network)
+    loaded = load_torch_int8(table_run / "compress" / "torch-int8").network
+    x = torch.randn(5, len(source.family.features))
+    assert torch.equal(fresh(x), loaded(x))
+
+
+def test_text_classifier_exports_with_any_batch_and_length(tmp_path):
+    folder = tmp_path / "run"
+    forgeml.train(TEXT, folder)
+    result = forgeml.compress(
+        folder,
+        overrides=("compress.methods=[quantize,onnx]",)
+        + tuple(f"compress.{key}={value}" for key, value in QUICK.items()),
+    )
+    rows = {row["name"]: row for row in result.variants}
+    assert rows["onnx-int8-dynamic"]["size_bytes"] < 0.5 * rows["baseline"]["size_bytes"]
+    assert rows["onnx-fp32"]["max_abs_diff"] < 1e-3
+    texts = ["Return the path.", "Open a connection to the server and send every queued message, then wait."]
+    source = load_variant(folder / "compress" / "baseline")
+    expected = source.logits(source.family.encode_inputs(texts)).softmax(-1)
+    for name in ("onnx-fp32", "onnx-int8-dynamic", "torch-int8"):
+        variant = load_variant(folder / "compress" / name)
+        got = variant.logits(variant.family.encode_inputs(texts)).softmax(-1)
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=0.05), name
+
+
+def forgeml_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forgeml", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_without_a_trained_model_is_refused(tmp_path):
+    folder = tmp_path / "run"
+    forgeml.prepare({**TABLE, "compress": {}}, folder)
+    result = forgeml_cli("compress", str(folder), "--methods", "quantize")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"{folder} holds no trained model" in message and "train it first" in message
+    result = forgeml_cli("compress", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "is not a run directory" in " ".join(result.stderr.split())
+
+
+def test_methods_not_built_yet_are_named(table_run):
+    result = forgeml_cli("compress", str(table_run), "--methods", "quantize,distill")
+    assert result.returncode == 2
+    assert "compress.methods: distill not available yet" in " ".join(result.stderr.split())

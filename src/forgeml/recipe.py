@@ -348,13 +348,27 @@ class TuneConfig(Section):
 CompressMethod = Literal["quantize", "onnx", "compile", "prune", "distill"]
 
 
+class DistillConfig(Section):
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.5, description="weight of the teacher's soft targets; the labels get 1 - alpha"
+    )
+    temperature: Annotated[float, Field(gt=0)] = Field(2.0, description="softens both models' probabilities")
+    student_layers: PositiveInt | None = Field(
+        None, description="text-classifier: the teacher's lower layers the student keeps (default: half)"
+    )
+    student_width: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.5, description="mlp: the student's hidden sizes as a fraction of the teacher's"
+    )
+
+
 class CompressConfig(Section):
     """Compression variants of the trained model (``forgeml compress``), each measured against it."""
 
     methods: list[CompressMethod] = Field(
         [],
         description="quantize (torch dynamic int8), onnx (ONNX Runtime fp32, dynamic and static int8), "
-        "compile (torch.compile); empty: the stage does not run in `forgeml run`",
+        "compile (torch.compile), distill (a smaller student, with and without the teacher); "
+        "empty: the stage does not run in `forgeml run`",
     )
     target_latency_ms: Annotated[float, Field(gt=0)] | None = Field(
         None,
@@ -365,6 +379,7 @@ class CompressConfig(Section):
     latency_runs: Annotated[int, Field(ge=10)] = Field(100, description="batch-1 predictions timed per variant")
     throughput_batches: PositiveInt = Field(5, description="batches of 32 timed per variant")
     calibration_rows: PositiveInt = Field(128, description="training rows that calibrate static int8")
+    distill: DistillConfig = DistillConfig()
 
 
 class ServeConfig(Section):

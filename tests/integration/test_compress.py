@@ -27,7 +27,7 @@ TABLE = {
     "audit": {"enabled": False},
     "model": {"name": "mlp", "hidden_sizes": [32, 16]},
     "train": {"max_steps": 30, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
-    "compress": {"methods": ["quantize", "onnx", "compile"], **QUICK},
+    "compress": {"methods": ["distill", "quantize", "onnx", "compile"], **QUICK},
 }
 TEXT = {
     "name": "tiny-text",
@@ -48,14 +48,25 @@ def table_run(tmp_path_factory) -> Path:
 
 def test_every_variant_is_measured_checked_and_ranked(table_run):
     rows = json.loads((table_run / "compress" / "variants.json").read_text())
-    names = ["baseline", "torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "torch-compile"]
+    names = [
+        "baseline",
+        "distilled",
+        "student-alone",
+        "torch-int8",
+        "onnx-fp32",
+        "onnx-int8-dynamic",
+        "onnx-int8-static",
+    ]
+    names += ["torch-compile"]
     assert [row["name"] for row in rows] == names
     assert all(set(row) == FIELDS for row in rows)
     assert sum(row["recommended"] for row in rows) == 1
     assert any(row["pareto"] for row in rows if row["recommended"])
     baseline = rows[0]
     assert baseline["max_abs_diff"] == 0 and baseline["label_agreement"] == 1
-    for row in rows[1:]:  # every variant computes (nearly) what the trained model does
+    for row in rows[1:3]:  # the students learnt something of the task
+        assert row["method"] == "distill" and row["accuracy"] > 0.6 and row["size_bytes"] < baseline["size_bytes"]
+    for row in rows[3:]:  # every other variant computes (nearly) what the trained model does
         assert row["max_abs_diff"] < 0.1 and row["label_agreement"] >= 0.95, row
         assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"] and row["throughput_batch32"] > 0
     sizes = {row["name"]: row["size_bytes"] for row in rows}
@@ -69,6 +80,9 @@ def test_each_variant_folder_loads_alone_and_predicts_as_measured(table_run):
     rows = load_splits(RunDir(table_run)).test[source.family.features].head(8).to_dict("records")
     inputs = source.family.encode_inputs(rows)
     expected = source.logits(inputs).softmax(-1)
+    for name in ("distilled", "student-alone"):
+        student = load_variant(table_run / "compress" / name)
+        assert student.family.config.hidden_sizes == [16, 8] and student.family.features == source.family.features
     for name in ("torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "torch-compile"):
         variant = load_variant(table_run / "compress" / name, threads=1)
         got = variant.logits(variant.family.encode_inputs(rows)).softmax(-1)
@@ -91,10 +105,13 @@ def test_text_classifier_exports_with_any_batch_and_length(tmp_path):
     forgeml.train(TEXT, folder)
     result = forgeml.compress(
         folder,
-        overrides=("compress.methods=[quantize,onnx]",)
+        overrides=("compress.methods=[distill,quantize,onnx]",)
         + tuple(f"compress.{key}={value}" for key, value in QUICK.items()),
     )
     rows = {row["name"]: row for row in result.variants}
+    student = load_variant(folder / "compress" / "distilled").family.network
+    assert student.config.num_hidden_layers == 3 and len(student.bert.encoder.layer) == 3
+    assert rows["distilled"]["p50_ms"] > 0 and rows["student-alone"]["size_bytes"] < rows["baseline"]["size_bytes"]
     assert rows["onnx-int8-dynamic"]["size_bytes"] < 0.5 * rows["baseline"]["size_bytes"]
     assert rows["onnx-fp32"]["max_abs_diff"] < 1e-3
     texts = ["Return the path.", "Open a connection to the server and send every queued message, then wait."]
@@ -122,6 +139,6 @@ def test_a_run_without_a_trained_model_is_refused(tmp_path):
 
 
 def test_methods_not_built_yet_are_named(table_run):
-    result = forgeml_cli("compress", str(table_run), "--methods", "quantize,distill")
+    result = forgeml_cli("compress", str(table_run), "--methods", "quantize,prune")
     assert result.returncode == 2
-    assert "compress.methods: distill not available yet" in " ".join(result.stderr.split())
+    assert "compress.methods: prune not available yet" in " ".join(result.stderr.split())

@@ -82,15 +82,20 @@ def compiled(source: Variant, folder: Path) -> Variant:
     return variant
 
 
-BUILT = ("quantize", "onnx", "compile")  # the methods built so far
+BUILT = ("distill", "quantize", "onnx", "compile")  # the methods built so far
 
 
-def build(method: str, source: Variant, run: RunDir, cfg: CompressConfig, inputs: Inputs) -> Iterator[Variant]:
+def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inputs) -> Iterator[Variant]:
+    from forgeml.compression.distill import distill_variants
     from forgeml.compression.onnx import onnx_variants
     from forgeml.compression.quantize import torch_int8
 
+    cfg = recipe.compress
+
     root = run.stage_dir("compress")
-    if method == "quantize":
+    if method == "distill":
+        yield from distill_variants(source, recipe, run, root)
+    elif method == "quantize":
         yield torch_int8(source, root / "torch-int8")
     elif method == "compile":
         yield compiled(source, root / "torch-compile")
@@ -133,7 +138,7 @@ def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> Com
         variants = [source]
         for method in cfg.methods:
             progress.update(task, description=f"build {method}")
-            variants += list(build(method, source, run, cfg, inputs))
+            variants += list(build(method, source, run, recipe, inputs))
             progress.advance(task)
         task = progress.add_task("check", total=len(variants))
         rows = []

@@ -1,0 +1,142 @@
+"""Knowledge distillation: the trained model teaches a smaller student of its own family.
+
+The loss is Hinton et al.'s: alpha * T^2 * KL(teacher_T || student_T) on temperature-softened
+probabilities, plus (1 - alpha) * the recipe's own loss on the labels. The same student, from
+the same initialisation, is also trained on the labels alone, so the report shows what the
+teacher bought. Both train with the recipe's train settings through forgeml's own loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forgeml.compression.variants import Variant, torch_logits
+from forgeml.data.prepare import read_manifest, shard_location
+from forgeml.errors import ForgeError
+from forgeml.models.registry import ModelFamily, load_family, logits_of
+from forgeml.recipe import DistillConfig, Recipe
+from forgeml.registry import Registry
+from forgeml.rundir import RunDir
+from forgeml.training.launch import ONE_PROCESS
+from forgeml.training.loop import fit
+from forgeml.training.stage import build_loss, loaders
+from forgeml.training.strategies import build_strategy, resolve_batch
+
+# family name -> (teacher, distill settings) -> an untrained-for-the-task smaller student
+STUDENTS: Registry[Callable[[ModelFamily, DistillConfig], ModelFamily]] = Registry("student")
+
+
+@STUDENTS.register("text-classifier")
+def shallower_encoder(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
+    """The teacher's embeddings and lower layers (half of them unless student_layers says),
+    its pooler and head; the embeddings stay frozen, as the teacher's lower layers were."""
+    network = copy.deepcopy(teacher.network)
+    layers = network.base_model.encoder.layer
+    keep = cfg.student_layers or max(1, len(layers) // 2)
+    if keep >= len(layers):
+        raise ForgeError(
+            f"compress.distill.student_layers: {keep} is not fewer than the teacher's {len(layers)} layers"
+        )
+    network.base_model.encoder.layer = nn.ModuleList(layers[:keep])
+    network.config.num_hidden_layers = keep
+    network.base_model.embeddings.requires_grad_(False)
+    return type(teacher)(teacher.config, network, teacher.tokenizer, teacher.labels)
+
+
+@STUDENTS.register("mlp")
+def narrower_mlp(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
+    """Hidden layers ``student_width`` times as wide, freshly initialised, with the teacher's scaling."""
+    widths = [max(1, round(width * cfg.student_width)) for width in teacher.config.hidden_sizes]
+    student = type(teacher)(
+        teacher.config.model_copy(update={"hidden_sizes": widths}), teacher.features, teacher.labels
+    )
+    student.network.mean.copy_(teacher.network.mean)
+    student.network.std.copy_(teacher.network.std)
+    return student
+
+
+class WithTeacher(nn.Module):
+    """The student's logits stacked on the frozen teacher's for the same batch, so the loss sees both."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> WithTeacher:
+        self.training = mode
+        self.student.train(mode)
+        self.teacher.eval()  # no dropout in the targets
+        return self
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = logits_of(self.teacher(**inputs)).float()
+        return torch.stack([logits_of(self.student(**inputs)).float(), teacher])
+
+
+class DistillLoss:
+    """alpha * T^2 * KL(teacher || student) at temperature T, plus (1 - alpha) * the label loss."""
+
+    def __init__(self, hard: Any, alpha: float, temperature: float) -> None:
+        self.hard, self.alpha, self.temperature = hard, alpha, temperature
+
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        return self.hard.normalizer(targets)
+
+    def __call__(self, both: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        student, teacher = both[0], both[1]
+        t = self.temperature
+        soft = F.kl_div(
+            F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
+        )
+        return self.alpha * t * t * soft + (1 - self.alpha) * self.hard(student, targets)
+
+
+def train_student(student: ModelFamily, teacher: ModelFamily | None, recipe: Recipe, run: RunDir) -> None:
+    """Train ``student`` in place on the run's training split with the recipe's train settings,
+    taught by ``teacher`` (None: on the labels alone)."""
+    cfg = recipe.train.model_copy(update={"early_stopping": None, "checkpoint_every": None})
+    strategy = build_strategy(cfg, ONE_PROCESS, student)
+    cfg = resolve_batch(cfg, 1, 1)
+    manifest = read_manifest(run)
+    data, augment = loaders(student, manifest, shard_location(run, manifest), cfg, strategy)
+    rebalance = manifest["rebalance"]["method"]
+    loss = build_loss(cfg, student.task, student.labels, manifest["class_counts"].get("train", {}), rebalance)
+    torch.manual_seed(cfg.seed)  # the same dropout masks for both students
+    model: nn.Module = student.network
+    if teacher is not None:
+        model = WithTeacher(student.network, teacher.network)
+        loss = DistillLoss(loss, recipe.compress.distill.alpha, recipe.compress.distill.temperature)
+    fit(model, data["train"], cfg, loss, strategy, augment=augment)
+    student.network.eval()
+
+
+def distill_variants(source: Variant, recipe: Recipe, run: RunDir, root: Path) -> list[Variant]:
+    """``distilled`` (taught by the source model) and ``student-alone`` (the same student trained
+    on the labels only), each saved in its folder."""
+    cfg = recipe.compress.distill
+    make = STUDENTS.get(source.family.name).build
+    student = make(source.family, cfg)
+    alone = copy.deepcopy(student)  # the same initial weights
+    train_student(student, source.family, recipe, run)
+    train_student(alone, None, recipe, run)
+    return [save_student("distilled", student, root), save_student("student-alone", alone, root)]
+
+
+def save_student(name: str, family: ModelFamily, root: Path) -> Variant:
+    folder = root / name
+    shutil.rmtree(folder, ignore_errors=True)
+    family.save(folder)
+    family = load_family(folder)  # as it will be served: from its files
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    variant = Variant(name, "distill", "torch", family, torch_logits(family.network), folder, weights)
+    variant.write_record(taught=name == "distilled")
+    return variant

@@ -348,6 +348,16 @@ class TuneConfig(Section):
 CompressMethod = Literal["quantize", "onnx", "compile", "prune", "distill"]
 
 
+class PruneConfig(Section):
+    sparsities: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [0.5, 0.8], description="magnitude pruning: the share of linear weights set to zero, one variant each"
+    )
+    structured_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.5, description="structured pruning: the share of heads and channels (or hidden units) removed"
+    )
+    finetune_steps: PositiveInt = Field(50, description="training steps after pruning, with the recipe's settings")
+
+
 class DistillConfig(Section):
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.5, description="weight of the teacher's soft targets; the labels get 1 - alpha"
@@ -367,7 +377,8 @@ class CompressConfig(Section):
     methods: list[CompressMethod] = Field(
         [],
         description="quantize (torch dynamic int8), onnx (ONNX Runtime fp32, dynamic and static int8), "
-        "compile (torch.compile), distill (a smaller student, with and without the teacher); "
+        "compile (torch.compile), distill (a smaller student, with and without the teacher), prune (magnitude "
+        "and structured, each fine-tuned); "
         "empty: the stage does not run in `forgeml run`",
     )
     target_latency_ms: Annotated[float, Field(gt=0)] | None = Field(
@@ -380,6 +391,7 @@ class CompressConfig(Section):
     throughput_batches: PositiveInt = Field(5, description="batches of 32 timed per variant")
     calibration_rows: PositiveInt = Field(128, description="training rows that calibrate static int8")
     distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
 
 
 class ServeConfig(Section):

@@ -20,14 +20,14 @@ FIELDS = {
     "name", "method", "backend", "accuracy", "macro_f1", "size_bytes", "p50_ms", "p99_ms", "throughput_batch32",
     "max_abs_diff", "label_agreement", "pareto", "recommended",
 }  # fmt: skip
-QUICK = {"latency_runs": 20, "throughput_batches": 2, "calibration_rows": 32}
+QUICK = {"latency_runs": 20, "throughput_batches": 2, "calibration_rows": 32, "prune": {"finetune_steps": 5}}
 TABLE = {
     "name": "tiny",
     "data": {"source": "breast-cancer"},
     "audit": {"enabled": False},
     "model": {"name": "mlp", "hidden_sizes": [32, 16]},
     "train": {"max_steps": 30, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
-    "compress": {"methods": ["distill", "quantize", "onnx", "compile"], **QUICK},
+    "compress": {"methods": ["distill", "prune", "quantize", "onnx", "compile"], **QUICK},
 }
 TEXT = {
     "name": "tiny-text",
@@ -48,16 +48,8 @@ def table_run(tmp_path_factory) -> Path:
 
 def test_every_variant_is_measured_checked_and_ranked(table_run):
     rows = json.loads((table_run / "compress" / "variants.json").read_text())
-    names = [
-        "baseline",
-        "distilled",
-        "student-alone",
-        "torch-int8",
-        "onnx-fp32",
-        "onnx-int8-dynamic",
-        "onnx-int8-static",
-    ]
-    names += ["torch-compile"]
+    names = ["baseline", "distilled", "student-alone", "prune-50", "prune-80", "prune-structured", "torch-int8"]
+    names += ["onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "torch-compile"]
     assert [row["name"] for row in rows] == names
     assert all(set(row) == FIELDS for row in rows)
     assert sum(row["recommended"] for row in rows) == 1
@@ -66,7 +58,9 @@ def test_every_variant_is_measured_checked_and_ranked(table_run):
     assert baseline["max_abs_diff"] == 0 and baseline["label_agreement"] == 1
     for row in rows[1:3]:  # the students learnt something of the task
         assert row["method"] == "distill" and row["accuracy"] > 0.6 and row["size_bytes"] < baseline["size_bytes"]
-    for row in rows[3:]:  # every other variant computes (nearly) what the trained model does
+    for row in rows[3:6]:  # so did the pruned models, fine-tuned
+        assert row["method"] == "prune" and row["accuracy"] > 0.6
+    for row in rows[6:]:  # every other variant computes (nearly) what the trained model does
         assert row["max_abs_diff"] < 0.1 and row["label_agreement"] >= 0.95, row
         assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"] and row["throughput_batch32"] > 0
     sizes = {row["name"]: row["size_bytes"] for row in rows}
@@ -90,6 +84,16 @@ def test_each_variant_folder_loads_alone_and_predicts_as_measured(table_run):
         assert variant.family.labels == source.family.labels
 
 
+def test_pruned_models_have_the_stated_sparsity_and_shapes(table_run):
+    for percent in (50, 80):
+        network = load_variant(table_run / "compress" / f"prune-{percent}").family.network
+        weights = torch.cat([m.weight.flatten() for m in network.modules() if isinstance(m, torch.nn.Linear)])
+        assert (weights == 0).float().mean() >= percent / 100 - 1e-3
+    cut = load_variant(table_run / "compress" / "prune-structured").family
+    assert cut.config.hidden_sizes == [16, 8]
+    assert [m.weight.shape for m in cut.network.modules() if isinstance(m, torch.nn.Linear)][1] == (8, 16)
+
+
 def test_torch_int8_round_trips_exactly(table_run, tmp_path):
     from forgeml.compression.quantize import load_torch_int8, quantize_linear
 
@@ -105,13 +109,19 @@ def test_text_classifier_exports_with_any_batch_and_length(tmp_path):
     forgeml.train(TEXT, folder)
     result = forgeml.compress(
         folder,
-        overrides=("compress.methods=[distill,quantize,onnx]",)
+        overrides=("compress.methods=[distill,prune,quantize,onnx]",)
         + tuple(f"compress.{key}={value}" for key, value in QUICK.items()),
     )
     rows = {row["name"]: row for row in result.variants}
     student = load_variant(folder / "compress" / "distilled").family.network
     assert student.config.num_hidden_layers == 3 and len(student.bert.encoder.layer) == 3
     assert rows["distilled"]["p50_ms"] > 0 and rows["student-alone"]["size_bytes"] < rows["baseline"]["size_bytes"]
+    cut = load_variant(folder / "compress" / "prune-structured").family.network
+    for layer in cut.bert.encoder.layer:  # 6 of 12 heads of 32 dimensions, 768 of 1536 channels
+        assert layer.attention.self.query.weight.shape == (192, 384)
+        assert layer.attention.output.dense.weight.shape == (384, 192)
+        assert layer.intermediate.dense.weight.shape == (768, 384) and layer.output.dense.weight.shape == (384, 768)
+    assert rows["prune-structured"]["size_bytes"] < rows["baseline"]["size_bytes"]
     assert rows["onnx-int8-dynamic"]["size_bytes"] < 0.5 * rows["baseline"]["size_bytes"]
     assert rows["onnx-fp32"]["max_abs_diff"] < 1e-3
     texts = ["Return the path.", "Open a connection to the server and send every queued message, then wait."]
@@ -138,7 +148,7 @@ def test_a_run_without_a_trained_model_is_refused(tmp_path):
     assert result.returncode == 2 and "is not a run directory" in " ".join(result.stderr.split())
 
 
-def test_methods_not_built_yet_are_named(table_run):
-    result = forgeml_cli("compress", str(table_run), "--methods", "quantize,prune")
+def test_an_unknown_method_is_named(table_run):
+    result = forgeml_cli("compress", str(table_run), "--methods", "quantize,shrink")
     assert result.returncode == 2
-    assert "compress.methods: prune not available yet" in " ".join(result.stderr.split())
+    assert "compress.methods" in result.stderr and "shrink" in result.stderr and "Traceback" not in result.stderr

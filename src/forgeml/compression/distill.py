@@ -68,7 +68,8 @@ class WithTeacher(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
-        self.student, self.teacher = student, teacher.requires_grad_(False)
+        # A frozen copy: the trained model itself stays as it was for the other variants.
+        self.student, self.teacher = student, copy.deepcopy(teacher).requires_grad_(False)
 
     def train(self, mode: bool = True) -> WithTeacher:
         self.training = mode
@@ -100,10 +101,14 @@ class DistillLoss:
         return self.alpha * t * t * soft + (1 - self.alpha) * self.hard(student, targets)
 
 
-def train_student(student: ModelFamily, teacher: ModelFamily | None, recipe: Recipe, run: RunDir) -> None:
-    """Train ``student`` in place on the run's training split with the recipe's train settings,
-    taught by ``teacher`` (None: on the labels alone)."""
+def train_student(
+    student: ModelFamily, teacher: ModelFamily | None, recipe: Recipe, run: RunDir, steps: int | None = None
+) -> None:
+    """Train ``student`` in place on the run's training split with the recipe's train settings
+    (or only ``steps`` steps), taught by ``teacher`` (None: on the labels alone)."""
     cfg = recipe.train.model_copy(update={"early_stopping": None, "checkpoint_every": None})
+    if steps is not None:
+        cfg = cfg.model_copy(update={"max_steps": steps, "max_epochs": None, "warmup_steps": 0})
     strategy = build_strategy(cfg, ONE_PROCESS, student)
     cfg = resolve_batch(cfg, 1, 1)
     manifest = read_manifest(run)

@@ -82,12 +82,10 @@ def compiled(source: Variant, folder: Path) -> Variant:
     return variant
 
 
-BUILT = ("distill", "quantize", "onnx", "compile")  # the methods built so far
-
-
 def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inputs) -> Iterator[Variant]:
     from forgeml.compression.distill import distill_variants
     from forgeml.compression.onnx import onnx_variants
+    from forgeml.compression.prune import magnitude, structured
     from forgeml.compression.quantize import torch_int8
 
     cfg = recipe.compress
@@ -95,11 +93,15 @@ def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inp
     root = run.stage_dir("compress")
     if method == "distill":
         yield from distill_variants(source, recipe, run, root)
+    elif method == "prune":
+        for sparsity in cfg.prune.sparsities:
+            yield magnitude(source, sparsity, recipe, run, root)
+        yield structured(source, recipe, run, root)
     elif method == "quantize":
         yield torch_int8(source, root / "torch-int8")
     elif method == "compile":
         yield compiled(source, root / "torch-compile")
-    else:
+    elif method == "onnx":
         calibration = calibration_batches(source.family, run, cfg.calibration_rows)
         yield from onnx_variants(source, inputs.batches[0], calibration, root, cfg.threads)
 
@@ -116,9 +118,6 @@ def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> Com
         )
     if not cfg.methods:
         raise ForgeError("compress.methods is empty; name some, e.g. --methods quantize,onnx")
-    missing = [method for method in cfg.methods if method not in BUILT]
-    if missing:
-        raise ForgeError(f"compress.methods: {', '.join(missing)} not available yet; use {', '.join(BUILT)}")
     torch.set_num_threads(cfg.threads)
     folder = run.stage_dir("compress")
     folder.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ def baseline(model_dir: Path, folder: Path) -> Variant:
 def load_variant(folder: Path, threads: int | None = None) -> Variant:
     """A variant from its folder alone (``compress/<name>``)."""
     from forgeml.compression.onnx import load_onnx
+    from forgeml.compression.prune import load_pruned
     from forgeml.compression.quantize import load_torch_int8
 
     path = folder / VARIANT_FILE
@@ -76,6 +77,9 @@ def load_variant(folder: Path, threads: int | None = None) -> Variant:
         return Variant(name, method, "onnxruntime", family, logits, folder, weights)
     if method == "quantize":
         family = load_torch_int8(folder)
+        return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
+    if method == "prune":
+        family = load_pruned(folder)
         return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
     if method == "compile":  # the baseline's files, compiled when loaded
         family = load_family(folder / record["source"])

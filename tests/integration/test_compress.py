@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import forgeml
+from forgeml.compression.prune import prunable
 from forgeml.compression.variants import load_variant
 from forgeml.data.prepare import load_splits
 from forgeml.rundir import RunDir
@@ -67,6 +68,9 @@ def test_every_variant_is_measured_checked_and_ranked(table_run):
     assert sizes["torch-int8"] < 0.5 * sizes["baseline"]  # (ONNX int8 pays off on larger models: see the text test)
     assert (table_run / "compress" / "pareto.png").stat().st_size > 0
     assert json.loads((table_run / "run.json").read_text())["stages"]["compress"]["status"] == "done"
+    report = (table_run / "report.html").read_text()  # forgeml run ends with the report
+    section = report[report.index("<h2>Compression</h2>") :]
+    assert all(name in section for name in names) and "recommended" in section and "data:image/png" in section
 
 
 def test_each_variant_folder_loads_alone_and_predicts_as_measured(table_run):
@@ -86,9 +90,10 @@ def test_each_variant_folder_loads_alone_and_predicts_as_measured(table_run):
 
 def test_pruned_models_have_the_stated_sparsity_and_shapes(table_run):
     for percent in (50, 80):
-        network = load_variant(table_run / "compress" / f"prune-{percent}").family.network
-        weights = torch.cat([m.weight.flatten() for m in network.modules() if isinstance(m, torch.nn.Linear)])
+        family = load_variant(table_run / "compress" / f"prune-{percent}").family
+        weights = torch.cat([module.weight.flatten() for module, _ in prunable(family)])
         assert (weights == 0).float().mean() >= percent / 100 - 1e-3
+        assert (family.network.layers[-1].weight != 0).all()  # the output head is left whole
     cut = load_variant(table_run / "compress" / "prune-structured").family
     assert cut.config.hidden_sizes == [16, 8]
     assert [m.weight.shape for m in cut.network.modules() if isinstance(m, torch.nn.Linear)][1] == (8, 16)

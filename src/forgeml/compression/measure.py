@@ -1,7 +1,7 @@
 """Measuring variants side by side: held-out quality, agreement with the source model, size, and
 speed at batch 1 and 32, all in one process with a fixed thread count. Speed is timed in rounds
-that visit every variant in turn, after a warm-up, so a slow spell of the machine falls on all of
-them alike rather than on whichever ran then."""
+that visit every variant in turn (a few calls each), after a warm-up, so a slow spell of the
+machine falls on all of them alike rather than on whichever ran then."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from forgeml.compression.variants import Variant
 from forgeml.training.metrics import classification_metrics
 
 WARMUP = 5
+BLOCK = 5  # calls in a row per variant and round
 
 
 @dataclass
@@ -46,19 +47,25 @@ def agreement(probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     }
 
 
-def timed_rounds(variants: list[Variant], items: list[dict[str, torch.Tensor]], rounds: int) -> list[list[float]]:
-    """Seconds of each call, per variant: ``rounds`` rounds, each calling every variant once on
-    the round's item (items cycle), after WARMUP untimed calls each."""
+def timed_rounds(variants: list[Variant], items: list[dict[str, torch.Tensor]], calls: int) -> list[list[float]]:
+    """Seconds of ``calls`` calls per variant, items cycling. Rounds visit every variant in turn
+    for BLOCK calls each, the first of which is not timed: switching between runtimes (PyTorch's
+    OpenMP threads, ONNX Runtime's pool) costs the first call a wake-up that would otherwise be
+    charged to whichever variant came next. WARMUP untimed calls each come first."""
     for variant in variants:
         for item in items[:WARMUP]:
             variant.logits(item)
     seconds: list[list[float]] = [[] for _ in variants]
-    for r in range(rounds):
-        item = items[r % len(items)]
+    call = 0
+    while call < calls:
+        timed = min(BLOCK - 1, calls - call)
         for index, variant in enumerate(variants):
-            started = time.perf_counter()
-            variant.logits(item)
-            seconds[index].append(time.perf_counter() - started)
+            variant.logits(items[call % len(items)])
+            for k in range(call, call + timed):
+                started = time.perf_counter()
+                variant.logits(items[k % len(items)])
+                seconds[index].append(time.perf_counter() - started)
+        call += timed
     return seconds
 
 

@@ -1,6 +1,6 @@
 """Pruning, each followed by a short fine-tune on the labels:
 
-- magnitude: the globally smallest weights of every linear layer set to zero (torch's
+- magnitude: the globally smallest weights of the blocks' linear layers set to zero (torch's
   global_unstructured), at each of ``compress.prune.sparsities``; the masks hold during the
   fine-tune. The matrices keep their shape, so files and dense kernels do not shrink: this
   variant shows what the sparsity costs in accuracy.
@@ -34,13 +34,23 @@ from forgeml.rundir import RunDir
 SHAPES = "pruned.json"
 
 
-def linear_layers(network: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(module, "weight") for module in network.modules() if isinstance(module, nn.Linear)]
+def prunable(family: ModelFamily) -> list[tuple[nn.Module, str]]:
+    """The linear layers of the repeated blocks (transformer layers), which hold most weights;
+    in a network without blocks, every linear layer but the output head. What sits outside the
+    blocks is small and its weights are small: one global threshold zeroed it first (at 80 %
+    sparsity the default model's pooler was 100 % zeros, its head 99 %, and it fell to 6 %
+    accuracy)."""
+    blocks = family.blocks()
+    if blocks is not None:
+        layers = [m for m in blocks.modules() if isinstance(m, nn.Linear)]
+    else:
+        layers = [m for m in family.network.modules() if isinstance(m, nn.Linear)][:-1]
+    return [(module, "weight") for module in layers]
 
 
 def magnitude(source: Variant, sparsity: float, recipe: Recipe, run: RunDir, root: Path) -> Variant:
     family = copy.deepcopy(source.family)
-    layers = linear_layers(family.network)
+    layers = prunable(family)
     prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=sparsity)
     train_student(family, None, recipe, run, steps=recipe.compress.prune.finetune_steps)
     for module, name in layers:

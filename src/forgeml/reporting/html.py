@@ -48,6 +48,8 @@ class Run:
     audit: Mapping[str, Any] | None = None
     tuning: Mapping[str, Any] | None = None  # tune/summary.json
     tuning_plots: Mapping[str, bytes] = field(default_factory=dict)  # the tune stage's PNGs by name
+    variants: list[Mapping[str, Any]] | None = None  # compress/variants.json
+    pareto_png: bytes | None = None  # compress/pareto.png
 
 
 Builder = Callable[[Run], str | None]
@@ -97,7 +99,20 @@ def load_run(run_dir: Path) -> Run:
         audit=_dict_or_none(_read_json(run_dir / "audit" / "report.json")),
         tuning=_dict_or_none(_read_json(run_dir / "tune" / "summary.json")),
         tuning_plots={png.stem: png.read_bytes() for png in sorted((run_dir / "tune").glob("*.png"))},
+        variants=_list_or_none(_read_json(run_dir / "compress" / "variants.json")),
+        pareto_png=_bytes_or_none(run_dir / "compress" / "pareto.png"),
     )
+
+
+def _list_or_none(value: Any) -> list[Mapping[str, Any]] | None:
+    return value if isinstance(value, list) and all(isinstance(row, dict) for row in value) else None
+
+
+def _bytes_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 # --- HTML helpers ---------------------------------------------------------------------------
@@ -359,6 +374,33 @@ def _tuning(run: Run) -> str:
     return _section("Tuning", "\n".join(parts))
 
 
+def _compression(run: Run) -> str:
+    if not run.variants:
+        return _absent("Compression", run, "compress")
+    header = ["variant", "method", "accuracy", "macro-F1", "size MB", "p50 ms", "p99 ms", "rows/s at 32"]
+    header += ["max prob. diff", "label agreement", ""]
+    rows = []
+    for row in run.variants:
+        mark = "recommended" if row.get("recommended") else "Pareto front" if row.get("pareto") else ""
+        rows.append(
+            [row.get("name"), row.get("method"), row.get("accuracy"), row.get("macro_f1")]
+            + [row["size_bytes"] / 1e6 if isinstance(row.get("size_bytes"), (int, float)) else None]
+            + [row.get(k) for k in ("p50_ms", "p99_ms", "throughput_batch32", "max_abs_diff", "label_agreement")]
+            + [mark]
+        )
+    parts = [
+        "<p>Each variant of the trained model (<code>baseline</code>), measured in one process on the test split; "
+        "latency at batch 1, throughput at batch 32; the last columns compare its class probabilities and labels "
+        "with the baseline's on the same rows. Files: <code>compress/&lt;variant&gt;/</code>.</p>",
+        _table(header, rows),
+    ]
+    if run.pareto_png:
+        parts.append(
+            _img(run.pareto_png, "accuracy against batch-1 latency, the Pareto front and the recommended variant")
+        )
+    return _section("Compression", "\n".join(parts))
+
+
 SECTIONS: list[Builder] = [
     _header,
     _recipe,
@@ -367,7 +409,7 @@ SECTIONS: list[Builder] = [
     _training,
     _evaluation,
     _tuning,
-    placeholder("Compression"),
+    _compression,
     placeholder("Explanations"),
 ]
 

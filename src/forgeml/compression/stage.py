@@ -118,7 +118,16 @@ def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> Com
         )
     if not cfg.methods:
         raise ForgeError("compress.methods is empty; name some, e.g. --methods quantize,onnx")
-    torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # for building and measuring alike; the caller's count comes back
+    try:
+        return build_and_measure(recipe, run, model_dir, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Console) -> CompressResult:
+    cfg = recipe.compress
     folder = run.stage_dir("compress")
     folder.mkdir(parents=True, exist_ok=True)
     source = baseline(model_dir, folder / "baseline")

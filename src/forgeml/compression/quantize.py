@@ -1,6 +1,6 @@
 """PyTorch dynamic int8: every nn.Linear's weights stored as int8 with a per-tensor scale,
 activations quantised on the fly. torch.ao's quantize_dynamic is used rather than torchao: on a
-2-core x86 CPU it ran the MiniLM classifier at 0.40x fp32's time, torchao's
+2-core x86 CPU, at batch 32, it ran the MiniLM classifier at 0.40x fp32's time, torchao's
 Int8DynamicActivationInt8WeightConfig at 0.90x.
 
 quantize_dynamic's modules hold packed weights that safetensors cannot store, so the variant

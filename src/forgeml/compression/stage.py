@@ -4,6 +4,7 @@ variant."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> Com
         )
     if not cfg.methods:
         raise ForgeError("compress.methods is empty; name some, e.g. --methods quantize,onnx")
+    meta = json.loads((model_dir / META_FILE).read_text())
+    if meta["task"] != "classification":
+        raise ForgeError(
+            f"compress: {meta['family']} models ({meta['task']}) cannot be compressed yet; "
+            "classification models (mlp, text-classifier) can"
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # for building and measuring alike; the caller's count comes back
     try:
@@ -131,11 +138,6 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
     folder = run.stage_dir("compress")
     folder.mkdir(parents=True, exist_ok=True)
     source = baseline(model_dir, folder / "baseline")
-    if source.family.task != "classification":
-        raise ForgeError(
-            f"compress: {source.family.name} models ({source.family.task}) cannot be compressed yet; "
-            "classification models (mlp, text-classifier) can"
-        )
     inputs = measurement_inputs(source.family, run, cfg)
     progress = Progress(
         TextColumn("[bold]compress {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

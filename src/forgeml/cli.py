@@ -362,7 +362,7 @@ def compress(
     run_dir: Annotated[Path, typer.Argument(help="a run directory with a trained model, e.g. runs/default")],
     methods: Annotated[
         str | None,
-        typer.Option("--methods", help="comma-separated: quantize, onnx, compile (compress.methods)"),
+        typer.Option("--methods", help="comma-separated: distill, prune, quantize, onnx, compile (compress.methods)"),
     ] = None,
     target_latency_ms: Annotated[
         float | None,

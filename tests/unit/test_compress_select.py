@@ -49,3 +49,13 @@ def test_recommendation_is_on_the_front_or_honours_the_target(measured, target):
         assert chosen["p50_ms"] <= target
         assert chosen["accuracy"] == max(row["accuracy"] for row in measured if row["p50_ms"] <= target)
     assert any(row["pareto"] for row in measured)
+
+
+@given(st.integers(2, 48).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n - 1))))
+def test_a_student_keeps_evenly_spaced_layers_from_the_first_to_the_top(case):
+    from forgeml.compression.distill import spread
+
+    n, keep = case
+    chosen = spread(n, keep)
+    assert len(chosen) == keep and chosen == sorted(set(chosen)) and chosen[0] == 0
+    assert keep == 1 or chosen[-1] == n - 1

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forgeml.compression.variants import Variant, torch_logits
+from forgeml.compression.variants import Variant, saved_torch_variant
 from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.errors import ForgeError
 from forgeml.models.registry import ModelFamily, load_family, logits_of
@@ -147,8 +147,5 @@ def save_student(name: str, family: ModelFamily, root: Path) -> Variant:
     folder = root / name
     shutil.rmtree(folder, ignore_errors=True)
     family.save(folder)
-    family = load_family(folder)  # as it will be served: from its files
-    weights = sorted(p.name for p in folder.glob("*.safetensors"))
-    variant = Variant(name, "distill", "torch", family, torch_logits(family.network), folder, weights)
-    variant.write_record(taught=name == "distilled")
-    return variant
+    # As it will be served: from its files.
+    return saved_torch_variant(name, "distill", load_family(folder), folder, taught=name == "distilled")

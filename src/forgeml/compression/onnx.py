@@ -4,7 +4,6 @@ calibrated on training rows)."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from forgeml.compression.variants import VARIANT_FILE, Logits, Variant
+from forgeml.compression.variants import Logits, Variant, preprocessing_copy
 from forgeml.models.registry import ModelFamily, load_family, logits_of
 
 MODEL = "model.onnx"
@@ -100,17 +99,17 @@ def onnx_variants(
         raw, prepared = Path(tmp) / "raw.onnx", Path(tmp) / "prepared.onnx"
         export(source.family, sample, raw)
 
-        folder = fresh(source, root / "onnx-fp32")
+        folder = preprocessing_copy(source, root / "onnx-fp32")
         session(raw, threads, optimized_to=folder / MODEL)
         yield made("onnx-fp32", source, folder, threads)
 
         # ORT's symbolic shape inference gives up on transformers' attention masks; ONNX's own suffices.
         quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
-        folder = fresh(source, root / "onnx-int8-dynamic")
+        folder = preprocessing_copy(source, root / "onnx-int8-dynamic")
         quantize_dynamic(str(prepared), str(folder / MODEL), weight_type=QuantType.QInt8)
         yield made("onnx-int8-dynamic", source, folder, threads)
 
-        folder = fresh(source, root / "onnx-int8-static")
+        folder = preprocessing_copy(source, root / "onnx-int8-static")
         quantize_static(
             str(prepared),
             str(folder / MODEL),
@@ -134,13 +133,6 @@ class Calibration:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.feeds, None)
-
-
-def fresh(source: Variant, folder: Path) -> Path:
-    """``folder`` with the source's preprocessing files (tokenizer, config, labels), no weights."""
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(source.folder, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.onnx", VARIANT_FILE))
-    return folder
 
 
 def made(name: str, source: Variant, folder: Path, threads: int) -> Variant:

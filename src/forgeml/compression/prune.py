@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from forgeml.compression.distill import train_student
-from forgeml.compression.variants import Variant, torch_logits
+from forgeml.compression.variants import Variant, saved_torch_variant
 from forgeml.models.registry import ModelFamily, load_family
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
@@ -131,11 +131,8 @@ def save(name: str, family: ModelFamily, root: Path, shapes: dict | None = None,
     family.save(folder)
     if shapes is not None:
         (folder / SHAPES).write_text(json.dumps(shapes))
-    family = load_pruned(folder)  # as it will be served: from its files
-    weights = sorted(p.name for p in folder.glob("*.safetensors"))
-    variant = Variant(name, "prune", "torch", family, torch_logits(family.network), folder, weights)
-    variant.write_record(**record)
-    return variant
+    # As it will be served: from its files.
+    return saved_torch_variant(name, "prune", load_pruned(folder), folder, **record)
 
 
 def load_pruned(folder: Path) -> ModelFamily:

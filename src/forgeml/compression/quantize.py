@@ -10,7 +10,6 @@ and rebuilds the packed modules from them exactly when loaded.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from forgeml.compression.variants import VARIANT_FILE, Variant, torch_logits
+from forgeml.compression.variants import Variant, preprocessing_copy, torch_logits
 from forgeml.models.registry import load_family
 
 WEIGHTS = "model.int8.safetensors"
@@ -49,8 +48,7 @@ def linear_names(network: nn.Module) -> list[str]:
 
 def torch_int8(source: Variant, folder: Path) -> Variant:
     """Dynamic int8 of the source variant's torch network, saved in ``folder``."""
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(source.folder, folder, ignore=shutil.ignore_patterns("*.safetensors", VARIANT_FILE))
+    preprocessing_copy(source, folder)
     network = source.family.network
     quantized = quantize_linear(network)
     linears = linear_names(network)

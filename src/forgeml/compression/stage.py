@@ -152,10 +152,11 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
             progress.advance(task)
         task = progress.add_task("check", total=len(variants))
         rows = []
-        _, reference = quality(source, inputs)
+        reference = None  # the baseline's probabilities: it comes first
         for variant in variants:
             progress.update(task, description=f"check {variant.name}")
             metrics, probs = quality(variant, inputs)
+            reference = probs if reference is None else reference
             rows.append(
                 {
                     "name": variant.name,

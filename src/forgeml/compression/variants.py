@@ -50,15 +50,27 @@ def torch_logits(network: torch.nn.Module) -> Logits:
     return run
 
 
+def saved_torch_variant(name: str, method: str, family: ModelFamily, folder: Path, **record: Any) -> Variant:
+    """The variant of a family loaded from ``folder``, its weights the folder's safetensors; its
+    record written, so ``load_variant`` finds it."""
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    variant = Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
+    variant.write_record(**record)
+    return variant
+
+
+def preprocessing_copy(source: Variant, folder: Path) -> Path:
+    """``folder`` (emptied) with the source's preprocessing files (tokenizer, config, labels), no weights."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source.folder, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.onnx", VARIANT_FILE))
+    return folder
+
+
 def baseline(model_dir: Path, folder: Path) -> Variant:
     """The trained fp32 model as it is, copied so the compress folder stands alone."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(model_dir, folder)
-    family = load_family(folder)
-    weights = sorted(p.name for p in folder.glob("*.safetensors"))
-    variant = Variant("baseline", "baseline", "torch", family, torch_logits(family.network), folder, weights)
-    variant.write_record()
-    return variant
+    return saved_torch_variant("baseline", "baseline", load_family(folder), folder)
 
 
 def load_variant(folder: Path, threads: int | None = None) -> Variant:
@@ -77,13 +89,11 @@ def load_variant(folder: Path, threads: int | None = None) -> Variant:
         return Variant(name, method, "onnxruntime", family, logits, folder, weights)
     if method == "quantize":
         family = load_torch_int8(folder)
-        return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
-    if method == "prune":
+    elif method == "prune":
         family = load_pruned(folder)
-        return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
-    if method == "compile":  # the baseline's files, compiled when loaded
+    elif method == "compile":  # the baseline's files, compiled when loaded
         family = load_family(folder / record["source"])
-        compiled = torch.compile(family.network, dynamic=True)
-        return Variant(name, method, "torch", family, torch_logits(compiled), folder, weights)
-    family = load_family(folder)
-    return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
+    else:
+        family = load_family(folder)
+    network = torch.compile(family.network, dynamic=True) if method == "compile" else family.network
+    return Variant(name, method, "torch", family, torch_logits(network), folder, weights)

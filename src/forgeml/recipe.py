@@ -391,7 +391,14 @@ class CompressConfig(Section):
     threads: PositiveInt = Field(2, description="threads every variant runs with while measured")
     latency_runs: Annotated[int, Field(ge=10)] = Field(100, description="batch-1 predictions timed per variant")
     throughput_batches: PositiveInt = Field(5, description="batches of 32 timed per variant")
-    calibration_rows: PositiveInt = Field(128, description="training rows that calibrate static int8")
+    calibration_rows: PositiveInt = Field(
+        128, description="training rows that calibrate static int8 and find the matrices int8 harms most"
+    )
+    blockwise_error: Annotated[float, Field(gt=0)] = Field(
+        0.1,
+        description="ONNX dynamic int8: a matrix whose output on the calibration rows moves by more than this "
+        "(relative) under one int8 scale per tensor gets a scale per block of 32 weights and activations instead",
+    )
     distill: DistillConfig = DistillConfig()
     prune: PruneConfig = PruneConfig()
 

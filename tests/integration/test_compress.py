@@ -128,6 +128,8 @@ def test_text_classifier_exports_with_any_batch_and_length(tmp_path):
         assert layer.intermediate.dense.weight.shape == (768, 384) and layer.output.dense.weight.shape == (384, 768)
     assert rows["prune-structured"]["size_bytes"] < rows["baseline"]["size_bytes"]
     assert rows["onnx-int8-dynamic"]["size_bytes"] < 0.5 * rows["baseline"]["size_bytes"]
+    record = json.loads((folder / "compress" / "onnx-int8-dynamic" / "variant.json").read_text())
+    assert all(name.endswith("/MatMul") for name in record["blockwise"])  # those int8 harmed, named
     assert rows["onnx-fp32"]["max_abs_diff"] < 1e-3
     texts = ["Return the path.", "Open a connection to the server and send every queued message, then wait."]
     source = load_variant(folder / "compress" / "baseline")

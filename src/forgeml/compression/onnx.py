@@ -4,10 +4,12 @@ calibrated on training rows)."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +92,7 @@ def onnx_variants(
     calibration: list[dict[str, torch.Tensor]],
     root: Path,
     threads: int,
+    blockwise_error: float,
 ) -> Iterator[Variant]:
     """onnx-fp32, onnx-int8-dynamic and onnx-int8-static of the source variant, one by one."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -106,8 +109,12 @@ def onnx_variants(
         # ORT's symbolic shape inference gives up on transformers' attention masks; ONNX's own suffices.
         quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
         folder = preprocessing_copy(source, root / "onnx-int8-dynamic")
-        quantize_dynamic(str(prepared), str(folder / MODEL), weight_type=QuantType.QInt8)
-        yield made("onnx-int8-dynamic", source, folder, threads)
+        fragile = fragile_matmuls(prepared, calibration, blockwise_error)
+        mixed = Path(tmp) / "blockwise.onnx"
+        if fragile:
+            blockwise(prepared, fragile, mixed)
+        quantize_dynamic(str(mixed if fragile else prepared), str(folder / MODEL), weight_type=QuantType.QInt8)
+        yield made("onnx-int8-dynamic", source, folder, threads, blockwise=fragile)
 
         folder = preprocessing_copy(source, root / "onnx-int8-static")
         quantize_static(
@@ -135,8 +142,82 @@ class Calibration:
         return next(self.feeds, None)
 
 
-def made(name: str, source: Variant, folder: Path, threads: int) -> Variant:
+def made(name: str, source: Variant, folder: Path, threads: int, **record: Any) -> Variant:
     family, logits = load_onnx(folder, MODEL, threads)
     variant = Variant(name, "onnx", "onnxruntime", family, logits, folder, [MODEL])
-    variant.write_record(source=source.name)
+    variant.write_record(source=source.name, **record)
     return variant
+
+
+def fragile_matmuls(model_path: Path, calibration: list[dict[str, torch.Tensor]], threshold: float) -> list[str]:
+    """The MatMul nodes with a constant weight whose output on the calibration batches moves by more
+    than ``threshold`` (relative L2 norm) under ORT's dynamic int8: activations uint8 with one scale
+    per call, weights int8 with one symmetric scale per tensor. In BERT-style encoders these are the
+    FFN's second matrices, whose GELU inputs span a wide range and whose weights hold the outlier
+    hidden dimension; per-tensor int8 there cost the MiniLM classifier 4 % of its labels."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    weights = {init.name: init for init in model.graph.initializer}
+    nodes = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    if not nodes:  # an MLP's layers export as Gemm, which dynamic int8 leaves in fp32
+        return []
+    typed = {value.name: value for value in [*model.graph.value_info, *model.graph.input]}
+    probed = list(dict.fromkeys(node.input[0] for node in nodes))  # Q, K and V share theirs
+    outputs = {output.name for output in model.graph.output}
+    # Each product's input becomes an output, to probe it (typed where shape inference could say).
+    model.graph.output.extend(typed.get(n, onnx.ValueInfoProto(name=n)) for n in probed if n not in outputs)
+    probe = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in probe.get_inputs()]
+    matrices = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+    quantized = [int8_symmetric(w) for w in matrices]
+    errors = np.zeros(len(nodes))
+    for batch in calibration:
+        values = dict(zip(probed, probe.run(probed, {name: batch[name].numpy() for name in names}), strict=True))
+        for k, (node, w, wq) in enumerate(zip(nodes, matrices, quantized, strict=True)):
+            x = values[node.input[0]]
+            exact = x @ w
+            errors[k] += np.linalg.norm(uint8_asymmetric(x) @ wq - exact) / max(np.linalg.norm(exact), 1e-12)
+    errors /= max(len(calibration), 1)
+    return [node.name for node, error in zip(nodes, errors, strict=True) if error > threshold]
+
+
+def uint8_asymmetric(x: np.ndarray) -> np.ndarray:
+    """``x`` through DynamicQuantizeLinear and back: the range, zero included, in 255 steps."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (high - low) / 255 or 1.0
+    zero = round(-low / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def int8_symmetric(w: np.ndarray) -> np.ndarray:
+    scale = float(np.abs(w).max()) / 127 or 1.0
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def blockwise(model_path: Path, nodes: list[str], out: Path) -> None:
+    """``nodes`` as MatMulNBits: int8 weights with a scale per block of 32 along the input, and
+    activations quantised per block too (accuracy level 4), so an outlier costs only its block.
+    On the MiniLM classifier this kept 98 % of labels where one scale per tensor kept 96 %."""
+    import onnx
+
+    quantizer = blockwise_quantizer()
+    model = onnx.load(str(model_path))
+    others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in nodes]
+    quantizer = quantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_exclude=others)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), False)
+
+
+def blockwise_quantizer():  # -> type[MatMulNBitsQuantizer]
+    """ORT's block-wise quantiser. Its module sets the root logger to INFO when first imported,
+    which would flood the user's own logging; the root logger's settings are put back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return MatMulNBitsQuantizer

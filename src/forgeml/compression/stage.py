@@ -104,7 +104,7 @@ def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inp
         yield compiled(source, root / "torch-compile")
     elif method == "onnx":
         calibration = calibration_batches(source.family, run, cfg.calibration_rows)
-        yield from onnx_variants(source, inputs.batches[0], calibration, root, cfg.threads)
+        yield from onnx_variants(source, inputs.batches[0], calibration, root, cfg.threads, cfg.blockwise_error)
 
 
 def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> CompressResult:

@@ -373,7 +373,7 @@ def compress(
 ) -> None:
     """Build compressed variants of RUN_DIR's trained model and measure them side by side.
 
-    Writes RUN_DIR/compress/variants.json (accuracy, macro-F1, size, p50/p99 latency, throughput,
+    Writes RUN_DIR/compress/variants.json (accuracy, macro-F1 or perplexity, size, p50/p99 latency, throughput,
     agreement with the trained model, the Pareto front and the recommended variant), pareto.png,
     and one loadable folder per variant.
     """
@@ -386,14 +386,15 @@ def compress(
     overrides += [f"compress.threads={threads}"] if threads is not None else []
     result = run_compress(run_dir, overrides=tuple(overrides), console=errors)
     table = Table(title="variants (* Pareto front, ** recommended)")
-    for column in ("variant", "acc", "F1", "MB", "p50 ms", "p99 ms", "rows/s", "agree"):
+    lm = "perplexity" in result.variants[0]
+    for column in ("variant", "acc", "ppl" if lm else "F1", "MB", "p50 ms", "p99 ms", "rows/s", "agree"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in result.variants:
         mark = " **" if row["recommended"] else " *" if row["pareto"] else ""
         table.add_row(
             row["name"] + mark,
             f"{row['accuracy']:.3f}",
-            f"{row['macro_f1']:.3f}",
+            f"{row['perplexity' if lm else 'macro_f1']:.3f}",
             f"{row['size_bytes'] / 1e6:.3g}",
             f"{row['p50_ms']:.3g}",
             f"{row['p99_ms']:.3g}",

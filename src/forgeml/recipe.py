@@ -391,6 +391,11 @@ class CompressConfig(Section):
     threads: PositiveInt = Field(2, description="threads every variant runs with while measured")
     latency_runs: Annotated[int, Field(ge=10)] = Field(100, description="batch-1 predictions timed per variant")
     throughput_batches: PositiveInt = Field(5, description="batches of 32 timed per variant")
+    test_rows: PositiveInt | None = Field(
+        None,
+        description="the first N test rows every variant is measured on; default: all of them for a classifier, "
+        "64 sequences for a language model, whose every position's probabilities are kept per variant",
+    )
     calibration_rows: PositiveInt = Field(
         128, description="training rows that calibrate static int8 and find the matrices int8 harms most"
     )

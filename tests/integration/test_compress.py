@@ -38,6 +38,14 @@ TEXT = {
     "train": {"max_steps": 6, "global_batch_size": 16, "lr": 5e-4, "seed": 0},
 }
 
+LM = {
+    "name": "tiny-lm",
+    "data": {"source": "stdlib-code", "max_rows": 12},
+    "audit": {"enabled": False},
+    "model": {"name": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0},
+    "train": {"max_steps": 10, "global_batch_size": 8, "lr": 3e-3, "seed": 0},
+}
+
 
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory) -> Path:
@@ -138,6 +146,30 @@ def test_text_classifier_exports_with_any_batch_and_length(tmp_path):
         variant = load_variant(folder / "compress" / name)
         got = variant.logits(variant.family.encode_inputs(texts)).softmax(-1)
         assert got.shape == expected.shape and torch.allclose(got, expected, atol=0.05), name
+
+
+def test_a_language_model_is_distilled_pruned_quantised_and_exported(tmp_path):
+    folder = tmp_path / "run"
+    forgeml.train(LM, folder)
+    overrides = ("compress.methods=[distill,prune,quantize,onnx]", "compress.test_rows=16")
+    result = forgeml.compress(folder, overrides=overrides + tuple(f"compress.{k}={v}" for k, v in QUICK.items()))
+    rows = {row["name"]: row for row in result.variants}
+    assert all(set(row) == FIELDS - {"macro_f1"} | {"perplexity"} for row in rows.values())
+    assert all(row["perplexity"] < 260 for row in rows.values())  # better than a uniform guess at a byte
+    student = load_variant(folder / "compress" / "distilled").family
+    assert student.config.n_layer == 1 and len(student.network.blocks) == 1
+    for block in load_variant(folder / "compress" / "prune-structured").family.network.blocks:
+        assert block.attn.q_proj.weight.shape == (16, 32) and block.mlp.c_fc.weight.shape == (64, 32)
+    source = load_variant(folder / "compress" / "baseline")
+    ids = {"input_ids": torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))}
+    expected = source.logits(ids).softmax(-1)
+    for name in ("torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "prune-structured"):
+        got = load_variant(folder / "compress" / name).logits(ids).softmax(-1)
+        assert got.shape == expected.shape, name
+        if name != "prune-structured":
+            assert torch.allclose(got, expected, atol=0.05), name
+    int8 = load_variant(folder / "compress" / "torch-int8").family.network
+    assert torch.equal(int8.wte.weight, source.family.network.wte.weight)  # the tied head is int8 apart from it
 
 
 def forgeml_cli(*args: str) -> subprocess.CompletedProcess:

@@ -58,6 +58,20 @@ def shallower_encoder(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
     return type(teacher)(teacher.config, network, teacher.tokenizer, teacher.labels)
 
 
+@STUDENTS.register("gpt")
+def shallower_gpt(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
+    """The teacher's embeddings, half its blocks (or student_layers), evenly spaced with the top
+    one kept, its final LayerNorm and (tied) head; everything trains."""
+    network = copy.deepcopy(teacher.network)
+    keep = cfg.student_layers or max(1, len(network.blocks) // 2)
+    if keep >= len(network.blocks):
+        raise ForgeError(
+            f"compress.distill.student_layers: {keep} is not fewer than the teacher's {len(network.blocks)} blocks"
+        )
+    network.blocks = nn.ModuleList(network.blocks[i] for i in spread(len(network.blocks), keep))
+    return type(teacher)(teacher.config.model_copy(update={"n_layer": keep}), teacher.tokenizer, network)
+
+
 @STUDENTS.register("mlp")
 def narrower_mlp(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
     """Hidden layers ``student_width`` times as wide, freshly initialised, with the teacher's scaling."""
@@ -102,8 +116,12 @@ class DistillLoss:
     def __call__(self, both: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         student, teacher = both[0], both[1]
         t = self.temperature
+        # One row per prediction: a language model's positions count like a classifier's rows.
         soft = F.kl_div(
-            F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
+            F.log_softmax(student.flatten(0, -2) / t, -1),
+            F.log_softmax(teacher.flatten(0, -2) / t, -1),
+            log_target=True,
+            reduction="batchmean",
         )
         return self.alpha * t * t * soft + (1 - self.alpha) * self.hard(student, targets)
 

@@ -5,6 +5,7 @@ machine falls on all of them alike rather than on whichever ran then."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,10 +33,17 @@ class Inputs:
 
 
 def quality(variant: Variant, inputs: Inputs) -> tuple[dict[str, Any], torch.Tensor]:
-    """Accuracy, macro-F1 and loss on the test split, and the class probabilities behind them."""
+    """The test split's metrics and the probabilities behind them, one row per prediction:
+    classification: accuracy, macro-F1 and loss; language model: next-token accuracy, perplexity and
+    loss, over every position."""
     logits = torch.cat([variant.logits(batch) for batch in inputs.batches])
-    loss = float(torch.nn.functional.cross_entropy(logits, inputs.targets))
-    metrics = classification_metrics(inputs.targets.numpy(), logits.argmax(-1).numpy(), loss, variant.family.labels)
+    logits, targets = logits.reshape(-1, logits.size(-1)), inputs.targets.reshape(-1)
+    loss = float(torch.nn.functional.cross_entropy(logits, targets))
+    if variant.family.task == "lm":
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        metrics["accuracy"] = float((logits.argmax(-1) == targets).float().mean())
+    else:
+        metrics = classification_metrics(targets.numpy(), logits.argmax(-1).numpy(), loss, variant.family.labels)
     return metrics, logits.softmax(-1)
 
 
@@ -88,8 +96,8 @@ def speed(
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[bool]:
-    """On the front of accuracy (higher) against p50 latency (lower): no other variant is at least
-    as good on both and better on one."""
+    """On the front of accuracy (higher; next-token accuracy for a language model) against p50
+    latency (lower): no other variant is at least as good on both and better on one."""
 
     def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return (

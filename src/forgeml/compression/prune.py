@@ -27,6 +27,7 @@ from torch.nn.utils import prune
 
 from forgeml.compression.distill import train_student
 from forgeml.compression.variants import Variant, saved_torch_variant
+from forgeml.errors import RunDirError
 from forgeml.models.registry import ModelFamily, load_family
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
@@ -93,6 +94,29 @@ def structured_text(family: ModelFamily, fraction: float) -> dict[str, list[int]
     return {"heads": heads, "channels": channels}
 
 
+def structured_gpt(family: ModelFamily, fraction: float) -> dict[str, list[int]]:
+    """Cut heads and MLP channels out of every block in place (the attention counts its heads from
+    the projections' width); the kept counts per block."""
+    from transformers.pytorch_utils import prune_linear_layer
+
+    heads, channels = [], []
+    for block in family.network.blocks:
+        attention, size = block.attn, block.attn.head_dim
+        out = attention.c_proj
+        scores = out.weight.detach().abs().view(out.out_features, -1, size).sum(dim=(0, 2))
+        kept = keep_by_l1(scores, fraction)
+        index = (kept[:, None] * size + torch.arange(size)).flatten()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attention, name, prune_linear_layer(getattr(attention, name), index, dim=0))
+        attention.c_proj = prune_linear_layer(out, index, dim=1)
+        up, down = block.mlp.c_fc, block.mlp.c_proj
+        index = keep_by_l1(up.weight.detach().abs().sum(1) + down.weight.detach().abs().sum(0), fraction)
+        block.mlp.c_fc, block.mlp.c_proj = prune_linear_layer(up, index, dim=0), prune_linear_layer(down, index, dim=1)
+        heads.append(len(kept))
+        channels.append(len(index))
+    return {"heads": heads, "channels": channels}
+
+
 def structured_mlp(family: ModelFamily, fraction: float) -> ModelFamily:
     """A new MLP with each hidden layer's units of smallest L1 weight (in and out) removed."""
     linears = [m for m in family.network.layers if isinstance(m, nn.Linear)]
@@ -119,6 +143,8 @@ def structured(source: Variant, recipe: Recipe, run: RunDir, root: Path) -> Vari
     shapes = None
     if family.name == "text-classifier":
         shapes = structured_text(family, fraction)
+    elif family.name == "gpt":
+        shapes = structured_gpt(family, fraction)
     else:
         family = structured_mlp(family, fraction)
     train_student(family, None, recipe, run, steps=recipe.compress.prune.finetune_steps)
@@ -143,17 +169,34 @@ def load_pruned(folder: Path) -> ModelFamily:
 
     shapes = json.loads((folder / SHAPES).read_text())
     family = load_family(folder, {})  # the architecture at full size, to be cut
-    layers = family.network.base_model.encoder.layer
-    for layer, heads, channels in zip(layers, shapes["heads"], shapes["channels"], strict=True):
-        attention = layer.attention.self
-        index = torch.arange(heads * attention.attention_head_size)
-        for name in ("query", "key", "value"):
-            setattr(attention, name, prune_linear_layer(getattr(attention, name), index, dim=0))
-        layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, index, dim=1)
-        attention.num_attention_heads, attention.all_head_size = heads, len(index)
-        index = torch.arange(channels)
-        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
-        layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
-    family.network.load_state_dict(load_file(str(folder / "model.safetensors")))
-    family.network.eval()
+    if family.name == "gpt":
+        for block, heads, channels in zip(family.network.blocks, shapes["heads"], shapes["channels"], strict=True):
+            index = torch.arange(heads * block.attn.head_dim)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(block.attn, name, prune_linear_layer(getattr(block.attn, name), index, dim=0))
+            block.attn.c_proj = prune_linear_layer(block.attn.c_proj, index, dim=1)
+            index = torch.arange(channels)
+            block.mlp.c_fc = prune_linear_layer(block.mlp.c_fc, index, dim=0)
+            block.mlp.c_proj = prune_linear_layer(block.mlp.c_proj, index, dim=1)
+    else:
+        layers = family.network.base_model.encoder.layer
+        for layer, heads, channels in zip(layers, shapes["heads"], shapes["channels"], strict=True):
+            attention = layer.attention.self
+            index = torch.arange(heads * attention.attention_head_size)
+            for name in ("query", "key", "value"):
+                setattr(attention, name, prune_linear_layer(getattr(attention, name), index, dim=0))
+            layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, index, dim=1)
+            attention.num_attention_heads, attention.all_head_size = heads, len(index)
+            index = torch.arange(channels)
+            layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
+            layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
+    network = family.network
+    missing, unexpected = network.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    # A tied weight (gpt's head is its embedding) is stored once, under its first name.
+    tied = {name for name, _ in network.named_parameters(remove_duplicate=False)} - dict(
+        network.named_parameters()
+    ).keys()
+    if set(missing) - tied or unexpected:
+        raise RunDirError(f"{folder / 'model.safetensors'}: missing {missing}, unexpected {unexpected}")
+    network.eval()
     return family

@@ -10,12 +10,14 @@ and rebuilds the packed modules from them exactly when loaded.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -53,6 +55,9 @@ def torch_int8(source: Variant, folder: Path) -> Variant:
     quantized = quantize_linear(network)
     linears = linear_names(network)
     tensors = {k: v.contiguous() for k, v in network.state_dict().items() if k.rsplit(".", 1)[0] not in linears}
+    # A linear whose weight is another parameter's (a language model's head tied to its embedding)
+    # is stored int8 for itself; its fp32 twin is already among the tensors.
+    tied = [name for name in linears if f"{name}.weight" not in dict(network.named_parameters())]
     modules = dict(quantized.named_modules())
     for name in linears:
         weight, bias = modules[name].weight(), modules[name].bias()
@@ -61,7 +66,8 @@ def torch_int8(source: Variant, folder: Path) -> Variant:
         tensors[f"{name}.weight_zero_point"] = torch.tensor(weight.q_zero_point(), dtype=torch.int64)
         if bias is not None:
             tensors[f"{name}.bias"] = bias.detach().contiguous()
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "forgeml-int8-dynamic"})
+    metadata = {"format": "forgeml-int8-dynamic", "tied": json.dumps(tied)}
+    save_file(tensors, str(folder / WEIGHTS), metadata=metadata)
     family = load_torch_int8(folder)
     variant = Variant("torch-int8", "quantize", "torch", family, torch_logits(family.network), folder, [WEIGHTS])
     variant.write_record(source=source.name)
@@ -71,19 +77,20 @@ def torch_int8(source: Variant, folder: Path) -> Variant:
 def load_torch_int8(folder: Path):  # -> ModelFamily, with its network quantised
     """The family of ``folder`` with the int8 network its WEIGHTS file describes, bit for bit."""
     stored = load_file(str(folder / WEIGHTS))
+    with safe_open(str(folder / WEIGHTS), "pt") as file:
+        tied = json.loads((file.metadata() or {}).get("tied", "[]"))
     scales = {k.removesuffix(".weight_scale"): v for k, v in stored.items() if k.endswith(".weight_scale")}
     fp32 = {k: v for k, v in stored.items() if not k.endswith(("_int8", "_scale", "_zero_point"))}
     for name, scale in scales.items():  # the dequantised weights: the module shapes, and values close enough
         zero = stored[f"{name}.weight_zero_point"]
         fp32[f"{name}.weight"] = (stored[f"{name}.weight_int8"].float() - zero) * scale.float()
-    family = load_family(folder, fp32)
+    family = load_family(folder, {k: v for k, v in fp32.items() if k.removesuffix(".weight") not in tied})
     family.network = quantize_linear(family.network)
     modules = dict(family.network.named_modules())
     with quiet_quantization():
         for name, scale in scales.items():  # ... then the exact stored int8 values
-            dequantized = fp32[f"{name}.weight"]
             exact = torch.quantize_per_tensor(
-                dequantized, float(scale), int(stored[f"{name}.weight_zero_point"]), torch.qint8
+                fp32[f"{name}.weight"], float(scale), int(stored[f"{name}.weight_zero_point"]), torch.qint8
             )
             modules[name].set_weight_bias(exact, stored.get(f"{name}.bias"))
     family.network.eval()

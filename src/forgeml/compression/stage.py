@@ -4,7 +4,6 @@ variant."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from forgeml.reporting.plots import accuracy_latency
 from forgeml.rundir import RunDir, write_json
 
 BATCH = 32
+QUALITY = {"classification": "macro_f1", "lm": "perplexity"}  # each task's metric beside accuracy
+LM_TEST_ROWS = 64  # sequences: 64 x 128 positions x a 2048-token vocabulary is 67 MB of probabilities
 CALIBRATION_BATCH = 8
 
 
@@ -44,6 +45,7 @@ def split_items(family: ModelFamily, run: RunDir, split: str) -> list[Any]:
 
 def measurement_inputs(family: ModelFamily, run: RunDir, cfg: CompressConfig) -> Inputs:
     test = split_items(family, run, "test")
+    test = test[: cfg.test_rows or (LM_TEST_ROWS if family.task == "lm" else None)]
     if not test:
         raise ForgeError("the test split is empty: nothing to measure the variants on; raise prepare.test_fraction")
 
@@ -119,12 +121,6 @@ def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> Com
         )
     if not cfg.methods:
         raise ForgeError("compress.methods is empty; name some, e.g. --methods quantize,onnx")
-    meta = json.loads((model_dir / META_FILE).read_text())
-    if meta["task"] != "classification":
-        raise ForgeError(
-            f"compress: {meta['family']} models ({meta['task']}) cannot be compressed yet; "
-            "classification models (mlp, text-classifier) can"
-        )
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # for building and measuring alike; the caller's count comes back
     try:
@@ -163,7 +159,7 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
                     "method": variant.method,
                     "backend": variant.backend,
                     "accuracy": metrics["accuracy"],
-                    "macro_f1": metrics["macro_f1"],
+                    QUALITY[variant.family.task]: metrics[QUALITY[variant.family.task]],
                     "size_bytes": variant.size_bytes(),
                     **agreement(probs, reference),
                 }

@@ -377,13 +377,15 @@ def _tuning(run: Run) -> str:
 def _compression(run: Run) -> str:
     if not run.variants:
         return _absent("Compression", run, "compress")
-    header = ["variant", "method", "accuracy", "macro-F1", "size MB", "p50 ms", "p99 ms", "rows/s at 32"]
+    quality = "perplexity" if "perplexity" in run.variants[0] else "macro_f1"
+    header = ["variant", "method", "accuracy", "perplexity" if quality == "perplexity" else "macro-F1"]
+    header += ["size MB", "p50 ms", "p99 ms", "rows/s at 32"]
     header += ["max prob. diff", "label agreement", ""]
     rows = []
     for row in run.variants:
         mark = "recommended" if row.get("recommended") else "Pareto front" if row.get("pareto") else ""
         rows.append(
-            [row.get("name"), row.get("method"), row.get("accuracy"), row.get("macro_f1")]
+            [row.get("name"), row.get("method"), row.get("accuracy"), row.get(quality)]
             + [row["size_bytes"] / 1e6 if isinstance(row.get("size_bytes"), (int, float)) else None]
             + [row.get(k) for k in ("p50_ms", "p99_ms", "throughput_batch32", "max_abs_diff", "label_agreement")]
             + [mark]

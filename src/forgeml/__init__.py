@@ -130,6 +130,18 @@ def compress(
     return run_compress(as_recipe(folder / "recipe.yaml", overrides), RunDir(folder), console)
 
 
+def serve(run_dir: str | Path, *, overrides: tuple[str, ...] = ()) -> None:
+    """Serve a variant of the run's model over HTTP as its recipe's ``serve`` section (with
+    ``overrides``, e.g. ``serve.port=9000``) says, until SIGTERM or Ctrl-C."""
+    from forgeml.errors import RunDirError
+    from forgeml.serving.server import run_server
+
+    folder = Path(run_dir)
+    if not (folder / "recipe.yaml").exists():
+        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
+    run_server(folder, as_recipe(folder / "recipe.yaml", overrides).serve)
+
+
 def report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever the run directory holds."""
     from forgeml.reporting.html import write_report
@@ -149,4 +161,4 @@ def load(run_dir: str | Path) -> ModelFamily:
     return load_family(folder)
 
 
-__all__ = ["as_recipe", "load", "prepare", "report", "run", "train", "tune"]
+__all__ = ["as_recipe", "compress", "load", "prepare", "report", "run", "serve", "train", "tune"]

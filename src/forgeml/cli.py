@@ -72,6 +72,13 @@ def finish(run_dir: Path) -> None:
     if report.exists():
         console.print(f"report: {report}")
     console.print(f"model:  {run_dir / 'train' / 'model'}")
+    variants = run_dir / "compress" / "variants.json"
+    if variants.exists():
+        best = next(row for row in json.loads(variants.read_text()) if row["recommended"])
+        console.print(
+            f"recommended variant: {run_dir / 'compress' / best['name']} "
+            f"(accuracy {best['accuracy']:.3f}, {best['p50_ms']:.2f} ms at batch 1, {best['size_bytes'] / 1e6:.3g} MB)"
+        )
 
 
 @app.command()
@@ -404,6 +411,37 @@ def compress(
     console.print(table)
     console.print(f"variants: {result.folder / 'variants.json'}")
     console.print(f"recommended: {result.folder / result.recommended}")
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/default")],
+    variant: Annotated[
+        str | None, typer.Option("--variant", help="a compress variant's name, recommended, or trained")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="default 8000")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="inputs run together")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="wait for a batch")] = None,
+    max_queue: Annotated[int | None, typer.Option("--max-queue", min=1, help="waiting inputs; then 503")] = None,
+    timeout_s: Annotated[float | None, typer.Option("--timeout-s", min=0.001, help="then 504")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="required on /v1/* as a Bearer token")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="model threads")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve RUN_DIR's model (or a compressed variant) over HTTP until SIGTERM or Ctrl-C.
+
+    POST /v1/predict (classifiers) or /v1/generate (language models), GET /healthz, /readyz,
+    /metrics (Prometheus) and /docs. Requests are batched dynamically; a full queue answers 503.
+    """
+    from forgeml import serve as run_serve
+
+    flags = {
+        "variant": variant, "host": host, "port": port, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+        "max_queue": max_queue, "timeout_s": timeout_s, "api_key": api_key, "threads": threads,
+    }  # fmt: skip
+    overrides = [*(set_ or ())] + [f"serve.{key}={value}" for key, value in flags.items() if value is not None]
+    run_serve(run_dir, overrides=tuple(overrides))
 
 
 @app.command()

@@ -21,6 +21,9 @@ TINY_DEFAULT = [
     "--set", "train.eval_every=3",
     "--set", "train.global_batch_size=16",
     "--set", "train.warmup_steps=1",
+    "--set", "compress.latency_runs=10",
+    "--set", "compress.throughput_batches=1",
+    "--set", "compress.calibration_rows=16",
 ]  # fmt: skip
 
 
@@ -58,7 +61,16 @@ def test_default_recipe_runs_end_to_end(default_run):
     assert "accuracy" in result.stdout and "macro-f1" in result.stdout
     assert (run / "report.html").exists() and "report.html" in result.stdout
     stages = json.loads((run / "run.json").read_text())["stages"]
-    assert [stages[s]["status"] for s in ("audit", "prepare", "train", "report")] == ["done"] * 4
+    assert [stages[s]["status"] for s in ("audit", "prepare", "train", "compress", "report")] == ["done"] * 5
+    variants = json.loads((run / "compress" / "variants.json").read_text())
+    assert [v["name"] for v in variants] == [
+        "baseline",
+        "torch-int8",
+        "onnx-fp32",
+        "onnx-int8-dynamic",
+        "onnx-int8-static",
+    ]
+    assert "recommended variant: " in result.stdout
     assert all(stages[s]["duration_s"] >= 0 and stages[s]["config_hash"] for s in stages)
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     removed = sum(int(m) for m in re.findall(r"removed (\d+) \w+ duplicates", " ".join(manifest["notes"])))

@@ -26,6 +26,7 @@ from forgeml.rundir import RunDir, write_json
 
 BATCH = 32
 QUALITY = {"classification": "macro_f1", "lm": "perplexity"}  # each task's metric beside accuracy
+CHECK_ROWS = 2  # test rows whose probabilities each variant keeps, for the server's start-up check
 LM_TEST_ROWS = 64  # sequences: 64 x 128 positions x a 2048-token vocabulary is 67 MB of probabilities
 CALIBRATION_BATCH = 8
 
@@ -174,8 +175,10 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
     chosen = recommend(rows, cfg.target_latency_ms)
     for index, row in enumerate(rows):
         row["recommended"] = index == chosen
+    check = {name: value[:CHECK_ROWS] for name, value in inputs.batches[0].items()}
     for variant, row in zip(variants, rows, strict=True):
         write_json(variant.folder / "metrics.json", row)
+        variant.record_check(check)
     write_json(folder / "variants.json", rows)
     stale = {p.name for p in folder.iterdir() if (p / VARIANT_FILE).exists()} - {v.name for v in variants}
     for name in stale:  # variants of an earlier call that this one did not build

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from forgeml.errors import RunDirError
 from forgeml.models.registry import ModelFamily, load_family, logits_of
 
 VARIANT_FILE = "variant.json"
+CHECK_FILE = "check.safetensors"  # a few test inputs and the probabilities measured on them
 Logits = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -34,6 +36,13 @@ class Variant:
 
     def size_bytes(self) -> int:
         return sum((self.folder / name).stat().st_size for name in self.weights)
+
+    def record_check(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Keep ``inputs`` and this variant's probabilities on them, so whoever loads the folder
+        (the server) can tell that it computes what was measured."""
+        tensors = {f"input.{name}": value.contiguous() for name, value in inputs.items()}
+        tensors["probabilities"] = self.logits(inputs).softmax(-1).contiguous()
+        save_file(tensors, str(self.folder / CHECK_FILE))
 
     def write_record(self, **extra: Any) -> None:
         record = {"name": self.name, "method": self.method, "backend": self.backend, "weights": self.weights, **extra}
@@ -62,7 +71,8 @@ def saved_torch_variant(name: str, method: str, family: ModelFamily, folder: Pat
 def preprocessing_copy(source: Variant, folder: Path) -> Path:
     """``folder`` (emptied) with the source's preprocessing files (tokenizer, config, labels), no weights."""
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(source.folder, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.onnx", VARIANT_FILE))
+    ignore = shutil.ignore_patterns("*.safetensors", "*.onnx", VARIANT_FILE, "metrics.json")
+    shutil.copytree(source.folder, folder, ignore=ignore)
     return folder
 
 

@@ -107,10 +107,11 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
-    def new_cache(self, batch: int, length: int) -> KVCache:
+    def new_cache(self, batch: int, length: int, like: torch.Tensor) -> KVCache:
+        """Empty keys and values of ``like``'s dtype and device (the projections' own weights may be
+        packed int8 ones, which are not tensors)."""
         shape = (batch, self.k_proj.out_features // self.head_dim, length, self.head_dim)
-        weight = self.k_proj.weight
-        return KVCache(weight.new_empty(shape), weight.new_empty(shape))
+        return KVCache(like.new_empty(shape), like.new_empty(shape))
 
 
 class MLP(nn.Module):
@@ -183,7 +184,7 @@ class GPTNetwork(nn.Module):
 
     def new_cache(self, batch: int = 1) -> list[KVCache]:
         """An empty KV cache, one per block, for ``batch`` sequences of up to block_size tokens."""
-        return [block.attn.new_cache(batch, self.block_size) for block in self.blocks]
+        return [block.attn.new_cache(batch, self.block_size, self.wte.weight) for block in self.blocks]
 
     @torch.no_grad()
     def sample(

@@ -1,0 +1,1 @@
+"""forgeml serve: a run's model behind an HTTP API."""

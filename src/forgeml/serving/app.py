@@ -1,0 +1,208 @@
+"""The model server: a FastAPI app around one served model.
+
+Classifiers answer ``POST /v1/predict`` through the dynamic batcher; language models answer
+``POST /v1/generate``, streamed as server-sent events on request. ``/healthz``, ``/readyz`` and
+``/metrics`` (Prometheus) are open to probes; with an API key, ``/v1/*`` needs it.
+"""
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, create_model
+from starlette.concurrency import iterate_in_threadpool
+
+from forgeml.recipe import ServeConfig
+from forgeml.serving.backends import Served
+from forgeml.serving.batcher import Batcher, QueueFull
+
+OPEN = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")  # no key needed
+ROUTES = {"/v1/predict", "/v1/generate", *OPEN}  # metric labels; any other path counts as "other"
+
+
+class Metrics:
+    """The server's Prometheus series, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "forgeml_requests_total", "Requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "forgeml_request_seconds", "Request latency", ["route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "forgeml_batch_size", "Inputs per model call", registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )  # fmt: skip
+        self.queue_depth = Gauge("forgeml_queue_depth", "Inputs waiting for the model", registry=self.registry)
+
+
+def error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+
+
+def input_model(served: Served, cfg: ServeConfig) -> type[BaseModel]:
+    """The request body of /v1/predict: texts, or objects with exactly the model's features."""
+    family = served.variant.family
+    if family.inputs == "text":
+        item: Any = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars)]
+    else:
+        number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+        # Feature names need not be identifiers: fields f0, f1, ... carry them as aliases.
+        fields: Any = {f"f{i}": (number, Field(alias=name)) for i, name in enumerate(family.features)}
+        item = create_model("Features", __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        inputs=(list[item], Field(min_length=1, max_length=cfg.max_items)),
+    )
+
+
+def raw(item: Any, features: list[str]) -> Any:
+    return item if isinstance(item, str) else {name: getattr(item, f"f{i}") for i, name in enumerate(features)}
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Annotated[str, StringConstraints(max_length=10_000)]
+    max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    stream: bool = False
+
+
+def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
+    metrics = Metrics()
+    family = served.variant.family
+    labels = family.labels if family.task == "classification" else []
+
+    def run(items: list[Any]) -> list[list[float]]:
+        return served.predict(items).tolist()
+
+    batcher = Batcher(run, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, metrics.batch_size.observe)
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    generating = asyncio.Semaphore(1)  # one sampling loop at a time: each already uses every thread
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        await asyncio.to_thread(warm_up, served)
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    app = FastAPI(title="forgeml model server", version=served.version, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard_and_count(request: Request, call_next):
+        started = time.perf_counter()
+        path = request.url.path
+        route = path if path in ROUTES else "other"
+        if cfg.api_key and not path.startswith(OPEN) and not authorized(request, cfg.api_key):
+            response = error(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'")
+        elif too_large(request, cfg.max_body_bytes):
+            response = JSONResponse(
+                {"detail": [{"loc": ["body"], "msg": f"the body is over {cfg.max_body_bytes} bytes", "type": "size"}]},
+                status_code=422,
+            )
+        else:
+            response = await call_next(request)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if not state["ready"]:
+            return error(503, "the model is loading or the server is stopping")
+        return JSONResponse({"status": "ready", "model_version": served.version})
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if family.task == "classification":
+        body_model = input_model(served, cfg)
+
+        # No `from __future__ import annotations` in this module: FastAPI reads this annotation,
+        # a class built above, at run time.
+        async def predict(body: body_model) -> JSONResponse:  # type: ignore[valid-type]
+            items = [raw(item, getattr(family, "features", [])) for item in body.inputs]
+            sizes = [len(item) if isinstance(item, str) else 1 for item in items]
+            try:
+                rows = await asyncio.wait_for(batcher.submit(items, sizes), cfg.timeout_s)
+            except QueueFull:
+                return error(503, "the queue is full; retry shortly", **{"Retry-After": "1"})
+            except TimeoutError:
+                return error(504, f"no answer within {cfg.timeout_s} s")
+            predictions = [
+                {"label": labels[row.index(max(row))], "probabilities": dict(zip(labels, row, strict=True))}
+                for row in rows
+            ]
+            return JSONResponse({"model_version": served.version, "predictions": predictions})
+
+        app.post("/v1/predict", summary="Classify texts or feature objects")(predict)
+    else:
+
+        @app.post("/v1/generate", summary="Continue a prompt; stream=true sends tokens as server-sent events")
+        async def generate(body: GenerateRequest):
+            if body.max_new_tokens > cfg.max_new_tokens:
+                detail = [{"loc": ["body", "max_new_tokens"], "msg": f"at most {cfg.max_new_tokens}", "type": "limit"}]
+                return JSONResponse({"detail": detail}, status_code=422)
+            pieces = served.stream(body.prompt, body.max_new_tokens, body.temperature, body.top_k)
+            if body.stream:
+                return StreamingResponse(events(pieces, generating, served.version), media_type="text/event-stream")
+            try:
+                async with generating:
+                    text = await asyncio.wait_for(asyncio.to_thread("".join, pieces), cfg.timeout_s)
+            except TimeoutError:
+                return error(504, f"no answer within {cfg.timeout_s} s")
+            return JSONResponse({"model_version": served.version, "text": text})
+
+    return app
+
+
+async def events(pieces, lock: asyncio.Semaphore, version: str) -> AsyncIterator[str]:
+    """One ``data:`` event per sampled token, in order, then an ``end`` event."""
+    async with lock:
+        index = 0
+        async for piece in iterate_in_threadpool(pieces):
+            yield f"data: {json.dumps({'index': index, 'text': piece})}\n\n"
+            index += 1
+    yield f"event: end\ndata: {json.dumps({'tokens': index, 'model_version': version})}\n\n"
+
+
+def authorized(request: Request, key: str) -> bool:
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def too_large(request: Request, limit: int) -> bool:
+    length = request.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) > limit
+
+
+def warm_up(served: Served) -> None:
+    """One call through the model, so the first request does not pay for lazy initialisation."""
+    family = served.variant.family
+    if family.task == "lm":
+        "".join(served.stream("", 1, 1.0, None))
+    elif family.inputs == "text":
+        served.predict(["warm up"])
+    else:
+        served.predict([dict.fromkeys(family.features, 0.0)])

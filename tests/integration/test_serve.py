@@ -1,0 +1,324 @@
+"""forgeml serve: a real uvicorn on a free loopback port, in a subprocess (or, where a test must hold
+the model still, in a thread of this process), answering over real HTTP."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import forgeml
+from forgeml.compression.variants import load_variant
+from forgeml.data.prepare import load_splits
+from forgeml.recipe import ServeConfig
+from forgeml.rundir import RunDir
+from forgeml.serving.app import create_app
+from forgeml.serving.backends import Served, open_model
+
+pytestmark = pytest.mark.slow
+
+TABLE = {
+    "name": "serve-table",
+    "data": {"source": "breast-cancer"},
+    "audit": {"enabled": False},
+    "model": {"name": "mlp", "hidden_sizes": [16]},
+    "train": {"max_steps": 20, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
+    "compress": {"methods": ["onnx"], "latency_runs": 10, "throughput_batches": 1, "calibration_rows": 16},
+}
+TEXT = {
+    "name": "serve-text",
+    "data": {"source": "stdlib-docstrings", "top_k_labels": 3, "max_rows": 120},
+    "audit": {"enabled": False},
+    "model": {"name": "text-classifier", "max_length": 32, "freeze_layers": 6},
+    "train": {"max_steps": 2, "global_batch_size": 16, "seed": 0},
+}
+LM = {
+    "name": "serve-lm",
+    "data": {"source": "stdlib-code", "max_rows": 12},
+    "audit": {"enabled": False},
+    "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0},
+    "train": {"max_steps": 5, "global_batch_size": 8, "lr": 3e-3, "seed": 0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Subprocess:
+    """`forgeml serve` in its own process, ready when /readyz says so."""
+
+    def __init__(self, run_dir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        command = [sys.executable, "-m", "forgeml", "serve", str(run_dir), "--port", str(self.port), *args]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not get ready in 120 s")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+class InProcess:
+    """The app under uvicorn in a thread, for tests that reach into the model."""
+
+    def __init__(self, served: Served, cfg: ServeConfig) -> None:
+        import uvicorn
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(create_app(served, cfg), host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve") / "table"
+    forgeml.run(TABLE, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def table_server(table_run):
+    server = Subprocess(table_run, "--max-wait-ms", "50", "--api-key", "s3cret")
+    yield server
+    server.stop()
+
+
+def rows_of(run_dir: Path, n: int) -> list[dict]:
+    family = load_variant(run_dir / "compress" / "baseline").family
+    return load_splits(RunDir(run_dir)).test[family.features].head(n).to_dict("records")
+
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+def test_predictions_equal_the_models(table_run, table_server):
+    rows = rows_of(table_run, 5)
+    response = httpx.post(f"{table_server.url}/v1/predict", json={"inputs": rows}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    table = json.loads((table_run / "compress" / "variants.json").read_text())
+    recommended = next(row["name"] for row in table if row["recommended"])
+    assert body["model_version"].startswith(f"table/{recommended}@")
+    variant = load_variant(table_run / "compress" / recommended)
+    expected = variant.logits(variant.family.encode_inputs(rows)).softmax(-1)
+    got = torch.tensor([[p["probabilities"][label] for label in variant.family.labels] for p in body["predictions"]])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert [p["label"] for p in body["predictions"]] == [variant.family.labels[i] for i in expected.argmax(-1)]
+
+
+def test_concurrent_requests_are_batched_together(table_run, table_server):
+    rows = rows_of(table_run, 16)
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(
+            pool.map(
+                lambda row: (
+                    httpx.post(f"{table_server.url}/v1/predict", json={"inputs": [row]}, headers=AUTH).status_code
+                ),
+                rows,
+            )
+        )
+    assert codes == [200] * 16
+    metrics = httpx.get(f"{table_server.url}/metrics").text
+    count = next(
+        float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("forgeml_batch_size_count")
+    )
+    total = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("forgeml_batch_size_sum"))
+    assert total / count > 1  # fewer model calls than inputs
+    assert 'forgeml_requests_total{route="/v1/predict",status="200"}' in metrics
+    assert "forgeml_queue_depth" in metrics and "forgeml_request_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"inputs": []}, "inputs"),
+        ({"inputs": [{"mean radius": 1.0}] * 65}, "inputs"),
+        ({"rows": []}, "inputs"),
+        ({"inputs": "mean radius"}, "inputs"),
+    ],
+)
+def test_invalid_bodies_get_422_naming_the_field(table_server, body, field):
+    response = httpx.post(f"{table_server.url}/v1/predict", json=body, headers=AUTH)
+    assert response.status_code == 422
+    assert any(field in map(str, error["loc"]) for error in response.json()["detail"])
+
+
+def test_bad_rows_get_422_naming_the_feature(table_run, table_server):
+    row = rows_of(table_run, 1)[0]
+    name = next(iter(row))
+    cases = [
+        ({**row, "colour": 1.0}, "colour"),  # unknown
+        ({k: v for k, v in row.items() if k != name}, name),  # missing
+        ({**row, name: "big"}, name),  # wrong type
+        ({**row, name: True}, name),
+    ]
+    for bad, field in cases:
+        response = httpx.post(f"{table_server.url}/v1/predict", json={"inputs": [row, bad]}, headers=AUTH)
+        assert response.status_code == 422, bad
+        assert any(error["loc"][-1] == field and 1 in error["loc"] for error in response.json()["detail"]), (
+            response.text
+        )
+
+
+def test_malformed_and_oversized_bodies_get_422(table_server):
+    url = f"{table_server.url}/v1/predict"
+    response = httpx.post(url, content=b'{"inputs": [', headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 422
+    response = httpx.post(url, content=b"x" * 1_000_001, headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 422 and "body" in response.json()["detail"][0]["loc"]
+
+
+def test_requests_without_the_key_get_401(table_server):
+    assert httpx.post(f"{table_server.url}/v1/predict", json={"inputs": []}).status_code == 401
+    wrong = {"Authorization": "Bearer guess"}
+    assert httpx.post(f"{table_server.url}/v1/predict", json={"inputs": []}, headers=wrong).status_code == 401
+    assert httpx.get(f"{table_server.url}/healthz").status_code == 200  # probes need no key
+    assert httpx.get(f"{table_server.url}/docs").status_code == 200
+
+
+class Held(Served):
+    """The real model, made to wait at a gate: what is queued behind it can be counted."""
+
+    def __init__(self, served: Served) -> None:
+        super().__init__(served.variant, served.version)
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.gate.set()  # open while the server warms up
+
+    def predict(self, inputs):
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        return super().predict(inputs)
+
+
+def queue_depth(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("forgeml_queue_depth "))
+
+
+def test_a_full_queue_answers_503_at_once_and_a_slow_answer_504(table_run):
+    held = Held(open_model(table_run, "trained", threads=1))
+    server = InProcess(held, ServeConfig(max_batch=1, max_wait_ms=0, max_queue=2, timeout_s=30))
+    row = rows_of(table_run, 1)
+    try:
+        held.gate.clear()
+        held.entered.clear()
+        with ThreadPoolExecutor(3) as pool:
+            post = lambda: httpx.post(f"{server.url}/v1/predict", json={"inputs": row}, timeout=60)  # noqa: E731
+            running = pool.submit(post)
+            assert held.entered.wait(30)  # the first input is in the model
+            queued = [pool.submit(post), pool.submit(post)]
+            deadline = time.monotonic() + 30
+            while queue_depth(server.url) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            refused = httpx.post(f"{server.url}/v1/predict", json={"inputs": row}, timeout=5)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            two = httpx.post(f"{server.url}/v1/predict", json={"inputs": row * 2}, timeout=5)
+            assert two.status_code == 503
+            held.gate.set()
+            assert [f.result().status_code for f in [running, *queued]] == [200, 200, 200]
+    finally:
+        held.gate.set()
+        server.stop()
+
+    server = InProcess(held, ServeConfig(timeout_s=0.5))
+    try:
+        held.gate.clear()
+        response = httpx.post(f"{server.url}/v1/predict", json={"inputs": row}, timeout=30)
+        assert response.status_code == 504
+    finally:
+        held.gate.set()
+        server.stop()
+
+
+def test_texts_are_validated_and_classified(tmp_path):
+    folder = tmp_path / "text"
+    forgeml.train(TEXT, folder)
+    served = open_model(folder, "recommended", threads=None)  # no compress stage: the trained model
+    assert served.version.startswith("text/trained@")
+    server = InProcess(served, ServeConfig(max_text_chars=100, max_items=4))
+    try:
+        url = f"{server.url}/v1/predict"
+        texts = ["Return the path.", "Open a socket and send the queued messages, then wait for the reply."]
+        response = httpx.post(url, json={"inputs": texts})
+        assert response.status_code == 200
+        expected = served.variant.family.predict_proba(texts)
+        labels = served.variant.family.labels
+        got = [[p["probabilities"][label] for label in labels] for p in response.json()["predictions"]]
+        assert torch.allclose(torch.tensor(got), expected, atol=1e-5)
+        for body in ({"inputs": ["x" * 101]}, {"inputs": [""]}, {"inputs": ["a"] * 5}, {"inputs": [3]}):
+            assert httpx.post(url, json=body).status_code == 422, body
+    finally:
+        server.stop()
+
+
+def test_sigterm_finishes_the_requests_in_flight_and_exits_0(table_run):
+    server = Subprocess(table_run, "--variant", "trained", "--max-wait-ms", "1500", "--max-batch", "64")
+    rows = rows_of(table_run, 1)
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, f"{server.url}/v1/predict", json={"inputs": rows}, timeout=30)
+        time.sleep(0.5)  # it waits in the batcher for more inputs
+        assert server.stop() == 0
+        assert in_flight.result().status_code == 200
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/healthz", timeout=2)
+
+
+def test_a_language_model_streams_its_tokens_in_order(tmp_path):
+    folder = tmp_path / "lm"
+    forgeml.train(LM, folder)
+    served = open_model(folder, "trained", threads=None)
+    server = InProcess(served, ServeConfig(max_new_tokens=32))
+    try:
+        url = f"{server.url}/v1/generate"
+        body = {"prompt": "def ", "max_new_tokens": 12, "temperature": 0}
+        whole = httpx.post(url, json=body, timeout=60)
+        assert whole.status_code == 200
+        events = []
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line.removeprefix("data: ")))
+        pieces, end = events[:-1], events[-1]
+        assert [p["index"] for p in pieces] == list(range(len(pieces))) and end["tokens"] == len(pieces)
+        text = "".join(p["text"] for p in pieces)
+        assert text == whole.json()["text"] == served.variant.family.generate("def ", 12, temperature=0)
+        assert httpx.post(url, json={**body, "max_new_tokens": 33}).status_code == 422
+        assert httpx.post(f"{server.url}/v1/predict", json={"inputs": ["x"]}).status_code == 404
+    finally:
+        server.stop()

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import forgeml
 from forgeml.compression.variants import load_variant
@@ -322,3 +324,28 @@ def test_a_language_model_streams_its_tokens_in_order(tmp_path):
         assert httpx.post(f"{server.url}/v1/predict", json={"inputs": ["x"]}).status_code == 404
     finally:
         server.stop()
+
+
+def test_an_unknown_variant_is_named_with_the_choices(table_run):
+    result = subprocess.run(
+        [sys.executable, "-m", "forgeml", "serve", str(table_run), "--variant", "fp8"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--variant fp8" in result.stderr and "onnx-int8-dynamic" in result.stderr and "trained" in result.stderr
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(inputs=JSON, extra=st.dictionaries(st.sampled_from(["inputs", "stream", "x"]), JSON, max_size=2))
+def test_no_body_gets_a_500(table_server, inputs, extra):
+    body = json.dumps({"inputs": inputs, **extra})  # NaN and Infinity included, which JSON does not allow
+    headers = {**AUTH, "content-type": "application/json"}
+    response = httpx.post(f"{table_server.url}/v1/predict", content=body, headers=headers)
+    assert response.status_code in (200, 422), (body, response.text)

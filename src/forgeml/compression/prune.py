@@ -4,13 +4,14 @@
   global_unstructured), at each of ``compress.prune.sparsities``; the masks hold during the
   fine-tune. The matrices keep their shape, so files and dense kernels do not shrink: this
   variant shows what the sparsity costs in accuracy.
-- structured: whole attention heads and feed-forward channels (text) or hidden units (mlp) with
-  the smallest L1 weight removed from every layer, the matrices cut down, so the model is
-  smaller and faster.
+- structured: whole attention heads and feed-forward channels (text classifier, gpt) or hidden
+  units (mlp) with the smallest L1 weight removed from every layer, the matrices cut down, so
+  the model is smaller and faster.
 
 transformers can no longer prune heads itself (``prune_heads`` left in v5) but keeps
-``prune_linear_layer``; a config cannot say how many heads each layer kept, so a structured text
-variant records that in ``pruned.json`` and its loader cuts a fresh model to those shapes.
+``prune_linear_layer``; a config cannot say how many heads each layer kept, so a structured
+transformer variant records that in ``pruned.json`` and its loader cuts a fresh model to those
+shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,56 +67,62 @@ def keep_by_l1(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return scores.topk(keep).indices.sort().values
 
 
-def structured_text(family: ModelFamily, fraction: float) -> dict[str, list[int]]:
-    """Cut heads and FFN channels out of every encoder layer in place; the kept counts per layer."""
+Slot = tuple[nn.Module, str]  # a linear layer as (the module holding it, its attribute name)
+
+
+def block_parts(family: ModelFamily, block: nn.Module) -> tuple[nn.Module, list[Slot], Slot, Slot, Slot]:
+    """A transformer block's attention module, its query/key/value and output projections, and
+    its feed-forward up and down projections."""
+    if family.name == "gpt":
+        attention = block.attn
+        qkv = [(attention, name) for name in ("q_proj", "k_proj", "v_proj")]
+        return attention, qkv, (attention, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
+    attention = block.attention.self
+    qkv = [(attention, name) for name in ("query", "key", "value")]
+    return attention, qkv, (block.attention.output, "dense"), (block.intermediate, "dense"), (block.output, "dense")
+
+
+def cut(
+    family: ModelFamily,
+    heads_of: Callable[[nn.Linear, int], torch.Tensor],
+    channels_of: Callable[[nn.Linear, nn.Linear], torch.Tensor],
+) -> dict[str, list[int]]:
+    """Cut every block of a text classifier or gpt in place down to the heads ``heads_of(output
+    projection, head size)`` and the feed-forward channels ``channels_of(up, down)`` choose; the
+    kept counts per block."""
     from transformers.pytorch_utils import prune_linear_layer
 
     heads, channels = [], []
-    for layer in family.network.base_model.encoder.layer:
-        attention = layer.attention.self
-        size = attention.attention_head_size
-        n_heads = attention.query.out_features // size
-        # A head's weight: the L1 norm of its slice of the output projection.
-        out = layer.attention.output.dense
-        scores = out.weight.detach().abs().view(out.out_features, n_heads, size).sum(dim=(0, 2))
-        kept = keep_by_l1(scores, fraction)
+    for block in family.blocks():
+        attention, qkv, out, up, down = block_parts(family, block)
+        size = attention.head_dim if family.name == "gpt" else attention.attention_head_size
+        kept = heads_of(getattr(*out), size)
         index = (kept[:, None] * size + torch.arange(size)).flatten()
-        for name in ("query", "key", "value"):
-            setattr(attention, name, prune_linear_layer(getattr(attention, name), index, dim=0))
-        layer.attention.output.dense = prune_linear_layer(out, index, dim=1)
-        attention.num_attention_heads, attention.all_head_size = len(kept), len(index)
-        # A channel's weight: the L1 norms of its row in the up and its column in the down projection.
-        up, down = layer.intermediate.dense, layer.output.dense
-        scores = up.weight.detach().abs().sum(1) + down.weight.detach().abs().sum(0)
-        index = keep_by_l1(scores, fraction)
-        layer.intermediate.dense = prune_linear_layer(up, index, dim=0)
-        layer.output.dense = prune_linear_layer(down, index, dim=1)
+        for owner, name in qkv:
+            setattr(owner, name, prune_linear_layer(getattr(owner, name), index, dim=0))
+        setattr(*out, prune_linear_layer(getattr(*out), index, dim=1))
+        if family.name != "gpt":  # BERT's attention stores its head count; gpt's counts from the width
+            attention.num_attention_heads, attention.all_head_size = len(kept), len(index)
+        kept_channels = channels_of(getattr(*up), getattr(*down))
+        setattr(*up, prune_linear_layer(getattr(*up), kept_channels, dim=0))
+        setattr(*down, prune_linear_layer(getattr(*down), kept_channels, dim=1))
         heads.append(len(kept))
-        channels.append(len(index))
+        channels.append(len(kept_channels))
     return {"heads": heads, "channels": channels}
 
 
-def structured_gpt(family: ModelFamily, fraction: float) -> dict[str, list[int]]:
-    """Cut heads and MLP channels out of every block in place (the attention counts its heads from
-    the projections' width); the kept counts per block."""
-    from transformers.pytorch_utils import prune_linear_layer
+def structured_blocks(family: ModelFamily, fraction: float) -> dict[str, list[int]]:
+    """Remove ``fraction`` of each block's heads and feed-forward channels, those of least L1
+    weight: a head's slice of the output projection, a channel's row in the up and column in the
+    down projection."""
 
-    heads, channels = [], []
-    for block in family.network.blocks:
-        attention, size = block.attn, block.attn.head_dim
-        out = attention.c_proj
-        scores = out.weight.detach().abs().view(out.out_features, -1, size).sum(dim=(0, 2))
-        kept = keep_by_l1(scores, fraction)
-        index = (kept[:, None] * size + torch.arange(size)).flatten()
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attention, name, prune_linear_layer(getattr(attention, name), index, dim=0))
-        attention.c_proj = prune_linear_layer(out, index, dim=1)
-        up, down = block.mlp.c_fc, block.mlp.c_proj
-        index = keep_by_l1(up.weight.detach().abs().sum(1) + down.weight.detach().abs().sum(0), fraction)
-        block.mlp.c_fc, block.mlp.c_proj = prune_linear_layer(up, index, dim=0), prune_linear_layer(down, index, dim=1)
-        heads.append(len(kept))
-        channels.append(len(index))
-    return {"heads": heads, "channels": channels}
+    def heads(out: nn.Linear, size: int) -> torch.Tensor:
+        return keep_by_l1(out.weight.detach().abs().view(out.out_features, -1, size).sum(dim=(0, 2)), fraction)
+
+    def channels(up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+        return keep_by_l1(up.weight.detach().abs().sum(1) + down.weight.detach().abs().sum(0), fraction)
+
+    return cut(family, heads, channels)
 
 
 def structured_mlp(family: ModelFamily, fraction: float) -> ModelFamily:
@@ -141,10 +149,8 @@ def structured(source: Variant, recipe: Recipe, run: RunDir, root: Path) -> Vari
     fraction = recipe.compress.prune.structured_fraction
     family = copy.deepcopy(source.family)
     shapes = None
-    if family.name == "text-classifier":
-        shapes = structured_text(family, fraction)
-    elif family.name == "gpt":
-        shapes = structured_gpt(family, fraction)
+    if family.blocks() is not None:
+        shapes = structured_blocks(family, fraction)
     else:
         family = structured_mlp(family, fraction)
     train_student(family, None, recipe, run, steps=recipe.compress.prune.finetune_steps)
@@ -165,31 +171,10 @@ def load_pruned(folder: Path) -> ModelFamily:
     """A pruned variant: a plain family, or a text model cut to the shapes in ``pruned.json``."""
     if not (folder / SHAPES).exists():
         return load_family(folder)
-    from transformers.pytorch_utils import prune_linear_layer
-
     shapes = json.loads((folder / SHAPES).read_text())
     family = load_family(folder, {})  # the architecture at full size, to be cut
-    if family.name == "gpt":
-        for block, heads, channels in zip(family.network.blocks, shapes["heads"], shapes["channels"], strict=True):
-            index = torch.arange(heads * block.attn.head_dim)
-            for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(block.attn, name, prune_linear_layer(getattr(block.attn, name), index, dim=0))
-            block.attn.c_proj = prune_linear_layer(block.attn.c_proj, index, dim=1)
-            index = torch.arange(channels)
-            block.mlp.c_fc = prune_linear_layer(block.mlp.c_fc, index, dim=0)
-            block.mlp.c_proj = prune_linear_layer(block.mlp.c_proj, index, dim=1)
-    else:
-        layers = family.network.base_model.encoder.layer
-        for layer, heads, channels in zip(layers, shapes["heads"], shapes["channels"], strict=True):
-            attention = layer.attention.self
-            index = torch.arange(heads * attention.attention_head_size)
-            for name in ("query", "key", "value"):
-                setattr(attention, name, prune_linear_layer(getattr(attention, name), index, dim=0))
-            layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, index, dim=1)
-            attention.num_attention_heads, attention.all_head_size = heads, len(index)
-            index = torch.arange(channels)
-            layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
-            layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
+    heads, channels = iter(shapes["heads"]), iter(shapes["channels"])
+    cut(family, lambda out, size: torch.arange(next(heads)), lambda up, down: torch.arange(next(channels)))
     network = family.network
     missing, unexpected = network.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     # A tied weight (gpt's head is its embedding) is stored once, under its first name.

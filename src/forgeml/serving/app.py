@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, create_model
@@ -104,23 +105,14 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="forgeml model server", version=served.version, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def guard_and_count(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path
-        route = path if path in ROUTES else "other"
-        if cfg.api_key and not path.startswith(OPEN) and not authorized(request, cfg.api_key):
-            response = error(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'")
-        elif too_large(request, cfg.max_body_bytes):
-            response = JSONResponse(
-                {"detail": [{"loc": ["body"], "msg": f"the body is over {cfg.max_body_bytes} bytes", "type": "size"}]},
-                status_code=422,
-            )
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+        # Where, what and why, without echoing the input: FastAPI's own handler sends it back,
+        # and an input of Infinity (which Python's JSON parser accepts) cannot be encoded: a 500.
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -177,6 +169,40 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
     return app
 
 
+class Guard:
+    """ASGI middleware: the API key and body-size checks before a route runs, and the request
+    metrics after it answers. Plain ASGI rather than FastAPI's http middleware, which wraps every
+    response in extra tasks and queues, a cost every request would pay."""
+
+    def __init__(self, app: Any, cfg: ServeConfig, metrics: Metrics) -> None:
+        self.app, self.cfg, self.metrics = app, cfg, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        status = 500
+
+        async def sent(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if self.cfg.api_key and not path.startswith(OPEN) and not authorized(headers, self.cfg.api_key):
+            await error(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'")(scope, receive, sent)
+        elif too_large(headers, self.cfg.max_body_bytes):
+            detail = [{"loc": ["body"], "msg": f"the body is over {self.cfg.max_body_bytes} bytes", "type": "size"}]
+            await JSONResponse({"detail": detail}, status_code=422)(scope, receive, sent)
+        else:
+            await self.app(scope, receive, sent)
+        route = path if path in ROUTES else "other"
+        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
 async def events(pieces, lock: asyncio.Semaphore, version: str) -> AsyncIterator[str]:
     """One ``data:`` event per sampled token, in order, then an ``end`` event."""
     async with lock:
@@ -187,14 +213,14 @@ async def events(pieces, lock: asyncio.Semaphore, version: str) -> AsyncIterator
     yield f"event: end\ndata: {json.dumps({'tokens': index, 'model_version': version})}\n\n"
 
 
-def authorized(request: Request, key: str) -> bool:
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    return hmac.compare_digest(given.encode(), key.encode())
+def authorized(headers: dict[bytes, bytes], key: str) -> bool:
+    given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+    return hmac.compare_digest(given, key.encode())
 
 
-def too_large(request: Request, limit: int) -> bool:
-    length = request.headers.get("content-length")
-    return length is not None and length.isdigit() and int(length) > limit
+def too_large(headers: dict[bytes, bytes], limit: int) -> bool:
+    length = headers.get(b"content-length", b"")
+    return length.isdigit() and int(length) > limit
 
 
 def warm_up(served: Served) -> None:

@@ -75,8 +75,14 @@ class Batcher:
             batch = [await self.queue.get()]
             deadline = batch[0].enqueued + self.max_wait
             while len(batch) < self.max_batch:
+                if not self.queue.empty():  # what queued while the last batch ran goes first
+                    batch.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), deadline - time.perf_counter()))
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
             live = [p for p in batch if not p.future.done()]

@@ -321,6 +321,7 @@ def test_a_language_model_streams_its_tokens_in_order(tmp_path):
         text = "".join(p["text"] for p in pieces)
         assert text == whole.json()["text"] == served.variant.family.generate("def ", 12, temperature=0)
         assert httpx.post(url, json={**body, "max_new_tokens": 33}).status_code == 422
+        assert httpx.post(url, json={**body, "prompt": "x" * 10_001}).status_code == 422
         assert httpx.post(f"{server.url}/v1/predict", json={"inputs": ["x"]}).status_code == 404
     finally:
         server.stop()

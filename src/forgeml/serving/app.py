@@ -74,7 +74,7 @@ def raw(item: Any, features: list[str]) -> Any:
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: Annotated[str, StringConstraints(max_length=10_000)]
+    prompt: str  # at most serve.max_text_chars, checked in the route
     max_new_tokens: Annotated[int, Field(ge=1)] = 64
     temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 1.0
     top_k: Annotated[int, Field(ge=1)] | None = None
@@ -153,9 +153,13 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
 
         @app.post("/v1/generate", summary="Continue a prompt; stream=true sends tokens as server-sent events")
         async def generate(body: GenerateRequest):
-            if body.max_new_tokens > cfg.max_new_tokens:
-                detail = [{"loc": ["body", "max_new_tokens"], "msg": f"at most {cfg.max_new_tokens}", "type": "limit"}]
-                return JSONResponse({"detail": detail}, status_code=422)
+            for field, value, limit in (
+                ("max_new_tokens", body.max_new_tokens, cfg.max_new_tokens),
+                ("prompt", len(body.prompt), cfg.max_text_chars),
+            ):
+                if value > limit:
+                    detail = [{"loc": ["body", field], "msg": f"at most {limit}", "type": "limit"}]
+                    return JSONResponse({"detail": detail}, status_code=422)
             pieces = served.stream(body.prompt, body.max_new_tokens, body.temperature, body.top_k)
             if body.stream:
                 return StreamingResponse(events(pieces, generating, served.version), media_type="text/event-stream")

@@ -37,6 +37,15 @@ class CompressResult:
     recommended: str
     folder: Path
 
+    def __str__(self) -> str:
+        row = next(row for row in self.variants if row["name"] == self.recommended)
+        baseline = self.variants[0]
+        return (
+            f"{len(self.variants)} variants in {self.folder}; recommended {self.recommended}: accuracy "
+            f"{row['accuracy']:.3f} (trained {baseline['accuracy']:.3f}), {row['p50_ms']:.2f} ms at batch 1 "
+            f"(trained {baseline['p50_ms']:.2f})"
+        )
+
 
 def split_items(family: ModelFamily, run: RunDir, split: str) -> list[Any]:
     manifest = read_manifest(run)

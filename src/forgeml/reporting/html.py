@@ -17,6 +17,7 @@ from typing import Any
 
 from forgeml.errors import RunDirError
 from forgeml.reporting import plots
+from forgeml.reporting.diagnosis import diagnose
 from forgeml.rundir import atomic_write
 
 REPORT_NAME = "report.html"
@@ -155,8 +156,12 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
 
 
+def _anchor(title: str) -> str:
+    return title.lower().replace(" ", "-")
+
+
 def _section(title: str, body: str) -> str:
-    return f"<section><h2>{escape(title)}</h2>\n{body}\n</section>"
+    return f'<section id="{_anchor(title)}"><h2>{escape(title)}</h2>\n{body}\n</section>'
 
 
 def _note(text: str) -> str:
@@ -403,8 +408,22 @@ def _compression(run: Run) -> str:
     return _section("Compression", "\n".join(parts))
 
 
+def _diagnosis(run: Run) -> str:
+    findings = diagnose(run.metrics, run.eval, run.manifest, run.audit)
+    if not findings:
+        read = "the loss curves, the per-class results and the audit" if run.metrics else "the audit"
+        return _section("Diagnosis", _note(f"Nothing stands out in {read}."))
+    items = "".join(
+        f"<li><strong>{escape(f.kind)}</strong>: {escape(f.text)} "
+        f'(see <a href="#{_anchor(f.section)}">{escape(f.section)}: {escape(f.evidence)}</a>)</li>'
+        for f in findings
+    )
+    return _section("Diagnosis", f"<ul>{items}</ul>")
+
+
 SECTIONS: list[Builder] = [
     _header,
+    _diagnosis,
     _recipe,
     _audit,
     _data,

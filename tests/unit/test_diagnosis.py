@@ -1,0 +1,73 @@
+"""The report's diagnosis rules, on curves and results built to show each problem."""
+
+from forgeml.reporting.diagnosis import diagnose
+from forgeml.reporting.html import Run, render
+
+
+def curve(split: str, losses: list[float], every: int = 10) -> list[dict]:
+    return [{"split": split, "step": every * (i + 1), "loss": loss} for i, loss in enumerate(losses)]
+
+
+def kinds(findings) -> list[str]:
+    return [f.kind for f in findings]
+
+
+def test_rising_validation_loss_with_falling_training_loss_is_over_fitting():
+    metrics = curve("train", [2.0, 1.2, 0.8, 0.5, 0.3, 0.2]) + curve("val", [1.5, 1.0, 0.9, 1.1, 1.3, 1.5])
+    findings = diagnose(metrics, {"stopped_early": True, "steps": 60, "best_step": 30}, None, None)
+    assert kinds(findings) == ["over-fitting"]
+    text = findings[0].text
+    assert "from 0.900 at step 30 to 1.500 at step 60" in text and "kept the weights of step 30" in text
+    assert "weight_decay" in text and findings[0].section == "Training" and findings[0].evidence == "loss curves"
+    late = diagnose(metrics, {"stopped_early": False}, None, None)[0].text
+    assert "Early stopping did not act" in late
+
+
+def test_a_flat_training_loss_is_under_fitting_and_a_falling_validation_loss_asks_for_more_steps():
+    flat = curve("train", [2.48, 2.47, 2.46, 2.45])
+    assert kinds(diagnose(flat, {}, None, None)) == ["under-fitting"]
+    improving = curve("train", [2.0, 1.0, 0.6, 0.4]) + curve("val", [1.8, 1.2, 0.9, 0.8])
+    assert kinds(diagnose(improving, {}, None, None)) == ["still-improving"]
+    healthy = curve("train", [2.0, 1.0, 0.6, 0.5]) + curve("val", [1.8, 0.9, 0.8, 0.8])
+    assert diagnose(healthy, {}, None, None) == []
+
+
+def evaluation(f1: dict[str, float], matrix: list[list[int]]) -> dict:
+    labels = list(f1)
+    per_class = {label: {"f1": value, "support": 10} for label, value in f1.items()}
+    macro = sum(f1.values()) / len(f1)
+    return {"test": {"macro_f1": macro, "per_class": per_class, "labels": labels, "confusion_matrix": matrix}}
+
+
+def test_failing_classes_are_told_apart_by_how_rare_they_are():
+    ev = evaluation({"a": 0.95, "b": 0.9, "c": 0.3, "d": 0.4}, [[9, 1, 0, 0], [0, 9, 1, 0], [0, 1, 3, 6], [0, 0, 6, 4]])
+    manifest = {"class_counts": {"train": {"a": 400, "b": 380, "c": 20, "d": 390}}}
+    findings = diagnose([], ev, manifest, None)
+    assert kinds(findings) == ["rare-class", "weak-class"]
+    assert "Class c fails" in findings[0].text and "20 training rows" in findings[0].text
+    assert "Class d is weak" in findings[1].text and "predicted as c" in findings[1].text
+
+
+def test_audit_warnings_say_whether_prepare_dealt_with_them():
+    report = {
+        "checks": {
+            "duplicate_fraction": {"status": "warn", "note": "12 rows repeat"},
+            "label_issue_fraction": {"status": "warn", "note": "8 rows look mislabelled"},
+            "leakage": {"status": "pass"},
+        }
+    }
+    findings = diagnose([], {}, {"notes": ["removed 12 near duplicates"]}, report)
+    assert [f.text.split(";")[-1].strip() for f in findings] == [
+        "prepare handled it.",
+        "it is still in the prepared data.",
+    ]
+
+
+def test_the_report_opens_with_the_diagnosis_linking_its_evidence():
+    metrics = curve("train", [2.0, 1.2, 0.8, 0.5, 0.3, 0.2]) + curve("val", [1.5, 1.0, 0.9, 1.1, 1.3, 1.5])
+    run = Run(name="r", recipe=None, stages={}, manifest=None, metrics=metrics, eval={"stopped_early": False})
+    page = render(run)
+    assert page.index('<section id="diagnosis">') < page.index('<section id="recipe">')
+    assert '<a href="#training">Training: loss curves</a>' in page and '<section id="training">' in page
+    empty = render(Run(name="r", recipe=None, stages={}, manifest=None, metrics=[], eval=None))
+    assert "Nothing stands out in the audit." in empty

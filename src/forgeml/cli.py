@@ -72,9 +72,10 @@ def finish(run_dir: Path) -> None:
     if report.exists():
         console.print(f"report: {report}")
     console.print(f"model:  {run_dir / 'train' / 'model'}")
-    variants = run_dir / "compress" / "variants.json"
-    if variants.exists():
-        best = next(row for row in json.loads(variants.read_text()) if row["recommended"])
+    from forgeml.compression.variants import recommended
+
+    best = recommended(run_dir / "compress")
+    if best is not None:
         console.print(
             f"recommended variant: {run_dir / 'compress' / best['name']} "
             f"(accuracy {best['accuracy']:.3f}, {best['p50_ms']:.2f} ms at batch 1, {best['size_bytes'] / 1e6:.3g} MB)"

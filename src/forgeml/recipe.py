@@ -365,8 +365,8 @@ class DistillConfig(Section):
     temperature: Annotated[float, Field(gt=0)] = Field(2.0, description="softens both models' probabilities")
     student_layers: PositiveInt | None = Field(
         None,
-        description="text-classifier: how many of the teacher's layers the student keeps, evenly spaced, "
-        "the top one included (default: half)",
+        description="text-classifier and gpt: how many of the teacher's layers (blocks) the student keeps, "
+        "evenly spaced, the top one included (default: half)",
     )
     student_width: Annotated[float, Field(gt=0, lt=1)] = Field(
         0.5, description="mlp: the student's hidden sizes as a fraction of the teacher's"

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from forgeml.compression.distill import train_student
-from forgeml.compression.variants import Variant, saved_torch_variant
+from forgeml.compression.variants import Variant, saved_torch_variant, tied_parameters
 from forgeml.errors import RunDirError
 from forgeml.models.registry import ModelFamily, load_family
 from forgeml.recipe import Recipe
@@ -70,16 +70,17 @@ def keep_by_l1(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 Slot = tuple[nn.Module, str]  # a linear layer as (the module holding it, its attribute name)
 
 
-def block_parts(family: ModelFamily, block: nn.Module) -> tuple[nn.Module, list[Slot], Slot, Slot, Slot]:
-    """A transformer block's attention module, its query/key/value and output projections, and
-    its feed-forward up and down projections."""
+def block_parts(family: ModelFamily, block: nn.Module) -> tuple[nn.Module, int, list[Slot], Slot, Slot, Slot]:
+    """A transformer block's attention module and head size, its query/key/value and output
+    projections, and its feed-forward up and down projections."""
     if family.name == "gpt":
         attention = block.attn
         qkv = [(attention, name) for name in ("q_proj", "k_proj", "v_proj")]
-        return attention, qkv, (attention, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
+        return attention, attention.head_dim, qkv, (attention, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
     attention = block.attention.self
     qkv = [(attention, name) for name in ("query", "key", "value")]
-    return attention, qkv, (block.attention.output, "dense"), (block.intermediate, "dense"), (block.output, "dense")
+    out, up, down = (block.attention.output, "dense"), (block.intermediate, "dense"), (block.output, "dense")
+    return attention, attention.attention_head_size, qkv, out, up, down
 
 
 def cut(
@@ -94,8 +95,7 @@ def cut(
 
     heads, channels = [], []
     for block in family.blocks():
-        attention, qkv, out, up, down = block_parts(family, block)
-        size = attention.head_dim if family.name == "gpt" else attention.attention_head_size
+        attention, size, qkv, out, up, down = block_parts(family, block)
         kept = heads_of(getattr(*out), size)
         index = (kept[:, None] * size + torch.arange(size)).flatten()
         for owner, name in qkv:
@@ -177,11 +177,7 @@ def load_pruned(folder: Path) -> ModelFamily:
     cut(family, lambda out, size: torch.arange(next(heads)), lambda up, down: torch.arange(next(channels)))
     network = family.network
     missing, unexpected = network.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    # A tied weight (gpt's head is its embedding) is stored once, under its first name.
-    tied = {name for name, _ in network.named_parameters(remove_duplicate=False)} - dict(
-        network.named_parameters()
-    ).keys()
-    if set(missing) - tied or unexpected:
+    if set(missing) - tied_parameters(network) or unexpected:
         raise RunDirError(f"{folder / 'model.safetensors'}: missing {missing}, unexpected {unexpected}")
     network.eval()
     return family

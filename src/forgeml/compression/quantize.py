@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from forgeml.compression.variants import Variant, preprocessing_copy, torch_logits
+from forgeml.compression.variants import Variant, preprocessing_copy, tied_parameters, torch_logits
 from forgeml.models.registry import load_family
 
 WEIGHTS = "model.int8.safetensors"
@@ -57,7 +57,8 @@ def torch_int8(source: Variant, folder: Path) -> Variant:
     tensors = {k: v.contiguous() for k, v in network.state_dict().items() if k.rsplit(".", 1)[0] not in linears}
     # A linear whose weight is another parameter's (a language model's head tied to its embedding)
     # is stored int8 for itself; its fp32 twin is already among the tensors.
-    tied = [name for name in linears if f"{name}.weight" not in dict(network.named_parameters())]
+    shared = tied_parameters(network)
+    tied = [name for name in linears if f"{name}.weight" in shared]
     modules = dict(quantized.named_modules())
     for name in linears:
         weight, bias = modules[name].weight(), modules[name].bias()

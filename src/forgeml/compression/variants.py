@@ -59,13 +59,32 @@ def torch_logits(network: torch.nn.Module) -> Logits:
     return run
 
 
-def saved_torch_variant(name: str, method: str, family: ModelFamily, folder: Path, **record: Any) -> Variant:
-    """The variant of a family loaded from ``folder``, its weights the folder's safetensors; its
-    record written, so ``load_variant`` finds it."""
+def torch_variant(name: str, method: str, family: ModelFamily, folder: Path) -> Variant:
+    """The variant of a family loaded from ``folder``, its weights the folder's safetensors."""
     weights = sorted(p.name for p in folder.glob("*.safetensors"))
-    variant = Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
+    return Variant(name, method, "torch", family, torch_logits(family.network), folder, weights)
+
+
+def saved_torch_variant(name: str, method: str, family: ModelFamily, folder: Path, **record: Any) -> Variant:
+    """``torch_variant``, its record written, so ``load_variant`` finds it."""
+    variant = torch_variant(name, method, family, folder)
     variant.write_record(**record)
     return variant
+
+
+def tied_parameters(network: torch.nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a language model's head tied to its
+    embedding); safetensors and ``named_parameters`` hold it under its first name only."""
+    every = {name for name, _ in network.named_parameters(remove_duplicate=False)}
+    return every - dict(network.named_parameters()).keys()
+
+
+def recommended(compress_dir: Path) -> dict[str, Any] | None:
+    """The row of ``variants.json`` that compress recommended; None where it has not run."""
+    table = compress_dir / "variants.json"
+    if not table.exists():
+        return None
+    return next(row for row in json.loads(table.read_text()) if row["recommended"])
 
 
 def preprocessing_copy(source: Variant, folder: Path) -> Path:

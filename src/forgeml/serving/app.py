@@ -68,10 +68,6 @@ def input_model(served: Served, cfg: ServeConfig) -> type[BaseModel]:
     )
 
 
-def raw(item: Any, features: list[str]) -> Any:
-    return item if isinstance(item, str) else {name: getattr(item, f"f{i}") for i, name in enumerate(features)}
-
-
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str  # at most serve.max_text_chars, checked in the route
@@ -134,7 +130,7 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
         # No `from __future__ import annotations` in this module: FastAPI reads this annotation,
         # a class built above, at run time.
         async def predict(body: body_model) -> JSONResponse:  # type: ignore[valid-type]
-            items = [raw(item, getattr(family, "features", [])) for item in body.inputs]
+            items = [item if isinstance(item, str) else item.model_dump(by_alias=True) for item in body.inputs]
             sizes = [len(item) if isinstance(item, str) else 1 for item in items]
             try:
                 rows = await asyncio.wait_for(batcher.submit(items, sizes), cfg.timeout_s)

@@ -6,7 +6,6 @@ language model's continuation."""
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from forgeml.compression.variants import CHECK_FILE, VARIANT_FILE, Variant, load_variant, torch_logits
+from forgeml.compression.variants import CHECK_FILE, VARIANT_FILE, Variant, load_variant, recommended, torch_variant
 from forgeml.errors import ForgeError, RunDirError
 from forgeml.models.registry import META_FILE, load_family
 
@@ -48,10 +47,8 @@ def resolve(run_dir: Path, name: str) -> str:
     """``recommended`` -> the variant compress recommended, or ``trained`` where none was built."""
     if name != "recommended":
         return name
-    table = run_dir / "compress" / "variants.json"
-    if not table.exists():
-        return "trained"
-    return next(row["name"] for row in json.loads(table.read_text()) if row["recommended"])
+    row = recommended(run_dir / "compress")
+    return row["name"] if row else "trained"
 
 
 def open_model(run_dir: Path, name: str, threads: int | None) -> Served:
@@ -61,9 +58,7 @@ def open_model(run_dir: Path, name: str, threads: int | None) -> Served:
         folder = run_dir / "train" / "model"
         if not (folder / META_FILE).exists():
             raise RunDirError(f"{run_dir} holds no trained model ({folder / META_FILE} is missing); train it first")
-        family = load_family(folder)
-        weights = sorted(p.name for p in folder.glob("*.safetensors"))
-        variant = Variant("trained", "baseline", "torch", family, torch_logits(family.network), folder, weights)
+        variant = torch_variant("trained", "baseline", load_family(folder), folder)
     else:
         folder = run_dir / "compress" / name
         if not (folder / VARIANT_FILE).exists():

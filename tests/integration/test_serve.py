@@ -350,3 +350,16 @@ def test_no_body_gets_a_500(table_server, inputs, extra):
     headers = {**AUTH, "content-type": "application/json"}
     response = httpx.post(f"{table_server.url}/v1/predict", content=body, headers=headers)
     assert response.status_code in (200, 422), (body, response.text)
+
+
+def test_a_taken_port_is_named_before_the_model_loads(table_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = subprocess.run(
+            [sys.executable, "-m", "forgeml", "serve", str(table_run), "--port", port],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--port {port}" in result.stderr and "choose another port" in result.stderr

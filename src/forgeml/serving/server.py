@@ -3,10 +3,12 @@ accepting connections, lets the requests in flight finish (up to the request tim
 
 import math
 import signal
+import socket
 from pathlib import Path
 
 import torch
 
+from forgeml.errors import ForgeError
 from forgeml.recipe import ServeConfig
 from forgeml.serving.app import create_app
 from forgeml.serving.backends import open_model
@@ -15,6 +17,7 @@ from forgeml.serving.backends import open_model
 def run_server(run_dir: Path, cfg: ServeConfig) -> None:
     import uvicorn
 
+    check_address(cfg.host, cfg.port)  # before the model loads: a taken port should not cost that wait
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # this process serves one model: its thread count is the server's
     served = open_model(run_dir, cfg.variant, cfg.threads)
@@ -26,3 +29,16 @@ def run_server(run_dir: Path, cfg: ServeConfig) -> None:
     uvicorn.run(
         app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=math.ceil(cfg.timeout_s)
     )
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, naming it, an address this process cannot listen on (uvicorn would log it and exit 3)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ForgeError(
+                f"--host {host} --port {port}: cannot listen there ({err.strerror}); "
+                "choose another port, or stop what holds it"
+            ) from None

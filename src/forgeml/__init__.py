@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from forgeml.compression.stage import CompressResult
+    from forgeml.explaining.stage import ExplainResult
     from forgeml.models.registry import ModelFamily
     from forgeml.recipe import Recipe
     from forgeml.training.launch import Dist
@@ -130,6 +131,28 @@ def compress(
     return run_compress(as_recipe(folder / "recipe.yaml", overrides), RunDir(folder), console)
 
 
+def explain(
+    run_dir: str | Path,
+    *,
+    overrides: tuple[str, ...] = (),
+    inputs: list[Any] | Path | None = None,
+    console: Console | None = None,
+) -> ExplainResult:
+    """Explanations of the run's trained model as its recipe's ``explain`` section (with ``overrides``,
+    e.g. ``explain.methods=[ig]``) asks: of the first ``explain.n`` test rows, or of ``inputs`` (texts,
+    dicts of feature values, or the Path of a .txt, .csv or .jsonl file of them). Each method is
+    scored by the deletion test; the results land in ``run_dir/explain`` (``summary.json``,
+    ``attributions.json``, pictures)."""
+    from forgeml.errors import RunDirError
+    from forgeml.explaining.stage import explain as run_explain
+    from forgeml.rundir import RunDir
+
+    folder = Path(run_dir)
+    if not (folder / "recipe.yaml").exists():
+        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
+    return run_explain(as_recipe(folder / "recipe.yaml", overrides), RunDir(folder), console, inputs)
+
+
 def serve(run_dir: str | Path, *, overrides: tuple[str, ...] = ()) -> None:
     """Serve a variant of the run's model over HTTP as its recipe's ``serve`` section (with
     ``overrides``, e.g. ``serve.port=9000``) says, until SIGTERM or Ctrl-C."""
@@ -161,4 +184,4 @@ def load(run_dir: str | Path) -> ModelFamily:
     return load_family(folder)
 
 
-__all__ = ["as_recipe", "compress", "load", "prepare", "report", "run", "serve", "train", "tune"]
+__all__ = ["as_recipe", "compress", "explain", "load", "prepare", "report", "run", "serve", "train", "tune"]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from forgeml.errors import ForgeError
@@ -453,6 +454,70 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. r
     if not run_dir.is_dir():
         raise ForgeError(f"{run_dir}: no such run directory")
     console.print(f"report: {write(run_dir)}")
+
+
+SHOWN_INPUTS = 5  # inputs whose strongest units the terminal shows
+SHOWN_UNITS = 5
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with a trained classifier, e.g. runs/default")],
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="ig, lime, shap, attention or all; several comma-separated (explain.methods)"),
+    ] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="a text to explain instead of test rows; repeat for more")
+    ] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option("--inputs", help="a file of inputs: .txt (a text a line), .csv or .jsonl (columns as trained)"),
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="test rows to explain (explain.n)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Explain RUN_DIR's trained classifier and score each method's faithfulness by the deletion test.
+
+    Writes RUN_DIR/explain/summary.json (per method: AOPC against random removal, n), attributions.json
+    (one record per input), the pictures (tokens coloured by attribution, attention maps, SHAP plots,
+    the deletion curves) and a surrogate tree's rules with its fidelity.
+    """
+    from forgeml import explain as run_explain
+
+    if text and inputs:
+        raise ForgeError("give --text or --inputs, not both")
+    overrides = [*(set_ or ())]
+    if method is not None:
+        overrides.append(f"explain.methods=[{method}]")
+    overrides += [f"explain.n={n}"] if n is not None else []
+    given: list[str] | Path | None = list(text) if text else inputs
+    result = run_explain(run_dir, overrides=tuple(overrides), inputs=given, console=errors)
+    table = Table(title="faithfulness: deletion test (AOPC; higher is better)")
+    for column in ("method", "AOPC", "random", "ratio", "s / input"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for name, row in result.methods.items():
+        ratio = row["aopc"] / row["random_aopc"] if row["random_aopc"] > 0 else float("nan")
+        table.add_row(
+            name, f"{row['aopc']:.3f}", f"{row['random_aopc']:.3f}", f"{ratio:.2f}", f"{row['seconds_per_input']:.2f}"
+        )
+    console.print(table)
+    records = json.loads((result.folder / "attributions.json").read_text())
+    for record in records[:SHOWN_INPUTS]:
+        shown = (
+            record["input"]
+            if isinstance(record["input"], str)
+            else ", ".join(f"{k}={v:.4g}" for k, v in record["input"].items())
+        )
+        console.print(
+            f"[bold]{escape(record['predicted'])}[/bold] ({record['probability']:.2f}): {escape(shown[:100])}"
+        )
+        for name, scores in record["attributions"].items():
+            top = sorted(range(len(scores)), key=lambda i: -scores[i])[:SHOWN_UNITS]
+            console.print(f"  {name}: " + escape(", ".join(f"{record['units'][i]} {scores[i]:+.3f}" for i in top)))
+    if result.fidelity is not None:
+        console.print(f"surrogate tree: fidelity {result.fidelity:.3f} (agreement with the model on the test split)")
+    console.print(f"explanations: {result.folder}")
 
 
 MAX_NEW_TOKENS = 4096  # the streamed text is decoded afresh after every token, so keep runs bounded

@@ -87,6 +87,13 @@ STAGES = (
         enabled=lambda recipe: bool(recipe.compress.methods),
     ),
     Stage(
+        "explain",
+        ("data", "prepare", "model", "train", "explain"),
+        file_hashes("train/model/forgeml.json", "data/manifest.json"),
+        lambda recipe, run, console, resume, env: _explain(recipe, run, console),
+        enabled=lambda recipe: bool(recipe.explain.methods),
+    ),
+    Stage(
         "report",
         (),
         file_hashes(
@@ -97,6 +104,7 @@ STAGES = (
             "train/metrics.jsonl",
             "tune/summary.json",
             "compress/variants.json",
+            "explain/summary.json",
         ),
         lambda recipe, run, console, resume, env: write_report(run.path),
     ),
@@ -114,6 +122,12 @@ def _compress(recipe: Recipe, run: RunDir, console: Console) -> Any:
     from forgeml.compression.stage import compress  # onnxruntime loads only for runs that compress
 
     return compress(recipe, run, console)
+
+
+def _explain(recipe: Recipe, run: RunDir, console: Console) -> Any:
+    from forgeml.explaining.stage import explain  # captum, lime and shap load only for runs that explain
+
+    return explain(recipe, run, console)
 
 
 def _check_tune(recipe: Recipe) -> None:

@@ -426,8 +426,29 @@ class ServeConfig(Section):
     max_new_tokens: PositiveInt = Field(512, description="tokens one generate request may ask for at most")
 
 
+ExplainMethod = Literal["all", "ig", "lime", "shap", "attention"]
+
+
 class ExplainConfig(Section):
-    """Explanation methods (the explain stage reads it)."""
+    """Explanations of the trained model's predictions (``forgeml explain``), each method scored by
+    the deletion test."""
+
+    methods: list[ExplainMethod] = Field(
+        ["all"],
+        description="ig (integrated gradients), lime, shap (tables), attention (text: maps and rollout); "
+        "all: every method the model's inputs allow; empty: the stage does not run in `forgeml run`",
+    )
+    n: PositiveInt = Field(20, description="test rows explained: the first N")
+    ig_steps: PositiveInt = Field(50, description="integrated gradients: steps from the baseline to the input")
+    lime_samples: Annotated[int, Field(ge=10)] = Field(500, description="LIME: perturbed inputs per explanation")
+    shap_evals: PositiveInt = Field(500, description="SHAP: model evaluations per row (permutation explainer)")
+    shap_background: PositiveInt = Field(100, description="SHAP: training rows that stand for an absent feature")
+    deletion_steps: PositiveInt = Field(10, description="deletion test: remove up to this many tokens or features")
+    random_orders: PositiveInt = Field(5, description="deletion test: random removal orders per input")
+    surrogate_leaves: Annotated[int, Field(ge=2, le=64)] = Field(
+        16, description="the surrogate tree's rules at most (leaves, grown best split first)"
+    )
+    seed: int = 0
 
 
 ModelConfig = Annotated[Union[tuple(MODELS.configs())], Field(discriminator="name")]  # noqa: UP007

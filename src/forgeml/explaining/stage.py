@@ -1,0 +1,372 @@
+"""The explain stage: attributions of the trained model's predictions by every chosen method,
+each scored by the deletion test against random removal, and a surrogate tree of the whole model.
+
+Writes ``explain/summary.json`` (per method: AOPC, random AOPC, n), ``explain/attributions.json``
+(one record per input) and the pictures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from forgeml.data.prepare import load_splits
+from forgeml.errors import ForgeError, RunDirError
+from forgeml.explaining import faithfulness, pictures, surrogate
+from forgeml.models.registry import META_FILE, ModelFamily, Splits, load_family
+from forgeml.recipe import ExplainConfig, Recipe
+from forgeml.rundir import RunDir, write_json
+
+METHODS = {"text": ("ig", "lime", "attention"), "features": ("shap", "lime", "ig")}
+BASELINE = {"text": "the padding token in the token's place", "features": "the feature's training mean"}
+PREDICT_BATCH = 64
+
+
+@dataclass
+class ExplainResult:
+    folder: Path
+    n: int
+    methods: dict[str, dict[str, Any]]  # as in summary.json
+    fidelity: float | None  # the surrogate tree's agreement with the model on the test split
+
+    def __str__(self) -> str:
+        scores = ", ".join(f"{m} {s['aopc']:.3f} (random {s['random_aopc']:.3f})" for m, s in self.methods.items())
+        tree = f"; surrogate tree fidelity {self.fidelity:.3f}" if self.fidelity is not None else ""
+        return f"{self.n} inputs explained in {self.folder}; AOPC {scores}{tree}"
+
+
+def chosen_methods(cfg: ExplainConfig, family: ModelFamily) -> list[str]:
+    offered = METHODS[family.inputs]
+    if "all" in cfg.methods:
+        return list(offered)
+    refused = [m for m in cfg.methods if m not in offered]
+    if refused:
+        raise ForgeError(
+            f"explain.methods: {', '.join(refused)} does not apply to a model of {family.inputs} "
+            f"({family.name}); choose from {', '.join(offered)} or all"
+        )
+    return list(dict.fromkeys(cfg.methods))
+
+
+def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> list[Any]:
+    """Texts (one a line of a .txt, or a column of a .csv / .jsonl) or feature rows (.csv / .jsonl)."""
+    if not path.is_file():
+        raise ForgeError(f"--inputs {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".txt" and family.inputs == "text":
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    if suffix == ".csv":
+        with path.open(newline="") as f:
+            records = list(csv.DictReader(f))
+    elif suffix in (".jsonl", ".json"):
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ForgeError(
+                    f"--inputs {path}, line {number}: not JSON ({exc.msg}); write one object a line"
+                ) from None
+            if not isinstance(record, dict):
+                raise ForgeError(f"--inputs {path}, line {number}: not an object; write one object a line")
+            records.append(record)
+    else:
+        kinds = ".txt, .csv or .jsonl" if family.inputs == "text" else ".csv or .jsonl"
+        raise ForgeError(f"--inputs {path}: unknown kind of file; give {kinds}")
+    if not records:
+        raise ForgeError(f"--inputs {path}: no rows")
+    wanted = [text_column or "text"] if family.inputs == "text" else list(family.features)
+    rows = []
+    for number, record in enumerate(records, 1):
+        missing = [c for c in wanted if c not in record]
+        if missing:
+            raise ForgeError(f"--inputs {path}, row {number}: no column {', '.join(missing)}; it needs {wanted}")
+        if family.inputs == "text":
+            rows.append(str(record[wanted[0]]))
+            continue
+        try:
+            rows.append({c: float(record[c]) for c in wanted})
+        except (TypeError, ValueError):
+            bad = next(c for c in wanted if not _is_number(record[c]))
+            raise ForgeError(f"--inputs {path}, row {number}, column {bad}: {record[bad]!r} is not a number") from None
+    return rows
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
+
+
+def explain(
+    recipe: Recipe, run: RunDir, console: Console | None = None, inputs: list[Any] | Path | None = None
+) -> ExplainResult:
+    """Explain the first ``explain.n`` test rows of ``run``'s trained model, or ``inputs`` when given:
+    texts or feature dicts, or a file of them (see ``read_inputs``)."""
+    cfg = recipe.explain
+    console = console or Console(stderr=True)
+    model_dir = run.stage_dir("train") / "model"
+    if not (model_dir / META_FILE).exists():
+        raise RunDirError(
+            f"{run.path} holds no trained model ({model_dir / META_FILE} is missing); "
+            f"train it first: forgeml train {run.path / 'recipe.yaml'} --run-dir {run.path}"
+        )
+    family = load_family(model_dir)
+    if family.task != "classification":
+        raise ForgeError(f"explain covers classifiers; {run.path} holds a {family.name} language model")
+    if not cfg.methods:
+        raise ForgeError("explain.methods is empty; name some, e.g. --method ig,lime, or all")
+    methods = chosen_methods(cfg, family)
+    splits = load_splits(run)
+    if isinstance(inputs, Path):
+        inputs = read_inputs(inputs, family, splits.text_column)
+    given = inputs is not None
+    labels = [None] * len(inputs) if inputs is not None else splits.test[splits.label_column].head(cfg.n).tolist()
+    if inputs is None:
+        column = splits.text_column if family.inputs == "text" else None
+        head = splits.test.head(cfg.n)
+        inputs = head[column].tolist() if column else head[list(family.features)].to_dict("records")
+    if not inputs:
+        raise ForgeError("nothing to explain: the test split is empty; raise prepare.test_fraction or give --inputs")
+    folder = run.stage_dir("explain")
+    folder.mkdir(parents=True, exist_ok=True)
+    progress = Progress(
+        TextColumn("[bold]explain {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task(", ".join(methods), total=len(inputs))
+        explainer = text_explanations if family.inputs == "text" else table_explanations
+        outcome = explainer(family, splits, inputs, labels, methods, cfg, lambda: progress.advance(task))
+        progress.update(task, description="surrogate tree")
+        tree = fit_surrogate(family, splits, cfg)
+    summary_methods = faithfulness.summarise(outcome.deletions)
+    for method, entry in summary_methods.items():
+        entry["seconds_per_input"] = outcome.seconds[method] / len(inputs)
+    if outcome.ig_deltas:
+        summary_methods["ig"]["mean_abs_delta"] = float(np.mean(outcome.ig_deltas))
+    images = outcome.images
+    if outcome.deletions:
+        images["deletion.png"] = pictures.deletion_plot(faithfulness.mean_curves(outcome.deletions))
+    for stale in folder.glob("*.png"):  # pictures of an earlier call that this one does not draw
+        if stale.name not in images:
+            stale.unlink()
+    for name, png in images.items():
+        (folder / name).write_bytes(png)
+    write_json(folder / "attributions.json", outcome.records)
+    summary = {
+        "model": family.name,
+        "inputs": "given" if given else f"the first {len(inputs)} test rows",
+        "n": len(inputs),
+        "methods": summary_methods,
+        "deletion": {
+            "steps": cfg.deletion_steps,
+            "random_orders": cfg.random_orders,
+            "baseline": BASELINE[family.inputs],
+        },
+        "surrogate": tree,
+        "pictures": sorted(images),
+        **({"global_importance": outcome.importance} if outcome.importance else {}),
+    }
+    write_json(folder / "summary.json", summary)
+    if family.inputs == "text":
+        (folder / "tokens.html").write_text(tokens_page(outcome.records, methods))
+    return ExplainResult(folder, len(inputs), summary_methods, tree["fidelity"] if tree else None)
+
+
+@dataclass
+class Outcome:
+    records: list[dict[str, Any]]  # attributions.json
+    deletions: list[faithfulness.Deletion]  # one per input with units
+    seconds: dict[str, float]  # per method
+    ig_deltas: list[float]  # integrated gradients' |convergence delta| per input
+    importance: dict[str, float] | None  # mean |SHAP value| per feature, largest first
+    images: dict[str, bytes]  # file name -> PNG
+
+
+def deletion(scores: dict[str, np.ndarray], scorer: faithfulness.Scorer, cfg: ExplainConfig, index: int) -> Any:
+    return faithfulness.deletion(scores, scorer, cfg.deletion_steps, cfg.random_orders, cfg.seed + index)
+
+
+class Clock:
+    """Seconds spent per method."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def time(self, method: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[method] += time.perf_counter() - start
+
+
+def text_explanations(
+    family: ModelFamily, splits: Splits, inputs: list[str], labels: list[Any], methods: list[str], cfg: ExplainConfig,
+    advance: Any,
+) -> Outcome:  # fmt: skip
+    from forgeml.explaining.text import TextExplainer, eager_attention
+
+    explainer = TextExplainer(family, cfg.seed)
+    if "attention" in methods:
+        eager_attention(family.network)
+    clock = Clock()
+    records, deletions, deltas = [], [], []
+    images: dict[str, bytes] = {}
+    for index, (text, label) in enumerate(zip(inputs, labels, strict=True)):
+        item = explainer.read(text)
+        scores: dict[str, np.ndarray] = {}
+        record: dict[str, Any] = {
+            "input": item.text,
+            "label": label,
+            "predicted": family.labels[item.target],
+            "probability": float(item.probs[item.target]),
+            "units": item.pieces,
+            "spans": item.spans,
+        }
+        if item.units:
+            if "ig" in methods:
+                with clock.time("ig"):
+                    scores["ig"], delta = explainer.integrated_gradients(item, cfg.ig_steps)
+                record["ig_delta"] = delta
+                deltas.append(abs(delta))
+            if "lime" in methods:
+                with clock.time("lime"):
+                    scores["lime"] = explainer.lime(item, cfg.lime_samples)
+            if "attention" in methods:
+                with clock.time("attention"):
+                    maps, rollout = explainer.attention(item)
+                    scores["attention"] = explainer.per_unit(item, rollout[0])
+                if not images:  # the first input's maps: the report shows one example
+                    tokens = explainer.tokenizer.convert_ids_to_tokens(item.ids[0].tolist())
+                    images["attention.png"] = pictures.attention_grid(maps, tokens)
+                    images["rollout.png"] = pictures.rollout_map(rollout, tokens)
+            deletions.append(deletion(scores, explainer.scorer(item), cfg, index))
+        record["attributions"] = {method: values.tolist() for method, values in scores.items()}
+        records.append(record)
+        advance()
+    return Outcome(records, deletions, clock.seconds, deltas, None, images)
+
+
+def table_explanations(
+    family: ModelFamily, splits: Splits, inputs: list[dict[str, Any]], labels: list[Any], methods: list[str],
+    cfg: ExplainConfig, advance: Any,
+) -> Outcome:  # fmt: skip
+    from forgeml.explaining.tabular import TableExplainer
+
+    features = list(family.features)
+    train = splits.train[features].to_numpy(np.float64)
+    explainer = TableExplainer(family, train, cfg.seed, cfg.shap_background)
+    rows = np.array([[float(row[f]) for f in features] for row in inputs])
+    items = [explainer.read(row) for row in rows]
+    clock = Clock()
+    importance = None
+    images: dict[str, bytes] = {}
+    if "shap" in methods:
+        with clock.time("shap"):
+            shap_values, base = explainer.shap(rows, [item.target for item in items], cfg.shap_evals)
+        mean_abs = np.abs(shap_values).mean(0)
+        importance = {features[i]: float(mean_abs[i]) for i in np.argsort(-mean_abs)}
+        images.update(pictures.shap_plots(shap_values, rows, base, features))
+    records, deletions, deltas = [], [], []
+    for index, (item, label) in enumerate(zip(items, labels, strict=True)):
+        scores: dict[str, np.ndarray] = {}
+        record: dict[str, Any] = {
+            "input": dict(zip(features, item.row.tolist(), strict=True)),
+            "label": label,
+            "predicted": family.labels[item.target],
+            "probability": float(item.probs[item.target]),
+            "units": features,
+        }
+        if "shap" in methods:
+            scores["shap"] = shap_values[index]
+            record["shap_base"] = float(base[index])
+        if "lime" in methods:
+            with clock.time("lime"):
+                scores["lime"], record["lime_rules"] = explainer.lime(item, cfg.lime_samples, family.labels)
+        if "ig" in methods:
+            with clock.time("ig"):
+                scores["ig"], delta = explainer.integrated_gradients(item, cfg.ig_steps)
+            record["ig_delta"] = delta
+            deltas.append(abs(delta))
+        deletions.append(deletion(scores, explainer.scorer(item), cfg, index))
+        record["attributions"] = {method: values.tolist() for method, values in scores.items()}
+        records.append(record)
+        advance()
+    return Outcome(records, deletions, clock.seconds, deltas, importance, images)
+
+
+@torch.no_grad()
+def predicted_classes(family: ModelFamily, inputs: list[Any]) -> np.ndarray:
+    out = [family.predict_proba(inputs[i : i + PREDICT_BATCH]).argmax(-1) for i in range(0, len(inputs), PREDICT_BATCH)]
+    return torch.cat(out).numpy()
+
+
+def fit_surrogate(family: ModelFamily, splits: Splits, cfg: ExplainConfig) -> dict[str, Any] | None:
+    if splits.val.empty or splits.test.empty:
+        return None
+    if family.inputs == "text":
+        fit_rows, test_rows = splits.val[splits.text_column].tolist(), splits.test[splits.text_column].tolist()
+        names = None
+    else:
+        names = list(family.features)
+        fit_rows, test_rows = splits.val[names].to_numpy(np.float64), splits.test[names].to_numpy(np.float64)
+
+    def predictions(rows: Any) -> np.ndarray:
+        as_inputs = rows if names is None else [dict(zip(names, r, strict=True)) for r in rows.tolist()]
+        return predicted_classes(family, as_inputs)
+
+    return surrogate.fit(
+        fit_rows, predictions(fit_rows), test_rows, predictions(test_rows), family.labels, cfg.surrogate_leaves,
+        cfg.seed, names,
+    )  # fmt: skip
+
+
+def tokens_page(records: list[dict[str, Any]], methods: list[str]) -> str:
+    """A standalone page of every input's tokens coloured by each method."""
+    body = "".join(token_rows(record, methods) for record in records)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>token attributions</title><style>"
+        + TOKEN_CSS
+        + "</style></head><body><h1>Token attributions</h1>"
+        + body
+        + "</body></html>"
+    )
+
+
+TOKEN_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+    ".tok{border-radius:3px;padding:0 1px}"
+    ".attr{margin:0 0 1.2em 0}.attr dt{font-weight:600}.attr dd{margin:0 0 .3em 1em;font-family:monospace}"
+)
+
+
+def token_rows(record: dict[str, Any], methods: list[str]) -> str:
+    import html
+
+    text, spans = record["input"], record["spans"]
+    gaps = [text[(spans[i - 1][1] if i else 0) : start] for i, (start, _) in enumerate(spans)]
+    label = f"label {html.escape(str(record['label']))}, " if record["label"] is not None else ""
+    head = f"{label}predicted {html.escape(record['predicted'])} ({record['probability']:.2f})"
+    rows = "".join(
+        f"<dd><b>{method}</b> {pictures.coloured_tokens(record['units'], gaps, record['attributions'][method])}</dd>"
+        for method in methods
+        if method in record["attributions"]
+    )
+    return f"<dl class='attr'><dt>{head}</dt>{rows}</dl>"

@@ -139,7 +139,7 @@ def explain(
     console: Console | None = None,
 ) -> ExplainResult:
     """Explanations of the run's trained model as its recipe's ``explain`` section (with ``overrides``,
-    e.g. ``explain.methods=[ig]``) asks: of the first ``explain.n`` test rows, or of ``inputs`` (texts,
+    e.g. ``explain.methods=[ig]``) asks: of ``explain.n`` test rows, or of ``inputs`` (texts,
     dicts of feature values, or the Path of a .txt, .csv or .jsonl file of them). Each method is
     scored by the deletion test; the results land in ``run_dir/explain`` (``summary.json``,
     ``attributions.json``, pictures)."""

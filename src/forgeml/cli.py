@@ -474,7 +474,7 @@ def explain(
         Path | None,
         typer.Option("--inputs", help="a file of inputs: .txt (a text a line), .csv or .jsonl (columns as trained)"),
     ] = None,
-    n: Annotated[int | None, typer.Option("--n", min=1, help="test rows to explain (explain.n)")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="test rows to explain, sampled (explain.n)")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Explain RUN_DIR's trained classifier and score each method's faithfulness by the deletion test.

@@ -438,7 +438,7 @@ class ExplainConfig(Section):
         description="ig (integrated gradients), lime, shap (tables), attention (text: maps and rollout); "
         "all: every method the model's inputs allow; empty: the stage does not run in `forgeml run`",
     )
-    n: PositiveInt = Field(20, description="test rows explained: the first N")
+    n: PositiveInt = Field(20, description="test rows explained: a sample of N drawn with explain.seed")
     ig_steps: PositiveInt = Field(50, description="integrated gradients: steps from the baseline to the input")
     lime_samples: Annotated[int, Field(ge=10)] = Field(500, description="LIME: perturbed inputs per explanation")
     shap_evals: PositiveInt = Field(500, description="SHAP: model evaluations per row (permutation explainer)")

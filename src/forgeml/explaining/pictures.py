@@ -56,7 +56,7 @@ def attention_grid(maps: np.ndarray, tokens: Sequence[str]) -> bytes:
 
 def rollout_map(rollout: np.ndarray, tokens: Sequence[str]) -> bytes:
     n = len(tokens)
-    size = min(4 + 0.18 * n, 14)
+    size = min(4 + 0.12 * n, 10)
     fig = Figure(figsize=(size, size), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(rollout, cmap="viridis")
@@ -82,8 +82,10 @@ def deletion_plot(curves: Mapping[str, np.ndarray]) -> bytes:
     return _png(fig)
 
 
-def shap_plots(values: np.ndarray, rows: np.ndarray, base: np.ndarray, features: list[str]) -> dict[str, bytes]:
-    """SHAP's bar (mean |value|) and beeswarm plots of the explained rows, each for its predicted class."""
+def shap_plots(
+    values: np.ndarray, rows: np.ndarray, base: np.ndarray, features: list[str], label: str
+) -> dict[str, bytes]:
+    """SHAP's bar (mean |value|) and beeswarm plots of the explained rows' values for one class."""
     import matplotlib.pyplot as plt
     import shap
 
@@ -92,6 +94,40 @@ def shap_plots(values: np.ndarray, rows: np.ndarray, base: np.ndarray, features:
     for name, draw in (("shap_bar.png", shap.plots.bar), ("shap_beeswarm.png", shap.plots.beeswarm)):
         draw(explanation, max_display=15, show=False)
         figure = plt.gcf()
+        figure.suptitle(f"SHAP values for the probability of {label}")
         out[name] = _png(figure)
         plt.close(figure)
     return out
+
+
+def tokens_page(records: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> str:
+    """A standalone page of every input's tokens coloured by each method."""
+    body = "".join(token_rows(record, methods) for record in records)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>token attributions</title><style>"
+        + "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+        + TOKEN_CSS
+        + "</style></head><body><h1>Token attributions</h1>"
+        + body
+        + "</body></html>"
+    )
+
+
+TOKEN_CSS = (
+    ".tok{border-radius:3px;padding:0 1px}"
+    ".attr{margin:0 0 1.2em 0}.attr dt{font-weight:600}.attr dd{margin:0 0 .3em 1em;font-family:monospace}"
+)
+
+
+def token_rows(record: Mapping[str, Any], methods: Sequence[str]) -> str:
+    """One input: its label and prediction, then its tokens coloured by each method."""
+    text, spans = record["input"], record["spans"]
+    gaps = [text[(spans[i - 1][1] if i else 0) : start] for i, (start, _) in enumerate(spans)]
+    label = f"label {html.escape(str(record['label']))}, " if record["label"] is not None else ""
+    head = f"{label}predicted {html.escape(record['predicted'])} ({record['probability']:.2f})"
+    rows = "".join(
+        f"<dd><b>{method}</b> {coloured_tokens(record['units'], gaps, record['attributions'][method])}</dd>"
+        for method in methods
+        if method in record["attributions"]
+    )
+    return f"<dl class='attr'><dt>{head}</dt>{rows}</dl>"

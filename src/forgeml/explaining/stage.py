@@ -117,7 +117,7 @@ def _is_number(value: Any) -> bool:
 def explain(
     recipe: Recipe, run: RunDir, console: Console | None = None, inputs: list[Any] | Path | None = None
 ) -> ExplainResult:
-    """Explain the first ``explain.n`` test rows of ``run``'s trained model, or ``inputs`` when given:
+    """Explain ``explain.n`` sampled test rows of ``run``'s trained model, or ``inputs`` when given:
     texts or feature dicts, or a file of them (see ``read_inputs``)."""
     cfg = recipe.explain
     console = console or Console(stderr=True)
@@ -137,11 +137,13 @@ def explain(
     if isinstance(inputs, Path):
         inputs = read_inputs(inputs, family, splits.text_column)
     given = inputs is not None
-    labels = [None] * len(inputs) if inputs is not None else splits.test[splits.label_column].head(cfg.n).tolist()
-    if inputs is None:
+    if inputs is None:  # a seeded sample: the split may be ordered by class
+        sample = splits.test.sample(n=min(cfg.n, len(splits.test)), random_state=cfg.seed)
         column = splits.text_column if family.inputs == "text" else None
-        head = splits.test.head(cfg.n)
-        inputs = head[column].tolist() if column else head[list(family.features)].to_dict("records")
+        inputs = sample[column].tolist() if column else sample[list(family.features)].to_dict("records")
+        labels = sample[splits.label_column].tolist()
+    else:
+        labels = [None] * len(inputs)
     if not inputs:
         raise ForgeError("nothing to explain: the test split is empty; raise prepare.test_fraction or give --inputs")
     folder = run.stage_dir("explain")
@@ -172,7 +174,7 @@ def explain(
     write_json(folder / "attributions.json", outcome.records)
     summary = {
         "model": family.name,
-        "inputs": "given" if given else f"the first {len(inputs)} test rows",
+        "inputs": "given" if given else f"test rows sampled with seed {cfg.seed}",
         "n": len(inputs),
         "methods": summary_methods,
         "deletion": {
@@ -186,7 +188,7 @@ def explain(
     }
     write_json(folder / "summary.json", summary)
     if family.inputs == "text":
-        (folder / "tokens.html").write_text(tokens_page(outcome.records, methods))
+        (folder / "tokens.html").write_text(pictures.tokens_page(outcome.records, methods))
     return ExplainResult(folder, len(inputs), summary_methods, tree["fidelity"] if tree else None)
 
 
@@ -280,10 +282,13 @@ def table_explanations(
     images: dict[str, bytes] = {}
     if "shap" in methods:
         with clock.time("shap"):
-            shap_values, base = explainer.shap(rows, [item.target for item in items], cfg.shap_evals)
+            values, base = explainer.shap(rows, cfg.shap_evals)
+        targets = [item.target for item in items]
+        shap_values = values[np.arange(len(rows)), :, targets]  # each row's, for its predicted class
         mean_abs = np.abs(shap_values).mean(0)
         importance = {features[i]: float(mean_abs[i]) for i in np.argsort(-mean_abs)}
-        images.update(pictures.shap_plots(shap_values, rows, base, features))
+        shown = int(np.bincount(targets).argmax())  # the plots show the class predicted most often
+        images.update(pictures.shap_plots(values[:, :, shown], rows, base[:, shown], features, family.labels[shown]))
     records, deletions, deltas = [], [], []
     for index, (item, label) in enumerate(zip(items, labels, strict=True)):
         scores: dict[str, np.ndarray] = {}
@@ -296,7 +301,7 @@ def table_explanations(
         }
         if "shap" in methods:
             scores["shap"] = shap_values[index]
-            record["shap_base"] = float(base[index])
+            record["shap_base"] = float(base[index, item.target])
         if "lime" in methods:
             with clock.time("lime"):
                 scores["lime"], record["lime_rules"] = explainer.lime(item, cfg.lime_samples, family.labels)
@@ -336,37 +341,3 @@ def fit_surrogate(family: ModelFamily, splits: Splits, cfg: ExplainConfig) -> di
         fit_rows, predictions(fit_rows), test_rows, predictions(test_rows), family.labels, cfg.surrogate_leaves,
         cfg.seed, names,
     )  # fmt: skip
-
-
-def tokens_page(records: list[dict[str, Any]], methods: list[str]) -> str:
-    """A standalone page of every input's tokens coloured by each method."""
-    body = "".join(token_rows(record, methods) for record in records)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>token attributions</title><style>"
-        + TOKEN_CSS
-        + "</style></head><body><h1>Token attributions</h1>"
-        + body
-        + "</body></html>"
-    )
-
-
-TOKEN_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
-    ".tok{border-radius:3px;padding:0 1px}"
-    ".attr{margin:0 0 1.2em 0}.attr dt{font-weight:600}.attr dd{margin:0 0 .3em 1em;font-family:monospace}"
-)
-
-
-def token_rows(record: dict[str, Any], methods: list[str]) -> str:
-    import html
-
-    text, spans = record["input"], record["spans"]
-    gaps = [text[(spans[i - 1][1] if i else 0) : start] for i, (start, _) in enumerate(spans)]
-    label = f"label {html.escape(str(record['label']))}, " if record["label"] is not None else ""
-    head = f"{label}predicted {html.escape(record['predicted'])} ({record['probability']:.2f})"
-    rows = "".join(
-        f"<dd><b>{method}</b> {pictures.coloured_tokens(record['units'], gaps, record['attributions'][method])}</dd>"
-        for method in methods
-        if method in record["attributions"]
-    )
-    return f"<dl class='attr'><dt>{head}</dt>{rows}</dl>"

@@ -60,17 +60,16 @@ class TableExplainer:
 
         return score
 
-    def shap(self, rows: np.ndarray, targets: list[int], max_evals: int) -> tuple[np.ndarray, np.ndarray]:
-        """SHAP values of each row for its predicted class (rows x features), and the expected
-        probability of that class over the background."""
+    def shap(self, rows: np.ndarray, max_evals: int) -> tuple[np.ndarray, np.ndarray]:
+        """SHAP values (rows x features x classes) and each class's expected probability over the
+        background (rows x classes)."""
         import shap
 
         explainer = shap.PermutationExplainer(
             self.predict, shap.maskers.Independent(self.background), feature_names=self.features, seed=self.seed
         )
         explanation = explainer(rows, max_evals=max(max_evals, 2 * len(self.features) + 1), silent=True)
-        index = np.arange(len(rows))
-        return explanation.values[index, :, targets], explanation.base_values[index, targets]
+        return explanation.values, explanation.base_values
 
     def lime(self, item: TableInput, samples: int, labels: list[str]) -> tuple[np.ndarray, list[tuple[str, float]]]:
         """LIME's weights for the predicted class, one per feature, and its rules as it words them

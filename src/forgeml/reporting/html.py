@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from forgeml.errors import RunDirError
+from forgeml.explaining.pictures import TOKEN_CSS, token_rows
 from forgeml.reporting import plots
 from forgeml.reporting.diagnosis import diagnose
 from forgeml.rundir import atomic_write
@@ -51,6 +52,10 @@ class Run:
     tuning_plots: Mapping[str, bytes] = field(default_factory=dict)  # the tune stage's PNGs by name
     variants: list[Mapping[str, Any]] | None = None  # compress/variants.json
     pareto_png: bytes | None = None  # compress/pareto.png
+    explanation: Mapping[str, Any] | None = None  # explain/summary.json
+    attributions: list[Mapping[str, Any]] | None = None  # explain/attributions.json
+    explain_pictures: Mapping[str, bytes] = field(default_factory=dict)  # the explain stage's PNGs by name
+    benchmarks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # benchmarks/<name>.json
 
 
 Builder = Callable[[Run], str | None]
@@ -102,6 +107,14 @@ def load_run(run_dir: Path) -> Run:
         tuning_plots={png.stem: png.read_bytes() for png in sorted((run_dir / "tune").glob("*.png"))},
         variants=_list_or_none(_read_json(run_dir / "compress" / "variants.json")),
         pareto_png=_bytes_or_none(run_dir / "compress" / "pareto.png"),
+        explanation=_dict_or_none(_read_json(run_dir / "explain" / "summary.json")),
+        attributions=_list_or_none(_read_json(run_dir / "explain" / "attributions.json")),
+        explain_pictures={png.name: png.read_bytes() for png in sorted((run_dir / "explain").glob("*.png"))},
+        benchmarks={
+            path.stem: line
+            for path in sorted((run_dir / "benchmarks").glob("*.json"))
+            if (line := _dict_or_none(_read_json(path))) is not None
+        },
     )
 
 
@@ -421,6 +434,111 @@ def _diagnosis(run: Run) -> str:
     return _section("Diagnosis", f"<ul>{items}</ul>")
 
 
+EXPLAIN_PICTURES = {
+    "deletion.png": "the deletion test: mean drop of the predicted class's probability as the most attributed "
+    "units go, for each method and at random",
+    "shap_bar.png": "SHAP: mean |value| per feature",
+    "shap_beeswarm.png": "SHAP: every explained row's value per feature, coloured by the feature's value",
+    "attention.png": "attention of every layer and head, first explained input",
+    "rollout.png": "attention rollout, first explained input",
+}
+SHOWN_INPUTS = 5  # inputs whose coloured tokens or LIME rules the report shows
+SHOWN_RULES = 10
+
+
+def _explanations(run: Run) -> str:
+    summary = run.explanation
+    if summary is None:
+        return _absent("Explanations", run, "explain")
+    methods = _dict_or_none(summary.get("methods")) or {}
+    deletion = _dict_or_none(summary.get("deletion")) or {}
+    parts = [
+        f"<p>{escape(str(summary.get('n')))} inputs ({escape(str(summary.get('inputs')))}) explained by "
+        f"{escape(', '.join(methods) or 'no method')}. Faithfulness: the deletion test removes each input's "
+        f"1 to {escape(str(deletion.get('steps')))} most attributed units ({escape(str(deletion.get('baseline')))}) "
+        "and measures the drop in the predicted class's probability; AOPC is the mean drop, against the same "
+        f"for {escape(str(deletion.get('random_orders')))} random orders. Files: <code>explain/</code>.</p>"
+    ]
+    rows = []
+    for name, m in methods.items():
+        m = _dict_or_none(m) or {}
+        aopc, random = m.get("aopc"), m.get("random_aopc")
+        ratio = aopc / random if isinstance(aopc, float) and isinstance(random, float) and random > 0 else None
+        rows.append([name, aopc, random, ratio, m.get("n"), m.get("seconds_per_input"), m.get("mean_abs_delta")])
+    if rows:
+        header = ["method", "AOPC", "random AOPC", "ratio", "n", "s / input", "IG convergence |delta|"]
+        parts.append(_table(header, rows))
+    parts += [
+        _img(run.explain_pictures[n], alt)
+        for n, alt in EXPLAIN_PICTURES.items()
+        if n == "deletion.png" and n in run.explain_pictures
+    ]
+    records = [r for r in run.attributions or [] if isinstance(r.get("input"), str) and "spans" in r]
+    if records:
+        parts.append(
+            f"<h3>Tokens by attribution (green: for the predicted class, red: against; first {SHOWN_INPUTS})</h3>"
+        )
+        parts += [token_rows(record, list(methods)) for record in records[:SHOWN_INPUTS]]
+    importance = _dict_or_none(summary.get("global_importance")) or {}
+    if importance:
+        parts.append("<h3>Global importance (mean |SHAP value| for the predicted class)</h3>")
+        parts.append(_table(["feature", "mean |SHAP|"], list(importance.items())[:SHOWN_RULES]))
+    parts += [
+        _img(run.explain_pictures[n], alt)
+        for n, alt in EXPLAIN_PICTURES.items()
+        if n != "deletion.png" and n in run.explain_pictures
+    ]
+    lime_rules = [r for r in run.attributions or [] if r.get("lime_rules")][:1]
+    for record in lime_rules:
+        parts.append(f"<h3>LIME for the first input (predicted {escape(str(record.get('predicted')))})</h3>")
+        parts.append(_table(["condition", "weight"], record["lime_rules"][:SHOWN_RULES]))
+    tree = _dict_or_none(summary.get("surrogate"))
+    if tree:
+        parts.append(
+            f"<h3>Surrogate tree</h3><p>A decision tree of {tree.get('leaves')} leaves (depth {tree.get('depth')}) "
+            f"fitted to the model's predictions on {tree.get('rows')} validation rows agrees with the model on "
+            f"{_fmt(tree.get('fidelity'))} of {tree.get('fidelity_rows')} test rows (fidelity). Its rules, the most "
+            "used first:</p>"
+        )
+        rules = [
+            [
+                " and ".join(rule.get("conditions") or []) or "(every row)",
+                rule.get("predicts"),
+                rule.get("rows"),
+                rule.get("purity"),
+            ]
+            for rule in (tree.get("rules") or [])[:SHOWN_RULES]
+        ]
+        parts.append(_table(["if", "then", "rows", "share the model gives that class"], rules))
+    return _section("Explanations", "\n".join(parts))
+
+
+def _flatten(line: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in line.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _flatten(value, f"{name}.")
+        else:
+            out.append(
+                (name, value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value))
+            )
+    return out
+
+
+def _benchmarks(run: Run) -> str:
+    if not run.benchmarks:
+        return _section(
+            "Benchmarks",
+            _note("No benchmark recorded its figures in this run; benchmarks/*.py --record RUN_DIR does."),
+        )
+    parts = []
+    for name, line in run.benchmarks.items():
+        parts.append(f"<h3>{escape(name)}</h3>")
+        parts.append(_table(["figure", "value"], [(k, v) for k, v in _flatten(line) if k != "benchmark"]))
+    return _section("Benchmarks", "\n".join(parts))
+
+
 SECTIONS: list[Builder] = [
     _header,
     _diagnosis,
@@ -431,7 +549,8 @@ SECTIONS: list[Builder] = [
     _evaluation,
     _tuning,
     _compression,
-    placeholder("Explanations"),
+    _explanations,
+    _benchmarks,
 ]
 
 
@@ -442,7 +561,7 @@ def render(run: Run, sections: Sequence[Builder] = SECTIONS) -> str:
     body = "\n".join(fragment for build in sections if (fragment := build(run)) is not None)
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{escape(run.name)} · forgeml report</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<title>{escape(run.name)} · forgeml report</title>\n<style>{_CSS}{TOKEN_CSS}</style>\n</head>\n"
         f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n"
     )
 

@@ -20,7 +20,6 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -28,6 +27,7 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 from scipy.sparse import csr_matrix, triu
 
+from figures import emit, record_option
 from forgeml.data.dedup import near_duplicates
 
 VOCABULARY = 4000
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--ngram", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    record_option(parser)
     args = parser.parse_args()
     docs, source = make_corpus(args.docs, args.seed)
     processes = os.cpu_count() or 1
@@ -172,28 +173,27 @@ def main() -> None:
     precision, recall = precision_recall(ours_in_sample, truth)
     ds_precision, ds_recall = precision_recall(theirs_in_sample, truth)
 
-    print(
-        json.dumps(
-            {
-                "benchmark": "audit_dedup",
-                "docs": len(docs),
-                "num_perm": args.num_perm,
-                "threshold": args.threshold,
-                "ngram": args.ngram,
-                "processes": processes,
-                "ours_s": round(ours_s, 3),
-                "ours_docs_per_s": round(len(docs) / ours_s),
-                "datasketch_s": round(theirs_s, 3),
-                "datasketch_docs_per_s": round(len(docs) / theirs_s),
-                "speedup": round(theirs_s / ours_s, 2),
-                "precision": round(precision, 4),
-                "recall": round(recall, 4),
-                "datasketch_precision": round(ds_precision, 4),
-                "datasketch_recall": round(ds_recall, 4),
-                "sample": len(sample),
-                "sample_true_pairs": len(truth),
-            }
-        )
+    emit(
+        {
+            "benchmark": "audit_dedup",
+            "docs": len(docs),
+            "num_perm": args.num_perm,
+            "threshold": args.threshold,
+            "ngram": args.ngram,
+            "processes": processes,
+            "ours_s": round(ours_s, 3),
+            "ours_docs_per_s": round(len(docs) / ours_s),
+            "datasketch_s": round(theirs_s, 3),
+            "datasketch_docs_per_s": round(len(docs) / theirs_s),
+            "speedup": round(theirs_s / ours_s, 2),
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "datasketch_precision": round(ds_precision, 4),
+            "datasketch_recall": round(ds_recall, 4),
+            "sample": len(sample),
+            "sample_true_pairs": len(truth),
+        },
+        args.record,
     )
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 import forgeml
+from figures import emit, record_option
 
 
 def main() -> None:
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-compress"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default="distill,quantize,onnx,prune")
+    record_option(parser, default="--run-dir")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -67,23 +68,22 @@ def main() -> None:
         goals["distilled beats student-alone on F1"] = rows["distilled"]["macro_f1"] > rows["student-alone"]["macro_f1"]
     keep = ("accuracy", "macro_f1", "size_bytes", "p50_ms", "p99_ms", "throughput_batch32", "max_abs_diff",
             "label_agreement", "pareto", "recommended")  # fmt: skip
-    print(
-        json.dumps(
-            {
-                "benchmark": "compress",
-                "model": "default recipe (text-classifier, MiniLM-L6, 12 classes)",
-                "threads": args.threads,
-                "variants": {
-                    name: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k in keep}
-                    for name, row in rows.items()
-                },  # fmt: skip
-                "vs_baseline": ratios,
-                "goals": goals,
-                "recommended": result.recommended,
-                "train_s": round(train_s, 1),
-                "compress_s": round(compress_s, 1),
-            }
-        )
+    emit(
+        {
+            "benchmark": "compress",
+            "model": "default recipe (text-classifier, MiniLM-L6, 12 classes)",
+            "threads": args.threads,
+            "variants": {
+                name: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k in keep}
+                for name, row in rows.items()
+            },  # fmt: skip
+            "vs_baseline": ratios,
+            "goals": goals,
+            "recommended": result.recommended,
+            "train_s": round(train_s, 1),
+            "compress_s": round(compress_s, 1),
+        },
+        args.record or args.run_dir,
     )
 
 

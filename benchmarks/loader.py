@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from figures import emit, record_option
 from forgeml.data.shards import ShardStream, write_shards
 
 SEQ_LEN = 64
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    record_option(parser)
     args = parser.parse_args()
 
     table = make_table(args.rows)
@@ -121,19 +123,18 @@ def main() -> None:
                 rates[name].append(samples_per_s(contestants[name]))
 
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(
-        json.dumps(
-            {
-                "benchmark": "loader",
-                "rows": args.rows,
-                "shards": len(shards),
-                "ours_samples_per_s": round(median["ours"]),
-                "jsonl_samples_per_s": round(median["jsonl"]),
-                "pyarrow_samples_per_s": round(median["pyarrow"]),
-                "ratio_vs_jsonl": round(median["ours"] / median["jsonl"], 2),
-                "ratio_vs_pyarrow": round(median["ours"] / median["pyarrow"], 3),
-            }
-        )
+    emit(
+        {
+            "benchmark": "loader",
+            "rows": args.rows,
+            "shards": len(shards),
+            "ours_samples_per_s": round(median["ours"]),
+            "jsonl_samples_per_s": round(median["jsonl"]),
+            "pyarrow_samples_per_s": round(median["pyarrow"]),
+            "ratio_vs_jsonl": round(median["ours"] / median["jsonl"], 2),
+            "ratio_vs_pyarrow": round(median["ours"] / median["pyarrow"], 3),
+        },
+        args.record,
     )
 
 

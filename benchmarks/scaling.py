@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import forgeml
+from figures import emit, record_option
 
 RECIPE = "lm"
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    record_option(parser)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < args.nproc:
@@ -119,20 +121,19 @@ def main() -> None:
         }
         if name in ("ddp", "fsdp"):  # data parallel: each rank does the independent process's work
             figures[name]["comm_share"] = round(max(0.0, 1 - compute_step_s / step_s), 3)
-    print(
-        json.dumps(
-            {
-                "benchmark": "scaling",
-                "device": torch.cuda.get_device_name() if cuda else f"cpu x{cores}",
-                "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{block} (lm recipe)",
-                "precision": args.precision,
-                "steps": args.steps,
-                "global_batch": global_batch,
-                "nproc": args.nproc,
-                "compute_only_step_ms": round(compute_step_s * 1e3, 1),
-                **figures,
-            }
-        )
+    emit(
+        {
+            "benchmark": "scaling",
+            "device": torch.cuda.get_device_name() if cuda else f"cpu x{cores}",
+            "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{block} (lm recipe)",
+            "precision": args.precision,
+            "steps": args.steps,
+            "global_batch": global_batch,
+            "nproc": args.nproc,
+            "compute_only_step_ms": round(compute_step_s * 1e3, 1),
+            **figures,
+        },
+        args.record,
     )
 
 

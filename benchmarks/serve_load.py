@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 
 import forgeml
+from figures import emit, record_option
 from forgeml.data.prepare import load_splits
 from forgeml.rundir import RunDir
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", default="trained")
+    record_option(parser, default="--run-dir")
     args = parser.parse_args()
 
     forgeml.train("default", args.run_dir)  # skipped when the run already holds this training
@@ -165,7 +167,7 @@ def main() -> None:
         "overload: /readyz within 1 s": over["readyz_status"] == 200 and over["readyz_after_s"] <= 1,
     }
     line = {"benchmark": "serve_load", "variant": args.variant, "threads": args.threads, "seconds": args.seconds}
-    print(json.dumps({**line, **results, "ratios": ratios, "goals": goals}))
+    emit({**line, **results, "ratios": ratios, "goals": goals}, args.record or args.run_dir)
 
 
 def test_texts(run_dir: Path) -> list[str]:

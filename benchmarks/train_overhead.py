@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import statistics
 import tempfile
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 import forgeml
+from figures import emit, record_option
 from forgeml.data.prepare import ENCODER_DIR, read_manifest, shard_location
 from forgeml.models import MODELS
 from forgeml.rundir import RunDir
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup-steps", type=int, default=3, help="first steps of each run left out of the medians")
     parser.add_argument("--allocator", choices=["keep", "default"], default="keep")
+    record_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
@@ -146,28 +147,27 @@ def main() -> None:
     tokens_per_step = cfg.global_batch_size * recipe.model.block_size
     flops_per_token = family.flops_per_token()
     tokens_per_s = tokens_per_step / ours
-    print(
-        json.dumps(
-            {
-                "benchmark": "train_overhead",
-                "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{recipe.model.block_size}",
-                "precision": args.precision,
-                "threads": args.threads,
-                "allocator": args.allocator,
-                "steps_per_run": args.steps,
-                "rounds": args.rounds,
-                "global_batch": cfg.global_batch_size,
-                "forgeml_step_ms": round(ours * 1e3, 2),
-                "baseline_step_ms": round(hand * 1e3, 2),
-                "step_time_ratio": round(ours / hand, 4),
-                "max_abs_weight_diff": max_diff,
-                "tokens_per_s": round(tokens_per_s, 1),
-                "baseline_tokens_per_s": round(tokens_per_step / hand, 1),
-                "flops_per_token": flops_per_token,
-                "matmul_peak_gflops": round(peak / 1e9, 1),
-                "mfu": round(flops_per_token * tokens_per_s / peak, 4),
-            }
-        )
+    emit(
+        {
+            "benchmark": "train_overhead",
+            "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{recipe.model.block_size}",
+            "precision": args.precision,
+            "threads": args.threads,
+            "allocator": args.allocator,
+            "steps_per_run": args.steps,
+            "rounds": args.rounds,
+            "global_batch": cfg.global_batch_size,
+            "forgeml_step_ms": round(ours * 1e3, 2),
+            "baseline_step_ms": round(hand * 1e3, 2),
+            "step_time_ratio": round(ours / hand, 4),
+            "max_abs_weight_diff": max_diff,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "baseline_tokens_per_s": round(tokens_per_step / hand, 1),
+            "flops_per_token": flops_per_token,
+            "matmul_peak_gflops": round(peak / 1e9, 1),
+            "mfu": round(flops_per_token * tokens_per_s / peak, 4),
+        },
+        args.record,
     )
 
 

@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 import forgeml
+from figures import emit, record_option
 
 
 def trial_epochs(trial_dir: Path) -> float:
@@ -97,6 +98,7 @@ def main() -> None:
         "--patience", type=int, default=3, help="train.early_stopping.patience (best weights restored); 0: none"
     )
     parser.add_argument("--keep", type=Path, help="run directory to keep (default: a temporary one)")
+    record_option(parser)
     args = parser.parse_args()
 
     recipe = "tune"
@@ -170,29 +172,28 @@ def main() -> None:
 
     random_median = statistics.median(s["random_epochs"] for s in per_seed)
     tpe_median = statistics.median(s["tpe_hb_epochs"] for s in per_seed)
-    print(
-        json.dumps(
-            {
-                "benchmark": "tune_efficiency",
-                "recipe": f"{recipe} (mlp on {args.source}), {args.epochs} epochs a trial, one evaluation an epoch",
-                "early_stopping_patience": args.patience,
-                "metric": f"val {metric}",
-                "seeds": args.seeds,
-                "random_budget": args.budget,
-                "tpe_hb_cap": args.cap,
-                "startup_trials": args.startup_trials,
-                "hyperband": f"min_evals {args.min_evals}, reduction {args.reduction}",
-                "per_seed": per_seed,
-                "median_random_epochs": random_median,
-                "median_tpe_hb_epochs": tpe_median,
-                "epoch_ratio": round(tpe_median / random_median, 3),
-                "tpe_hb_reached": sum(s["tpe_hb_reached"] for s in per_seed),
-                "median_random_trial_s": round(statistics.median(s["random_trial_s"] for s in per_seed), 1),
-                "median_tpe_hb_trial_s": round(statistics.median(s["tpe_hb_trial_s"] for s in per_seed), 1),
-                "prepare_s": round(prepare_s, 1),
-                "total_wall_s": round(total_s, 1),
-            }
-        )
+    emit(
+        {
+            "benchmark": "tune_efficiency",
+            "recipe": f"{recipe} (mlp on {args.source}), {args.epochs} epochs a trial, one evaluation an epoch",
+            "early_stopping_patience": args.patience,
+            "metric": f"val {metric}",
+            "seeds": args.seeds,
+            "random_budget": args.budget,
+            "tpe_hb_cap": args.cap,
+            "startup_trials": args.startup_trials,
+            "hyperband": f"min_evals {args.min_evals}, reduction {args.reduction}",
+            "per_seed": per_seed,
+            "median_random_epochs": random_median,
+            "median_tpe_hb_epochs": tpe_median,
+            "epoch_ratio": round(tpe_median / random_median, 3),
+            "tpe_hb_reached": sum(s["tpe_hb_reached"] for s in per_seed),
+            "median_random_trial_s": round(statistics.median(s["random_trial_s"] for s in per_seed), 1),
+            "median_tpe_hb_trial_s": round(statistics.median(s["tpe_hb_trial_s"] for s in per_seed), 1),
+            "prepare_s": round(prepare_s, 1),
+            "total_wall_s": round(total_s, 1),
+        },
+        args.record,
     )
 
 

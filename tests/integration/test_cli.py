@@ -24,6 +24,9 @@ TINY_DEFAULT = [
     "--set", "compress.latency_runs=10",
     "--set", "compress.throughput_batches=1",
     "--set", "compress.calibration_rows=16",
+    "--set", "explain.n=3",
+    "--set", "explain.lime_samples=40",
+    "--set", "explain.ig_steps=8",
 ]  # fmt: skip
 
 
@@ -61,7 +64,10 @@ def test_default_recipe_runs_end_to_end(default_run):
     assert "accuracy" in result.stdout and "macro-f1" in result.stdout
     assert (run / "report.html").exists() and "report.html" in result.stdout
     stages = json.loads((run / "run.json").read_text())["stages"]
-    assert [stages[s]["status"] for s in ("audit", "prepare", "train", "compress", "report")] == ["done"] * 5
+    done = ("audit", "prepare", "train", "compress", "explain", "report")
+    assert [stages[s]["status"] for s in done] == ["done"] * len(done)
+    explained = json.loads((run / "explain" / "summary.json").read_text())
+    assert set(explained["methods"]) == {"ig", "lime", "attention"} and explained["n"] == 3
     variants = json.loads((run / "compress" / "variants.json").read_text())
     assert [v["name"] for v in variants] == [
         "baseline",
@@ -91,7 +97,7 @@ def test_rerun_skips_up_to_date_stages(default_run):
     before = (cwd / "runs/default/train/model/model.safetensors").stat().st_mtime_ns
     result = forgeml("run", *TINY_DEFAULT, cwd=cwd)
     assert result.returncode == 0, result.stderr
-    for stage in ("audit", "prepare", "train", "report"):
+    for stage in ("audit", "prepare", "train", "explain", "report"):
         assert f"{stage}: up to date, skipped" in result.stderr
     assert (cwd / "runs/default/train/model/model.safetensors").stat().st_mtime_ns == before
 

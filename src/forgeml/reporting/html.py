@@ -535,7 +535,8 @@ def _benchmarks(run: Run) -> str:
     parts = []
     for name, line in run.benchmarks.items():
         parts.append(f"<h3>{escape(name)}</h3>")
-        parts.append(_table(["figure", "value"], [(k, v) for k, v in _flatten(line) if k != "benchmark"]))
+        rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in _flatten(line) if k != "benchmark"]
+        parts.append(_table(["figure", "value"], rows))
     return _section("Benchmarks", "\n".join(parts))
 
 

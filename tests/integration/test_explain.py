@@ -135,7 +135,7 @@ def test_a_bad_feature_file_names_row_and_column(table_run, tmp_path):
     good = dict.fromkeys(model.features, 1.0)
     rows.write_text(json.dumps(good) + "\n" + json.dumps({**good, "mean radius": "big"}) + "\n")
     result = forgeml_cli("explain", str(table_run), "--inputs", str(rows))
-    assert result.returncode == 2 and "row 2, column mean radius: 'big' is not a number" in result.stderr
+    assert result.returncode == 2 and "row 2, column mean radius: 'big' is not a finite number" in result.stderr
     rows.write_text(json.dumps({"mean radius": 1.0}) + "\n")
     result = forgeml_cli("explain", str(table_run), "--inputs", str(rows))
     assert result.returncode == 2 and "row 1: no column mean texture" in result.stderr

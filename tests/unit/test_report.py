@@ -249,3 +249,60 @@ def test_audit_section_and_prepare_notes(tmp_path: Path) -> None:
     assert "x (3)" in audit and "k" in audit
     assert "label issues: examples" in audit and "&lt;b&gt;odd&lt;/b&gt;" in audit
     assert "<li>removed 1 near duplicates</li>" in text
+
+
+SECTION_IDS = (
+    "diagnosis", "recipe", "data-audit", "data", "training", "evaluation", "tuning", "compression", "explanations",
+    "benchmarks",
+)  # fmt: skip
+
+
+def test_every_section_renders_with_or_without_its_stage(classification_run: Path) -> None:
+    text, _ = _parse(write_report(classification_run))
+    assert re.findall(r'<section id="([a-z-]+)">', text) == list(SECTION_IDS)
+    assert "No benchmark recorded its figures in this run" in text
+
+
+def test_explanations_and_benchmarks(classification_run: Path) -> None:
+    png = plots.class_counts({"a": 1, "b": 2})
+    text_input = "Open <b>it</b>"
+    record = {
+        "input": text_input,
+        "label": "positive",
+        "predicted": "negative",
+        "probability": 0.9,
+        "units": ["open", "<b>", "it"],
+        "spans": [[0, 4], [5, 8], [8, 10]],
+        "attributions": {"ig": [0.5, -0.2, 0.1], "lime": [0.3, 0.0, -0.1]},
+    }
+    _write(classification_run / "explain" / "attributions.json", [record])
+    summary = {
+        "model": "text-classifier",
+        "inputs": "test rows sampled with seed 0",
+        "n": 1,
+        "methods": {
+            "ig": {"aopc": 0.4, "random_aopc": 0.1, "n": 1, "seconds_per_input": 0.3, "mean_abs_delta": 0.01},
+            "lime": {"aopc": 0.3, "random_aopc": 0.1, "n": 1, "seconds_per_input": 1.2},
+        },
+        "deletion": {"steps": 10, "random_orders": 5, "baseline": "the padding token in the token's place"},
+        "surrogate": {
+            "leaves": 2,
+            "depth": 1,
+            "rows": 12,
+            "fidelity": 0.83,
+            "fidelity_rows": 12,
+            "rules": [{"conditions": ["has 'open'"], "predicts": "negative", "rows": 7, "purity": 0.9}],
+        },  # fmt: skip
+        "pictures": ["deletion.png", "attention.png"],
+    }
+    _write(classification_run / "explain" / "summary.json", summary)
+    for name in summary["pictures"]:
+        (classification_run / "explain" / name).write_bytes(png)
+    _write(classification_run / "benchmarks" / "explain.json", {"benchmark": "explain", "text": {"ig": {"ratio": 2.5}}})
+    text, collector = _parse(write_report(classification_run))
+    _check_self_contained(text, collector)
+    section = text[text.index('<section id="explanations">') : text.index('<section id="benchmarks">')]
+    assert section.count("<img") == 2 and "4.0000" in section  # IG's AOPC / random
+    assert section.count('class="tok"') == 6 and "&lt;b&gt;" in section and "<b>it" not in section
+    assert "has &#x27;open&#x27;" in section and "0.8300" in section
+    assert "<td>text.ig.ratio</td><td>2.5</td>" in text

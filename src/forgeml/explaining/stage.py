@@ -8,7 +8,9 @@ Writes ``explain/summary.json`` (per method: AOPC, random AOPC, n), ``explain/at
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from forgeml.errors import ForgeError, RunDirError
 from forgeml.explaining import faithfulness, pictures, surrogate
 from forgeml.models.registry import META_FILE, ModelFamily, Splits, load_family
 from forgeml.recipe import ExplainConfig, Recipe
-from forgeml.rundir import RunDir, write_json
+from forgeml.rundir import RunDir, atomic_write, write_json
 
 METHODS = {"text": ("ig", "lime", "attention"), "features": ("shap", "lime", "ig")}
 BASELINE = {"text": "the padding token in the token's place", "features": "the feature's training mean"}
@@ -64,26 +66,20 @@ def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> lis
     """Texts (one a line of a .txt, or a column of a .csv / .jsonl) or feature rows (.csv / .jsonl)."""
     if not path.is_file():
         raise ForgeError(f"--inputs {path}: no such file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ForgeError(f"--inputs {path}: not UTF-8 text; give a .txt, .csv or .jsonl file") from None
     suffix = path.suffix.lower()
     if suffix == ".txt" and family.inputs == "text":
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    if suffix == ".csv":
-        with path.open(newline="") as f:
-            records = list(csv.DictReader(f))
+        records = [{"text": line} for line in content.splitlines() if line.strip()]
+        text_column = "text"
+    elif suffix == ".csv":
+        records = list(csv.DictReader(io.StringIO(content, newline="")))
     elif suffix in (".jsonl", ".json"):
-        records = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ForgeError(
-                    f"--inputs {path}, line {number}: not JSON ({exc.msg}); write one object a line"
-                ) from None
-            if not isinstance(record, dict):
-                raise ForgeError(f"--inputs {path}, line {number}: not an object; write one object a line")
-            records.append(record)
+        records = [
+            json_record(path, number, line) for number, line in enumerate(content.splitlines(), 1) if line.strip()
+        ]
     else:
         kinds = ".txt, .csv or .jsonl" if family.inputs == "text" else ".csv or .jsonl"
         raise ForgeError(f"--inputs {path}: unknown kind of file; give {kinds}")
@@ -98,20 +94,32 @@ def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> lis
         if family.inputs == "text":
             rows.append(str(record[wanted[0]]))
             continue
-        try:
-            rows.append({c: float(record[c]) for c in wanted})
-        except (TypeError, ValueError):
-            bad = next(c for c in wanted if not _is_number(record[c]))
-            raise ForgeError(f"--inputs {path}, row {number}, column {bad}: {record[bad]!r} is not a number") from None
+        bad = next((c for c in wanted if number_or_none(record[c]) is None), None)
+        if bad is not None:
+            raise ForgeError(f"--inputs {path}, row {number}, column {bad}: {record[bad]!r} is not a finite number")
+        rows.append({c: number_or_none(record[c]) for c in wanted})
     return rows
 
 
-def _is_number(value: Any) -> bool:
+def json_record(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return not isinstance(value, bool)
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ForgeError(f"--inputs {path}, line {number}: not JSON ({exc.msg}); write one object a line") from None
+    if not isinstance(record, dict):
+        raise ForgeError(f"--inputs {path}, line {number}: not an object; write one object a line")
+    return record
+
+
+def number_or_none(value: Any) -> float | None:
+    """A finite float from a number or a numeric string; None for anything else (bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def explain(
@@ -134,20 +142,8 @@ def explain(
         raise ForgeError("explain.methods is empty; name some, e.g. --method ig,lime, or all")
     methods = chosen_methods(cfg, family)
     splits = load_splits(run)
-    if isinstance(inputs, Path):
-        inputs = read_inputs(inputs, family, splits.text_column)
     given = inputs is not None
-    if inputs is None:  # a seeded sample: the split may be ordered by class
-        sample = splits.test.sample(n=min(cfg.n, len(splits.test)), random_state=cfg.seed)
-        column = splits.text_column if family.inputs == "text" else None
-        inputs = sample[column].tolist() if column else sample[list(family.features)].to_dict("records")
-        labels = sample[splits.label_column].tolist()
-    else:
-        labels = [None] * len(inputs)
-    if not inputs:
-        raise ForgeError("nothing to explain: the test split is empty; raise prepare.test_fraction or give --inputs")
-    folder = run.stage_dir("explain")
-    folder.mkdir(parents=True, exist_ok=True)
+    inputs, labels = chosen_inputs(cfg, family, splits, inputs)
     progress = Progress(
         TextColumn("[bold]explain {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console,
@@ -163,15 +159,8 @@ def explain(
         entry["seconds_per_input"] = outcome.seconds[method] / len(inputs)
     if outcome.ig_deltas:
         summary_methods["ig"]["mean_abs_delta"] = float(np.mean(outcome.ig_deltas))
-    images = outcome.images
     if outcome.deletions:
-        images["deletion.png"] = pictures.deletion_plot(faithfulness.mean_curves(outcome.deletions))
-    for stale in folder.glob("*.png"):  # pictures of an earlier call that this one does not draw
-        if stale.name not in images:
-            stale.unlink()
-    for name, png in images.items():
-        (folder / name).write_bytes(png)
-    write_json(folder / "attributions.json", outcome.records)
+        outcome.images["deletion.png"] = pictures.deletion_plot(faithfulness.mean_curves(outcome.deletions))
     summary = {
         "model": family.name,
         "inputs": "given" if given else f"test rows sampled with seed {cfg.seed}",
@@ -183,13 +172,46 @@ def explain(
             "baseline": BASELINE[family.inputs],
         },
         "surrogate": tree,
-        "pictures": sorted(images),
+        "pictures": sorted(outcome.images),
         **({"global_importance": outcome.importance} if outcome.importance else {}),
     }
-    write_json(folder / "summary.json", summary)
-    if family.inputs == "text":
-        (folder / "tokens.html").write_text(pictures.tokens_page(outcome.records, methods))
+    folder = run.stage_dir("explain")
+    write_outputs(folder, summary, outcome, methods if family.inputs == "text" else None)
     return ExplainResult(folder, len(inputs), summary_methods, tree["fidelity"] if tree else None)
+
+
+def chosen_inputs(
+    cfg: ExplainConfig, family: ModelFamily, splits: Splits, inputs: list[Any] | Path | None
+) -> tuple[list[Any], list[Any]]:
+    """The inputs to explain and their labels (None where unknown): those given, or a seeded
+    sample of the test split (which may be ordered by class)."""
+    if isinstance(inputs, Path):
+        inputs = read_inputs(inputs, family, splits.text_column)
+    if inputs is not None:
+        if not inputs:
+            raise ForgeError("nothing to explain: the inputs given hold no row")
+        return inputs, [None] * len(inputs)
+    if splits.test.empty:
+        raise ForgeError("nothing to explain: the test split is empty; raise prepare.test_fraction or give --inputs")
+    sample = splits.test.sample(n=min(cfg.n, len(splits.test)), random_state=cfg.seed)
+    if family.inputs == "text":
+        rows = sample[splits.text_column].tolist()
+    else:
+        rows = sample[list(family.features)].to_dict("records")
+    return rows, sample[splits.label_column].tolist()
+
+
+def write_outputs(folder: Path, summary: dict[str, Any], outcome: Outcome, text_methods: list[str] | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.png"):  # pictures of an earlier call that this one does not draw
+        if stale.name not in outcome.images:
+            stale.unlink()
+    for name, png in outcome.images.items():
+        atomic_write(folder / name, png)
+    if text_methods is not None:
+        atomic_write(folder / "tokens.html", pictures.tokens_page(outcome.records, text_methods))
+    write_json(folder / "attributions.json", outcome.records)
+    write_json(folder / "summary.json", summary)  # last: the report and the pipeline read it
 
 
 @dataclass

@@ -17,6 +17,7 @@ from forgeml.data.audit_stage import audit_stage, gate
 from forgeml.data.prepare import prepare
 from forgeml.data.sources import source_fingerprint
 from forgeml.errors import ForgeError
+from forgeml.models import MODELS
 from forgeml.recipe import Recipe
 from forgeml.reporting.html import write_report
 from forgeml.rundir import RunDir, sha256_file, sha256_json
@@ -91,7 +92,7 @@ STAGES = (
         ("data", "prepare", "model", "train", "explain"),
         file_hashes("train/model/forgeml.json", "data/manifest.json"),
         lambda recipe, run, console, resume, env: _explain(recipe, run, console),
-        enabled=lambda recipe: bool(recipe.explain.methods),
+        enabled=lambda recipe: bool(recipe.explain.methods) and MODELS.get(recipe.model.name).build.task != "lm",
     ),
     Stage(
         "report",

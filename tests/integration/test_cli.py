@@ -219,6 +219,7 @@ def write_recipe(folder: Path, data: dict, model: dict | None = None, **train) -
         "data": data,
         "model": model or {"name": "mlp"},
         "train": {"max_steps": 2, "global_batch_size": 4, **train},
+        "explain": {"methods": []},
     }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

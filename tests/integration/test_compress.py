@@ -29,6 +29,7 @@ TABLE = {
     "model": {"name": "mlp", "hidden_sizes": [32, 16]},
     "train": {"max_steps": 30, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
     "compress": {"methods": ["distill", "prune", "quantize", "onnx", "compile"], **QUICK},
+    "explain": {"methods": []},
 }
 TEXT = {
     "name": "tiny-text",

@@ -35,6 +35,7 @@ TABLE = {
     "model": {"name": "mlp", "hidden_sizes": [16]},
     "train": {"max_steps": 20, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
     "compress": {"methods": ["onnx"], "latency_runs": 10, "throughput_batches": 1, "calibration_rows": 16},
+    "explain": {"methods": []},
 }
 TEXT = {
     "name": "serve-text",

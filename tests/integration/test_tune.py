@@ -30,6 +30,7 @@ BASE = {
     "audit": {"enabled": False},
     "model": {"name": "mlp", "hidden_sizes": [8]},
     "train": {"max_steps": 8, "global_batch_size": 64, "eval_every": 4, "lr": 1e-2, "seed": 0},
+    "explain": {"methods": []},
     "tune": {
         "trials": 2,
         "startup_trials": 1,
@@ -230,7 +231,7 @@ def test_run_tunes_when_the_recipe_has_a_space_and_the_report_shows_it(tmp_path,
     stages = json.loads((run / "run.json").read_text())["stages"]
     assert stages["tune"]["status"] == "done" and len(rows(run)) == 2
     page = (run / "report.html").read_text()
-    tuning = page[page.index("<h2>Tuning</h2>") :]
+    tuning = page[page.index("<h2>Tuning</h2>") : page.index('<section id="compression">')]
     assert "tune/best.yaml" in tuning and "train.lr" in tuning
     assert tuning.count("data:image/png;base64,") == 3  # history, importances, parallel coordinates
     main(["run", str(path), "--run-dir", str(run)])  # up to date: no more trials

@@ -8,7 +8,7 @@ import forgeml
 from forgeml.errors import RunDirError
 from forgeml.rundir import RunDir, atomic_write, diff_keys
 
-FAST = ("train.max_steps=4", "train.max_epochs=null", "train.eval_every=2")
+FAST = ("train.max_steps=4", "train.max_epochs=null", "train.eval_every=2", "explain.n=2", "explain.shap_evals=61")
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
@@ -35,13 +35,13 @@ def test_stages_are_recorded_then_skipped_when_up_to_date(tmp_path):
     first = forgeml.run("tabular", tmp_path, overrides=FAST)
     assert first["train"] is not None and first["train"].steps == 4
     records = json.loads((tmp_path / "run.json").read_text())["stages"]
-    assert set(records) == {"audit", "prepare", "train", "report"}
+    assert set(records) == {"audit", "prepare", "train", "explain", "report"}
     for record in records.values():
         assert record["status"] == "done" and record["ended"] and record["duration_s"] >= 0
     assert records["train"]["input_hashes"]["data/manifest.json"]
 
     second = forgeml.run("tabular", tmp_path, overrides=FAST)
-    assert second == {"audit": None, "prepare": None, "train": None, "report": None}
+    assert second == {"audit": None, "prepare": None, "train": None, "explain": None, "report": None}
 
 
 def test_changing_the_recipe_of_a_finished_run_is_refused_unless_forced(tmp_path):
@@ -70,6 +70,7 @@ def test_a_changed_source_file_reruns_prepare(tmp_path):
         "data": {"source": str(source), "label_column": "target"},
         "model": {"name": "mlp", "hidden_sizes": [8]},
         "train": {"max_steps": 2, "global_batch_size": 16},
+        "explain": {"methods": []},
     }
     run_dir = tmp_path / "run"
     forgeml.run(recipe, run_dir)
@@ -105,3 +106,13 @@ def test_a_folder_of_other_files_is_never_taken_as_a_run_dir(tmp_path):
         with pytest.raises(RunDirError, match="not a forgeml run directory"):
             forgeml.run("tabular", tmp_path, overrides=FAST, force=force)
     assert mine.read_text() == "my own notes"
+
+
+def test_explain_is_a_stage_for_classifiers_that_ask_for_it():
+    from forgeml.pipeline import STAGES
+    from forgeml.recipe import load_recipe
+
+    explain = next(stage for stage in STAGES if stage.name == "explain")
+    assert explain.enabled(load_recipe("default")) and explain.enabled(load_recipe("tabular"))
+    assert not explain.enabled(load_recipe("lm"))  # a language model has no class to explain
+    assert not explain.enabled(load_recipe("tabular", ("explain.methods=[]",)))

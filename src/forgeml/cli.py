@@ -36,6 +36,10 @@ SetOpt = Annotated[
 ]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="run directory (default: runs/<recipe name>)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="rerun every stage, overwriting the run's outputs")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="continue the interrupted training from its newest checkpoint; an error if none"),
+]
 BadRowsOpt = Annotated[
     str | None,
     typer.Option("--on-bad-rows", help="malformed CSV/JSONL rows: fail (default) or skip (reported with their lines)"),
@@ -90,9 +94,10 @@ def run(
     run_dir: RunDirOpt = None,
     force: ForceOpt = False,
     allow_audit_failures: AllowOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Run every stage of RECIPE (default: the built-in default recipe), skipping up-to-date ones."""
-    folder = stages(recipe, set_, run_dir, "report", force, allow_audit_failures)
+    folder = stages(recipe, resumed(set_, resume, force), run_dir, "report", force, allow_audit_failures)
     finish(folder)
 
 
@@ -114,6 +119,7 @@ def train(
     max_restarts: Annotated[
         int, typer.Option("--max-restarts", min=0, help="restart the group this often when a worker dies")
     ] = 0,
+    resume: ResumeOpt = False,
     force_train: Annotated[bool, typer.Option("--force-train", hidden=True)] = False,
 ) -> None:
     """Audit and prepare the data if needed, then train the recipe's model.
@@ -126,7 +132,7 @@ def train(
     from forgeml.training.launch import Dist, Launch, run_torchrun
     from forgeml.training.strategies import check_launch
 
-    overrides = [*(set_ or ())]
+    overrides = resumed(set_, resume, force)
     overrides += [f"train.strategy={strategy}"] if strategy else []
     overrides += [f"train.tp_degree={tp_degree}"] if tp_degree else []
     if nproc is None:
@@ -163,6 +169,13 @@ def prepare(
     overrides = [*(set_ or ()), *([f"data.on_bad_rows={on_bad_rows}"] if on_bad_rows else [])]
     folder = stages(recipe, overrides, run_dir, "prepare", force, allow=True)
     console.print(f"data: {folder / 'data' / 'manifest.json'}")
+
+
+def resumed(set_: list[str] | None, resume: bool, force: bool) -> list[str]:
+    """The --set overrides, with --resume's."""
+    if resume and force:
+        raise ForgeError("--resume continues the training and --force starts it over; give one of them")
+    return [*(set_ or ()), *(["train.resume=require"] if resume else [])]
 
 
 def stages(

@@ -229,6 +229,7 @@ def _run_stage(
             return "skip", 0.0
         # An interrupted attempt (or a group torchrun restarted) continues from its checkpoints.
         resume = not force and (run.was_interrupted(stage.name, config_hash, inputs) or env.restart > 0)
+        resume = resume and not (stage.name == "train" and recipe.train.resume == "never")
         scale = f" on {env.world_size} processes" if env.world_size > 1 else ""
         console.print(f"[bold cyan]{stage.name}[/bold cyan]{scale} {'(resuming) ' if resume else ''}...")
         return ("resume" if resume else "start"), run.start(stage.name, config_hash, inputs)

@@ -125,6 +125,7 @@ class AugmentConfig(Section):
 
 # Train settings that change how the work is spread or watched, not what is learned.
 EXECUTION_FIELDS = {
+    "resume",
     "strategy",
     "tp_degree",
     "activation_checkpointing",
@@ -172,6 +173,12 @@ class TrainConfig(Section):
     eval_batch_size: PositiveInt = 64
     checkpoint_every: PositiveInt | None = None
     keep_last: PositiveInt = 2
+    resume: Literal["auto", "never", "require"] = Field(
+        "auto",
+        description="auto: a train stage that stopped midway continues from its newest intact checkpoint; "
+        "never: it starts over; require (--resume): it must continue, and it is an error when there is no "
+        "interrupted training with a checkpoint to continue from",
+    )
     log_every: PositiveInt = 10
     keep_freed_memory: bool = Field(
         True, description="glibc: reuse freed memory instead of returning it to the OS each step (fewer page faults)"

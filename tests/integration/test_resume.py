@@ -32,7 +32,7 @@ def command(run_dir: Path) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
 
 
 def test_killed_training_resumes_bit_exact(tmp_path):
@@ -51,7 +51,7 @@ def test_killed_training_resumes_bit_exact(tmp_path):
     stages = json.loads((crashed / "run.json").read_text())["stages"]
     assert stages["train"]["status"] == "running"
 
-    resumed = subprocess.run(command(crashed), env=env(), capture_output=True, text=True)
+    resumed = subprocess.run([*command(crashed), "--resume"], env=env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "train (resuming)" in resumed.stderr
     weights = [(d / "train" / "model" / "model.safetensors").read_bytes() for d in (tmp_path / "straight", crashed)]
@@ -76,3 +76,11 @@ def test_force_starts_over_instead_of_resuming(tmp_path):
     assert "resuming" not in again.stderr and "up to date" not in again.stderr
     evaluation = json.loads((tmp_path / "train" / "eval.json").read_text())
     assert evaluation["steps"] == 60
+
+
+def test_resume_refuses_when_there_is_nothing_to_continue(tmp_path):
+    fresh = subprocess.run([*command(tmp_path), "--resume"], env=env(), capture_output=True, text=True)
+    assert fresh.returncode == 2 and "holds no interrupted training" in fresh.stderr
+    assert "Traceback" not in fresh.stderr
+    both = subprocess.run([*command(tmp_path), "--resume", "--force"], env=env(), capture_output=True, text=True)
+    assert both.returncode == 2 and "give one of them" in both.stderr

@@ -262,6 +262,33 @@ def test_a_corrupt_checkpoint_is_refused(tmp_path):
         train_mlp(table(), checkpoints=checkpoints, resume=True, max_steps=4, global_batch_size=32)
 
 
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [("truncate", "does not match its checksum"), ("flip", "does not match its checksum"), ("delete", "is missing")],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, damage, named):
+    from forgeml.training.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=2)
+    settings = dict(global_batch_size=32, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_mlp(table(), checkpoints=checkpoints, callbacks=[Crash(at=5)], max_steps=8, **settings)
+    older, newest = checkpoints.complete()
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    _, state = train_mlp(table(), checkpoints=checkpoints, resume=True, max_steps=8, **settings)
+    assert state.step == 8
+    assert state.notes == [f"skipped corrupt checkpoint {newest.name} ({shard.name} {named})"]
+    assert older.name == "step-2"
+
+
 def test_an_unfinished_checkpoint_is_invisible(tmp_path):
     from forgeml.training.checkpoint import Checkpoints
 

@@ -103,11 +103,14 @@ class Checkpoints:
         return final
 
     def corrupt_file(self, path: Path) -> str | None:
-        """The first file of checkpoint ``path`` that is missing or does not match its checksum."""
+        """What is wrong with the first file of checkpoint ``path`` that is missing or does not match
+        its checksum (a truncated or altered file); None when all are intact."""
         meta = json.loads((path / META).read_text())
         for name, digest in meta["files"].items():
-            if not (path / name).exists() or sha256_file(path / name) != digest:
-                return name
+            if not (path / name).exists():
+                return f"{name} is missing"
+            if sha256_file(path / name) != digest:
+                return f"{name} does not match its checksum"
         return None
 
     def newest_intact(self, found: list[Path]) -> tuple[Path | None, list[str]]:
@@ -118,7 +121,7 @@ class Checkpoints:
             bad = self.corrupt_file(path)
             if bad is None:
                 return path, skipped
-            skipped.append(f"{path.name} ({bad} does not match its checksum)")
+            skipped.append(f"{path.name} ({bad})")
         return None, skipped
 
     def restore(

@@ -221,6 +221,12 @@ def train(
     # Checkpoints belong to one training: the same prepared data and the same settings.
     tag = sha256_json([recipe.section_dump("data", "prepare", "model"), recipe.result_dump(), manifest])
     checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last, env)
+    if cfg.resume == "require" and not (resume and checkpoints.complete()):
+        hint = "" if cfg.checkpoint_every else "; set train.checkpoint_every for training to save checkpoints"
+        raise ForgeError(
+            f"--resume: {run.path} holds no interrupted training of this recipe with a complete checkpoint "
+            f"({checkpoints.folder}); run without --resume to start it{hint}"
+        )
     if not resume and env.main:
         checkpoints.clear()
     env.barrier()

@@ -34,6 +34,16 @@ def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: tuple[str
     return load_recipe(recipe, overrides)
 
 
+def _run_recipe(run_dir: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """The recipe a run directory was made with, with ``overrides``."""
+    from forgeml.errors import RunDirError
+
+    folder = Path(run_dir)
+    if not (folder / "recipe.yaml").exists():
+        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
+    return as_recipe(folder / "recipe.yaml", overrides)
+
+
 def run(
     recipe: Recipe | str | Path | dict[str, Any] = "default",
     run_dir: str | Path | None = None,
@@ -122,13 +132,9 @@ def compress(
     ``overrides``, e.g. ``compress.methods=[quantize]``) asks, each measured against it; the
     results land in ``run_dir/compress`` (``variants.json``, ``pareto.png``, one folder a variant)."""
     from forgeml.compression.stage import compress as run_compress
-    from forgeml.errors import RunDirError
     from forgeml.rundir import RunDir
 
-    folder = Path(run_dir)
-    if not (folder / "recipe.yaml").exists():
-        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
-    return run_compress(as_recipe(folder / "recipe.yaml", overrides), RunDir(folder), console)
+    return run_compress(_run_recipe(run_dir, overrides), RunDir(Path(run_dir)), console)
 
 
 def explain(
@@ -143,26 +149,18 @@ def explain(
     dicts of feature values, or the Path of a .txt, .csv or .jsonl file of them). Each method is
     scored by the deletion test; the results land in ``run_dir/explain`` (``summary.json``,
     ``attributions.json``, pictures)."""
-    from forgeml.errors import RunDirError
     from forgeml.explaining.stage import explain as run_explain
     from forgeml.rundir import RunDir
 
-    folder = Path(run_dir)
-    if not (folder / "recipe.yaml").exists():
-        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
-    return run_explain(as_recipe(folder / "recipe.yaml", overrides), RunDir(folder), console, inputs)
+    return run_explain(_run_recipe(run_dir, overrides), RunDir(Path(run_dir)), console, inputs)
 
 
 def serve(run_dir: str | Path, *, overrides: tuple[str, ...] = ()) -> None:
     """Serve a variant of the run's model over HTTP as its recipe's ``serve`` section (with
     ``overrides``, e.g. ``serve.port=9000``) says, until SIGTERM or Ctrl-C."""
-    from forgeml.errors import RunDirError
     from forgeml.serving.server import run_server
 
-    folder = Path(run_dir)
-    if not (folder / "recipe.yaml").exists():
-        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
-    run_server(folder, as_recipe(folder / "recipe.yaml", overrides).serve)
+    run_server(Path(run_dir), _run_recipe(run_dir, overrides).serve)
 
 
 def report(run_dir: str | Path) -> Path:

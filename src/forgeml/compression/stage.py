@@ -18,8 +18,8 @@ from forgeml.compression.measure import Inputs, agreement, pareto, quality, reco
 from forgeml.compression.variants import VARIANT_FILE, Variant, baseline, torch_logits
 from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.data.shards import read_shard
-from forgeml.errors import ForgeError, RunDirError
-from forgeml.models.registry import META_FILE, ModelFamily
+from forgeml.errors import ForgeError
+from forgeml.models.registry import ModelFamily, trained_model_dir
 from forgeml.recipe import CompressConfig, Recipe
 from forgeml.reporting.plots import accuracy_latency
 from forgeml.rundir import RunDir, write_json
@@ -123,12 +123,7 @@ def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> Com
     """Variants of ``run``'s trained model per ``recipe.compress``, measured against it."""
     cfg = recipe.compress
     console = console or Console(stderr=True)
-    model_dir = run.stage_dir("train") / "model"
-    if not (model_dir / META_FILE).exists():
-        raise RunDirError(
-            f"{run.path} holds no trained model ({model_dir / META_FILE} is missing); "
-            f"train it first: forgeml train {run.path / 'recipe.yaml'} --run-dir {run.path}"
-        )
+    model_dir = trained_model_dir(run.path)
     if not cfg.methods:
         raise ForgeError("compress.methods is empty; name some, e.g. --methods quantize,onnx")
     threads = torch.get_num_threads()

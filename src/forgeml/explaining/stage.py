@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgeml.data.prepare import load_splits
-from forgeml.errors import ForgeError, RunDirError
+from forgeml.errors import ForgeError
 from forgeml.explaining import faithfulness, pictures, surrogate
-from forgeml.models.registry import META_FILE, ModelFamily, Splits, load_family
+from forgeml.models.registry import ModelFamily, Splits, load_family, trained_model_dir
 from forgeml.recipe import ExplainConfig, Recipe
 from forgeml.rundir import RunDir, atomic_write, write_json
 
@@ -129,12 +129,7 @@ def explain(
     texts or feature dicts, or a file of them (see ``read_inputs``)."""
     cfg = recipe.explain
     console = console or Console(stderr=True)
-    model_dir = run.stage_dir("train") / "model"
-    if not (model_dir / META_FILE).exists():
-        raise RunDirError(
-            f"{run.path} holds no trained model ({model_dir / META_FILE} is missing); "
-            f"train it first: forgeml train {run.path / 'recipe.yaml'} --run-dir {run.path}"
-        )
+    model_dir = trained_model_dir(run.path)
     family = load_family(model_dir)
     if family.task != "classification":
         raise ForgeError(f"explain covers classifiers; {run.path} holds a {family.name} language model")

@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from forgeml.errors import RunDirError
 from forgeml.registry import Registry
 
 MODELS: Registry[type[ModelFamily]] = Registry("model")
@@ -163,6 +164,17 @@ class ModelFamily(ABC):
 def logits_of(output: Any) -> torch.Tensor:
     """Networks return a tensor, or a transformers output holding ``logits``."""
     return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def trained_model_dir(run_dir: Path) -> Path:
+    """``run_dir``'s trained model folder; an error saying how to train one when there is none."""
+    folder = run_dir / "train" / "model"
+    if not (folder / META_FILE).exists():
+        raise RunDirError(
+            f"{run_dir} holds no trained model ({folder / META_FILE} is missing); "
+            f"train it first: forgeml train {run_dir / 'recipe.yaml'} --run-dir {run_dir}"
+        )
+    return folder
 
 
 def load_family(directory: Path, weights: dict[str, torch.Tensor] | None = None) -> ModelFamily:

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from forgeml.compression.variants import CHECK_FILE, VARIANT_FILE, Variant, load_variant, recommended, torch_variant
-from forgeml.errors import ForgeError, RunDirError
-from forgeml.models.registry import META_FILE, load_family
+from forgeml.errors import ForgeError
+from forgeml.models.registry import load_family, trained_model_dir
 
 CHECK_TOLERANCE = 1e-3  # probabilities; the same files on the same kind of CPU agree far closer
 
@@ -55,9 +55,7 @@ def open_model(run_dir: Path, name: str, threads: int | None) -> Served:
     """The run's variant ``name`` (or ``recommended``, or ``trained``), checked and ready."""
     name = resolve(run_dir, name)
     if name == "trained":
-        folder = run_dir / "train" / "model"
-        if not (folder / META_FILE).exists():
-            raise RunDirError(f"{run_dir} holds no trained model ({folder / META_FILE} is missing); train it first")
+        folder = trained_model_dir(run_dir)
         variant = torch_variant("trained", "baseline", load_family(folder), folder)
     else:
         folder = run_dir / "compress" / name

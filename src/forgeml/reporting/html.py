@@ -442,7 +442,8 @@ EXPLAIN_PICTURES = {
     "attention.png": "attention of every layer and head, first explained input",
     "rollout.png": "attention rollout, first explained input",
 }
-SHOWN_INPUTS = 5  # inputs whose coloured tokens or LIME rules the report shows
+TOKEN_KEYS = {"spans", "units", "attributions", "predicted", "probability", "label"}  # of a text input's record
+SHOWN_INPUTS = 5  # inputs whose coloured tokens the report shows
 SHOWN_RULES = 10
 
 
@@ -468,12 +469,11 @@ def _explanations(run: Run) -> str:
     if rows:
         header = ["method", "AOPC", "random AOPC", "ratio", "n", "s / input", "IG convergence |delta|"]
         parts.append(_table(header, rows))
-    parts += [
-        _img(run.explain_pictures[n], alt)
-        for n, alt in EXPLAIN_PICTURES.items()
-        if n == "deletion.png" and n in run.explain_pictures
-    ]
-    records = [r for r in run.attributions or [] if isinstance(r.get("input"), str) and "spans" in r]
+    pictures = {
+        n: _img(run.explain_pictures[n], alt) for n, alt in EXPLAIN_PICTURES.items() if n in run.explain_pictures
+    }
+    parts.append(pictures.pop("deletion.png", ""))
+    records = [r for r in run.attributions or [] if isinstance(r.get("input"), str) and r.keys() >= TOKEN_KEYS]
     if records:
         parts.append(
             f"<h3>Tokens by attribution (green: for the predicted class, red: against; first {SHOWN_INPUTS})</h3>"
@@ -483,11 +483,7 @@ def _explanations(run: Run) -> str:
     if importance:
         parts.append("<h3>Global importance (mean |SHAP value| for the predicted class)</h3>")
         parts.append(_table(["feature", "mean |SHAP|"], list(importance.items())[:SHOWN_RULES]))
-    parts += [
-        _img(run.explain_pictures[n], alt)
-        for n, alt in EXPLAIN_PICTURES.items()
-        if n != "deletion.png" and n in run.explain_pictures
-    ]
+    parts += pictures.values()
     lime_rules = [r for r in run.attributions or [] if r.get("lime_rules")][:1]
     for record in lime_rules:
         parts.append(f"<h3>LIME for the first input (predicted {escape(str(record.get('predicted')))})</h3>")

@@ -515,8 +515,7 @@ def explain(
             name, f"{row['aopc']:.3f}", f"{row['random_aopc']:.3f}", f"{ratio:.2f}", f"{row['seconds_per_input']:.2f}"
         )
     console.print(table)
-    records = json.loads((result.folder / "attributions.json").read_text())
-    for record in records[:SHOWN_INPUTS]:
+    for record in result.records[:SHOWN_INPUTS]:
         shown = (
             record["input"]
             if isinstance(record["input"], str)

@@ -39,9 +39,13 @@ PREDICT_BATCH = 64
 @dataclass
 class ExplainResult:
     folder: Path
-    n: int
     methods: dict[str, dict[str, Any]]  # as in summary.json
     fidelity: float | None  # the surrogate tree's agreement with the model on the test split
+    records: list[dict[str, Any]]  # one per input, as in attributions.json
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
 
     def __str__(self) -> str:
         scores = ", ".join(f"{m} {s['aopc']:.3f} (random {s['random_aopc']:.3f})" for m, s in self.methods.items())
@@ -172,7 +176,7 @@ def explain(
     }
     folder = run.stage_dir("explain")
     write_outputs(folder, summary, outcome, methods if family.inputs == "text" else None)
-    return ExplainResult(folder, len(inputs), summary_methods, tree["fidelity"] if tree else None)
+    return ExplainResult(folder, summary_methods, tree["fidelity"] if tree else None, outcome.records)
 
 
 def chosen_inputs(
@@ -299,13 +303,15 @@ def table_explanations(
     images: dict[str, bytes] = {}
     if "shap" in methods:
         with clock.time("shap"):
-            values, base = explainer.shap(rows, cfg.shap_evals)
+            every_class, base = explainer.shap(rows, cfg.shap_evals)
         targets = [item.target for item in items]
-        shap_values = values[np.arange(len(rows)), :, targets]  # each row's, for its predicted class
+        shap_values = every_class[np.arange(len(rows)), :, targets]  # each row's, for its predicted class
         mean_abs = np.abs(shap_values).mean(0)
         importance = {features[i]: float(mean_abs[i]) for i in np.argsort(-mean_abs)}
         shown = int(np.bincount(targets).argmax())  # the plots show the class predicted most often
-        images.update(pictures.shap_plots(values[:, :, shown], rows, base[:, shown], features, family.labels[shown]))
+        images.update(
+            pictures.shap_plots(every_class[:, :, shown], rows, base[:, shown], features, family.labels[shown])
+        )
     records, deletions, deltas = [], [], []
     for index, (item, label) in enumerate(zip(items, labels, strict=True)):
         scores: dict[str, np.ndarray] = {}

@@ -139,6 +139,9 @@ def test_a_bad_feature_file_names_row_and_column(table_run, tmp_path):
     rows.write_text(json.dumps({"mean radius": 1.0}) + "\n")
     result = forgeml_cli("explain", str(table_run), "--inputs", str(rows))
     assert result.returncode == 2 and "row 1: no column mean texture" in result.stderr
+    result = forgeml_cli("explain", str(table_run), "--text", "a text")
+    assert result.returncode == 2 and "reads the values of its features" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_run_without_a_trained_model_is_refused(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forgeml.errors import ForgeError
-from forgeml.explaining.stage import number_or_none, read_inputs
+from forgeml.explaining.stage import checked_rows, number_or_none, read_inputs
 from forgeml.models.mlp import MLP, MLPConfig
 
 FEATURES = ["mean radius", "texture", "x"]
@@ -63,3 +63,13 @@ def test_bad_files_are_named(tmp_path: Path, name, content, message):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ForgeError, match=message):
         read_inputs(path, TABLE, None)
+
+
+def test_given_inputs_must_be_what_the_model_reads():
+    assert checked_rows([{"mean radius": 1, "texture": "2.5", "x": 0}], TABLE, None, "inputs") == [
+        {"mean radius": 1.0, "texture": 2.5, "x": 0.0}
+    ]
+    with pytest.raises(
+        ForgeError, match=r"inputs, row 2: str 'hi', but the mlp model reads the values of its features"
+    ):
+        checked_rows([dict.fromkeys(FEATURES, 1.0), "hi"], TABLE, None, "inputs")

@@ -75,9 +75,9 @@ def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> lis
     except UnicodeDecodeError:
         raise ForgeError(f"--inputs {path}: not UTF-8 text; give a .txt, .csv or .jsonl file") from None
     suffix = path.suffix.lower()
+    records: list[Any]
     if suffix == ".txt" and family.inputs == "text":
-        records = [{"text": line} for line in content.splitlines() if line.strip()]
-        text_column = "text"
+        records = [line for line in content.splitlines() if line.strip()]
     elif suffix == ".csv":
         records = list(csv.DictReader(io.StringIO(content, newline="")))
     elif suffix in (".jsonl", ".json"):
@@ -89,19 +89,34 @@ def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> lis
         raise ForgeError(f"--inputs {path}: unknown kind of file; give {kinds}")
     if not records:
         raise ForgeError(f"--inputs {path}: no rows")
+    return checked_rows(records, family, text_column, f"--inputs {path}")
+
+
+def checked_rows(items: list[Any], family: ModelFamily, text_column: str | None, where: str) -> list[Any]:
+    """What the model reads from each item: a text model a text (a string, or a record's text
+    column), a table model a dict of its features as finite numbers; each bad row named."""
     wanted = [text_column or "text"] if family.inputs == "text" else list(family.features)
     rows = []
-    for number, record in enumerate(records, 1):
-        missing = [c for c in wanted if c not in record]
-        if missing:
-            raise ForgeError(f"--inputs {path}, row {number}: no column {', '.join(missing)}; it needs {wanted}")
-        if family.inputs == "text":
-            rows.append(str(record[wanted[0]]))
+    for number, item in enumerate(items, 1):
+        if family.inputs == "text" and isinstance(item, str):
+            rows.append(item)
             continue
-        bad = next((c for c in wanted if number_or_none(record[c]) is None), None)
+        if not isinstance(item, dict):
+            reads = "texts" if family.inputs == "text" else f"the values of its features ({', '.join(wanted)})"
+            raise ForgeError(
+                f"{where}, row {number}: {type(item).__name__} {str(item)[:40]!r}, but the {family.name} model "
+                f"reads {reads}; give a .csv or .jsonl file of them with --inputs"
+            )
+        missing = [c for c in wanted if c not in item]
+        if missing:
+            raise ForgeError(f"{where}, row {number}: no column {', '.join(missing)}; it needs {wanted}")
+        if family.inputs == "text":
+            rows.append(str(item[wanted[0]]))
+            continue
+        bad = next((c for c in wanted if number_or_none(item[c]) is None), None)
         if bad is not None:
-            raise ForgeError(f"--inputs {path}, row {number}, column {bad}: {record[bad]!r} is not a finite number")
-        rows.append({c: number_or_none(record[c]) for c in wanted})
+            raise ForgeError(f"{where}, row {number}, column {bad}: {item[bad]!r} is not a finite number")
+        rows.append({c: number_or_none(item[c]) for c in wanted})
     return rows
 
 
@@ -186,6 +201,8 @@ def chosen_inputs(
     sample of the test split (which may be ordered by class)."""
     if isinstance(inputs, Path):
         inputs = read_inputs(inputs, family, splits.text_column)
+    elif inputs is not None:
+        inputs = checked_rows(inputs, family, splits.text_column, "inputs")
     if inputs is not None:
         if not inputs:
             raise ForgeError("nothing to explain: the inputs given hold no row")

@@ -190,6 +190,12 @@ def test_generate_refuses_a_model_that_is_not_a_language_model(default_run):
         (["train", "tabular", "--nproc", "0"], "--nproc"),
         (["train", "tabular", "--nproc", "2", "--strategy", "tp"], "tp is offered for gpt models, not mlp"),
         (["train", "lm", "--nproc", "2", "--strategy", "fsdp+tp", "--tp-degree", "3"], "2 is not a multiple of 3"),
+        (["train", "lm", "--nproc", "3", "--strategy", "tp"], "model.n_head (4) across 3 tensor-parallel ranks"),
+        (
+            ["train", "lm", "--nproc", "4", "--strategy", "fsdp+tp", "--tp-degree", "4", "--set", "model.n_head=2",
+             "--set", "model.n_embd=64"],
+            "set train.tp_degree to 2",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, args, expected):

@@ -6,11 +6,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import forgeml
 from forgeml.errors import ForgeError
 from forgeml.models.registry import Batch
-from forgeml.training.autobatch import divisors_descending, find_micro_batch, largest_that_runs, saved_bytes
+from forgeml.training.autobatch import (
+    divisors_descending,
+    find_micro_batch,
+    largest_that_runs,
+    saved_bytes,
+    training_step,
+)
 from forgeml.training.losses import ClassificationLoss
 
 
@@ -38,6 +45,41 @@ def test_other_errors_are_not_taken_for_out_of_memory():
 
     with pytest.raises(ValueError):
         largest_that_runs([4, 2], trial)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+    ],
+)
+def test_any_failed_device_allocation_backs_off(message):
+    def trial(size: int) -> None:
+        if size > 2:
+            raise RuntimeError(message)
+
+    assert largest_that_runs([8, 4, 2, 1], trial) == 2
+
+
+def test_the_probe_runs_a_whole_training_step_and_leaves_the_weights_as_they_were():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    moments = []
+
+    def record(optimizer, args, kwargs):
+        moments.append(sum(len(state) for state in optimizer.state.values()))
+
+    hook = register_optimizer_step_post_hook(record)
+    try:
+        training_step(network, lambda size: network(torch.randn(size, 8)).pow(2).mean())(4)
+    finally:
+        hook.remove()
+    assert moments and moments[0] > 0  # AdamW's step ran and allocated its state
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+    assert all(p.grad is None for p in network.parameters())
 
 
 def test_saved_bytes_grow_by_the_same_amount_for_each_row():

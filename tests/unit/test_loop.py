@@ -215,6 +215,22 @@ def test_mixup_and_noise_augment_training_batches_only():
     assert not torch.equal(mixed.inputs["features"], plain.inputs["features"])
 
 
+def test_noise_augmentation_works_when_the_network_is_on_another_device():
+    """Training moves the network (and its scale buffer) to the GPU while batches are built on the
+    CPU; torch's lazy device stands in for the GPU on a CPU-only machine."""
+    from forgeml.recipe import AugmentConfig
+
+    lazy = pytest.importorskip("torch._lazy.ts_backend", reason="torch built without the lazy backend")
+    lazy.init()
+    splits = table()
+    family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[8]), splits, seed=0)
+    items = family.items(encoder.table(splits.train, "label", splits.labels))[:8]
+    family.network.to("lazy")
+    batch = family.collate(items, AugmentConfig(gaussian_noise=0.1), torch.Generator().manual_seed(0))
+    assert batch.inputs["features"].device.type == "cpu"
+    assert not torch.equal(batch.inputs["features"], family.collate(items, None, None).inputs["features"])
+
+
 class Crash(Callback):
     def __init__(self, at: int):
         self.at = at
@@ -247,6 +263,100 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     assert state.step == 10
     assert torch.equal(weights(straight), weights(resumed))
     assert [p.name for p in checkpoints.complete()] == ["step-9", "step-10"]
+
+
+def test_resume_with_early_stopping_matches_an_uninterrupted_run(tmp_path):
+    """The best value, the patience count, the best weights and the history survive a crash."""
+    from forgeml.training.callbacks import EarlyStopping
+    from forgeml.training.checkpoint import Checkpoints
+
+    by_step = {1: 1.0, 2: 0.5, 3: 0.7, 4: 0.8, 5: 0.9, 6: 0.6, 7: 0.95, 8: 0.99}
+    settings = dict(
+        dropout=0.2, global_batch_size=32, eval_every=1, max_steps=8, checkpoint_every=3,
+        evaluate=lambda model: {"loss": by_step[int(model.steps_seen.item())]},
+    )  # fmt: skip
+
+    class StepCounter(Callback):  # lets the scripted evaluation know its step through the model
+        def on_step_end(self, state):
+            state.network.steps_seen.fill_(state.step)
+
+    def run(checkpoints=None, resume=False, crash=None):
+        splits = table()
+        family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[16], dropout=0.2), splits, seed=0)
+        family.network.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        callbacks = [StepCounter(), EarlyStopping("loss", patience=3, min_delta=0.0)] + ([crash] if crash else [])
+        cfg = TrainConfig(max_steps=8, lr=1e-2, warmup_steps=0, seed=0, global_batch_size=32, eval_every=1,
+                          checkpoint_every=3)  # fmt: skip
+        manifest, folder = stored(splits, encoder)
+        strategy = Strategy.single(torch.device("cpu"))
+        data, augment = loaders(family, manifest, folder, cfg, strategy)
+        torch.manual_seed(0)
+        state = fit(family.network, data["train"], cfg, ClassificationLoss(), strategy,
+                    evaluate=settings["evaluate"], callbacks=callbacks, augment=augment,
+                    checkpoints=checkpoints, resume=resume)  # fmt: skip
+        return family, state
+
+    straight, expected = run()
+    assert expected.stopped_early and expected.best_step == 2 and expected.step == 5
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoints, crash=Crash(at=4))  # after step 3's checkpoint: best at 2, one bad evaluation
+    resumed, state = run(checkpoints, resume=True)
+    assert (state.step, state.best_step, state.stopped_early) == (5, 2, True)
+    assert state.history == expected.history
+    assert torch.equal(weights(resumed), weights(straight))
+
+
+def test_a_non_finite_loss_ends_training_at_once_without_a_grad_scaler():
+    from forgeml.training.callbacks import LoopState
+    from forgeml.training.loop import check_loss
+
+    state = LoopState(network=torch.nn.Linear(1, 1), total_steps=10, steps_per_epoch=10, step=3, loss=float("nan"))
+    with pytest.raises(ForgeError, match="became nan at step 3; lower train.lr"):
+        check_loss(state, tolerated=0)
+
+
+def test_fp16_skips_a_few_overflowing_steps_and_stops_when_they_persist():
+    from forgeml.training.callbacks import LoopState
+    from forgeml.training.loop import check_loss
+
+    state = LoopState(network=torch.nn.Linear(1, 1), total_steps=10, steps_per_epoch=10)
+    for loss in [2.0, float("inf"), float("inf"), 1.5, float("inf")]:
+        state.step, state.loss = state.step + 1, loss
+        check_loss(state, tolerated=2)
+    assert state.losses_since_log == [2.0, 1.5] and state.skipped_steps == 3 and state.nonfinite_run == 1
+    state.loss = float("inf")
+    check_loss(state, tolerated=2)
+    with pytest.raises(ForgeError, match=r"became inf at step 5 \(3 steps in a row\)"):
+        check_loss(state, tolerated=2)
+
+
+def test_a_checkpoint_index_that_would_run_code_is_refused(tmp_path):
+    """Checksums sit beside the files, so a deliberate swap passes them; the index's unpickler must
+    still build nothing but DCP's metadata."""
+    import json
+    import pickle
+
+    from forgeml.errors import RunDirError
+    from forgeml.rundir import sha256_file
+    from forgeml.training.checkpoint import META, Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=1)
+    train_mlp(table(), checkpoints=checkpoints, max_steps=2, global_batch_size=32)
+    newest = checkpoints.complete()[-1]
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (newest / ".metadata").write_bytes(pickle.dumps(Payload()))
+    meta = json.loads((newest / META).read_text())
+    meta["files"][".metadata"] = sha256_file(newest / ".metadata")
+    (newest / META).write_text(json.dumps(meta))
+    with pytest.raises(RunDirError, match="io.open is not part of a checkpoint index"):
+        train_mlp(table(), checkpoints=checkpoints, resume=True, max_steps=4, global_batch_size=32)
+    assert not marker.exists()
 
 
 def test_a_corrupt_checkpoint_is_refused(tmp_path):

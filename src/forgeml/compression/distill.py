@@ -134,7 +134,7 @@ def train_student(
     cfg = recipe.train.model_copy(update={"early_stopping": None, "checkpoint_every": None})
     if steps is not None:
         cfg = cfg.model_copy(update={"max_steps": steps, "max_epochs": None, "warmup_steps": 0})
-    strategy = build_strategy(cfg, ONE_PROCESS, student)
+    strategy = build_strategy(cfg, ONE_PROCESS, student, student.config)
     cfg = resolve_batch(cfg, 1, 1)
     manifest = read_manifest(run)
     data, augment = loaders(student, manifest, shard_location(run, manifest), cfg, strategy)
@@ -145,8 +145,8 @@ def train_student(
     if teacher is not None:
         model = WithTeacher(student.network, teacher.network)
         loss = DistillLoss(loss, recipe.compress.distill.alpha, recipe.compress.distill.temperature)
-    fit(model, data["train"], cfg, loss, strategy, augment=augment)
-    student.network.eval()
+    fit(model.to(strategy.device), data["train"], cfg, loss, strategy, augment=augment)
+    student.network.cpu().eval()  # variants are saved and measured on the CPU
 
 
 def distill_variants(source: Variant, recipe: Recipe, run: RunDir, root: Path) -> list[Variant]:

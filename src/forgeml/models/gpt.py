@@ -454,6 +454,11 @@ class GPT(ModelFamily):
                 plan[f"{block}.{name}"] = RowwiseParallel()
         return plan
 
+    @classmethod
+    def tensor_parallel_sizes(cls, config: GPTConfig) -> dict[str, int]:
+        """Whole heads per rank, and the MLP's hidden columns (4 x n_embd) split evenly."""
+        return {"model.n_head": config.n_head, "the MLP width (4 x model.n_embd)": 4 * config.n_embd}
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention's 12*L*H*Q*T (nanoGPT, PaLM)."""
         c = self.config

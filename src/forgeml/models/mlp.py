@@ -102,9 +102,10 @@ class MLP(ModelFamily):
         y = torch.stack([item[1] for item in items])
         targets: torch.Tensor = y
         if augment is not None and augment.gaussian_noise > 0:
-            # Noise in standardised units, so every feature is perturbed alike.
+            # Noise in standardised units, so every feature is perturbed alike. Batches are built on
+            # the CPU while the scale buffer lives wherever training moved the network.
             noise = torch.randn(x.shape, generator=generator) * augment.gaussian_noise
-            x = x + noise * self.network.std
+            x = x + noise * self.network.std.detach().to(x.device)
         if augment is not None and augment.mixup_alpha > 0:
             # Beta(alpha, alpha) from the loader's generator (torch's Beta only uses the global RNG),
             # so a resumed run replays the same mixing.

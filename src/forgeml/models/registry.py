@@ -156,6 +156,12 @@ class ModelFamily(ABC):
         """Module path -> torch ParallelStyle for tensor parallelism; None where it is not offered."""
         return None
 
+    @classmethod
+    def tensor_parallel_sizes(cls, config: Any) -> dict[str, int]:
+        """What tensor parallelism splits evenly across its ranks (the recipe field or quantity that
+        sets it -> its size), so a degree that does not divide one is refused before any mesh is built."""
+        return {}
+
     def write_meta(self, directory: Path, **extra: Any) -> None:
         meta = {"family": self.name, "task": self.task, "labels": self.labels, **extra}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -1,9 +1,9 @@
 """``micro_batch_size: auto``: the largest micro-batch that fits, the global batch kept by accumulation.
 
 Candidates are the divisors of the per-rank batch (global batch / data-parallel degree), largest
-first, so accumulation stays a whole number. On CUDA each candidate is tried for real (a forward
-and backward pass) and an out-of-memory error moves on to the next smaller one, as Lightning's
-batch-size finder does. On CPU running out of memory kills the process instead of raising, so
+first, so accumulation stays a whole number. On CUDA each candidate is tried for real (a whole
+training step: forward, backward and an optimizer step) and any failed allocation moves on to the
+next smaller one, as Lightning's batch-size finder does. On CPU running out of memory kills the process instead of raising, so
 there the memory a micro-batch needs is estimated and compared with a budget: the tensors autograd
 saves for backward, measured on a small real batch, plus weights, gradients and AdamW's two moments.
 
@@ -15,6 +15,7 @@ side. Every rank then takes the smallest choice of any rank.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -35,17 +36,57 @@ def divisors_descending(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+# How the libraries under torch say they ran out of device memory: torch's caching allocator raises
+# OutOfMemoryError, but cuBLAS and cuDNN fail their own allocations with a RuntimeError naming them
+# (accelerate's should_reduce_batch_size reads the same messages).
+ALLOCATION_FAILURES = (
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_SUPPORTED",  # cuDNN's answer to a batch too large for its workspace
+    "CUFFT_ALLOC_FAILED",
+)
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in ALLOCATION_FAILURES)
+
+
 def largest_that_runs(candidates: list[int], trial: Callable[[int], None]) -> int | None:
     """The first candidate whose ``trial`` finishes without running out of device memory."""
     for size in candidates:
         try:
             trial(size)
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # hand the failed attempt's blocks back before the next
-            continue
-        return size
+            return size
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_allocation_failure(error):
+                raise
+        # Out of the except block the failed attempt's frames (and tensors) are gone: hand their
+        # blocks back before the next, smaller attempt.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return None
+
+
+def training_step(network: nn.Module, loss_of: Callable[[int], torch.Tensor]) -> Callable[[int], None]:
+    """A trial that runs one whole training step at a size: forward, backward and an AdamW step,
+    so the optimizer's two moments are allocated as they will be at step 1. Its learning rate is 0,
+    so the weights stay as they were (AdamW adds -0 x the update and scales them by 1 - 0 x decay);
+    gradients and the optimizer state are freed afterwards."""
+
+    def trial(size: int) -> None:
+        optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=0.0)
+        try:
+            loss_of(size).backward()
+            optimizer.step()
+        finally:
+            network.zero_grad(set_to_none=True)
+            optimizer.state.clear()
+
+    return trial
 
 
 def saved_bytes(run: Callable[[], Any]) -> int:
@@ -95,12 +136,7 @@ def find_micro_batch(
 
     candidates = divisors_descending(per_rank)
     if device.type == "cuda":
-
-        def trial(size: int) -> None:
-            forward(batch_of(size)).backward()
-            network.zero_grad(set_to_none=True)
-
-        chosen = largest_that_runs(candidates, trial)
+        chosen = largest_that_runs(candidates, training_step(network, lambda size: forward(batch_of(size))))
         torch.cuda.reset_peak_memory_stats(device)  # report training's peak, not the probe's
         if chosen is None:
             raise ForgeError(

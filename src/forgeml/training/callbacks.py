@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from forgeml.training.metrics import HIGHER_IS_BETTER
 
@@ -36,6 +37,8 @@ class LoopState:
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     losses_since_log: list[float] = field(default_factory=list)  # kept in checkpoints: a resumed log row is whole
+    skipped_steps: int = 0  # steps whose loss was not finite (fp16: the grad scaler skipped them)
+    nonfinite_run: int = 0  # of those, how many in a row up to this step
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. from resuming)
 
     @property
@@ -44,6 +47,15 @@ class LoopState:
 
 
 class Callback:
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this callback, so that a resumed run goes on as an uninterrupted
+        one would: JSON values, and the model's weights under ``weights`` (stored through DCP like the
+        model's, sharded the same way)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what ``state_dict`` gave, from a checkpoint."""
+
     def on_fit_start(self, state: LoopState) -> None:
         """Called once before the first step; ``state.step`` > 0 when resuming from a checkpoint."""
 
@@ -124,6 +136,8 @@ class MetricsLogger(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if not state.log_step:
             return
+        if not state.losses_since_log:  # every step since the last line was skipped (fp16 overflow)
+            return
         loss = sum(state.losses_since_log) / len(state.losses_since_log)  # the mean since the last line
         row = {
             "split": "train",
@@ -135,6 +149,8 @@ class MetricsLogger(Callback):
         }
         if state.tokens:
             row["tokens_per_s"] = state.tokens_per_s
+        if state.skipped_steps:
+            row["skipped_steps"] = state.skipped_steps
         if state.mfu is not None:
             row["mfu"] = state.mfu
         if state.peak_memory:
@@ -164,11 +180,18 @@ class EarlyStopping(Callback):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad_evals = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        kept: dict[str, Any] = {"best": self.best, "bad_evals": self.bad_evals}
+        return kept if self.best_state is None else {**kept, "weights": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals, self.best_state = state["best"], state["bad_evals"], state.get("weights")
+
     def on_eval(self, state: LoopState, metrics: dict[str, Any]) -> None:
         value = self.sign * metrics[self.metric]
         if self.best is None or value > self.best + self.min_delta:
             self.best, self.bad_evals, state.best_step = value, 0, state.step
-            self.best_state = {k: v.detach().clone() for k, v in state.network.state_dict().items()}
+            self.best_state = model_weights(state.network)
             return
         self.bad_evals += 1
         if self.bad_evals >= self.patience:
@@ -176,4 +199,10 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, state: LoopState) -> None:
         if self.best_state is not None:
-            state.network.load_state_dict(self.best_state)
+            set_model_state_dict(state.network, self.best_state)
+
+
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights under their plain names (no DDP ``module.`` prefix), sharded as
+    the model is, so a checkpoint of them loads on any number of processes."""
+    return {k: v.detach().clone() for k, v in get_model_state_dict(model).items()}

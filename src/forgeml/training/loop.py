@@ -25,7 +25,7 @@ from forgeml.data.shards import ShardStream
 from forgeml.errors import ForgeError
 from forgeml.models.registry import Batch, logits_of
 from forgeml.recipe import TrainConfig
-from forgeml.training.callbacks import Callback, LoopState
+from forgeml.training.callbacks import Callback, LoopState, model_weights
 from forgeml.training.checkpoint import Checkpoints
 from forgeml.training.strategies import Strategy, accumulation
 from forgeml.training.throughput import peak_flops, peak_memory_bytes
@@ -114,6 +114,31 @@ class EpochBatches:
         self.epoch, self.position, self.iterator = state["epoch"], state["samples"] // per_batch, None
 
 
+# LoopState fields a checkpoint keeps, so a resumed run counts, logs and decides as an uninterrupted one.
+RESUMED_COUNTERS = ("samples", "tokens", "losses_since_log", "history", "best_step", "skipped_steps", "nonfinite_run")
+
+# Under fp16 the grad scaler skips a step whose gradients overflowed and halves its scale, so a few
+# non-finite losses in a row are expected; this many in a row means the scale cannot rescue it.
+NONFINITE_STEPS_SKIPPED = 8
+
+
+def check_loss(state: LoopState, tolerated: int) -> None:
+    """Count the step's loss into the log window if it is finite; a non-finite one is a skipped step,
+    and more than ``tolerated`` of them in a row (any, without a grad scaler) end training."""
+    if math.isfinite(state.loss):
+        state.nonfinite_run = 0
+        state.losses_since_log.append(state.loss)
+        return
+    state.nonfinite_run += 1
+    state.skipped_steps += 1
+    if state.nonfinite_run > tolerated:
+        in_a_row = f" ({state.nonfinite_run} steps in a row)" if tolerated else ""
+        raise ForgeError(
+            f"the training loss became {state.loss} at step {state.step}{in_a_row}; "
+            "lower train.lr or set train.grad_clip"
+        )
+
+
 def fit(
     model: nn.Module,
     train_loader: torch.utils.data.DataLoader,
@@ -159,14 +184,20 @@ def fit(
             rng["cuda_rng"] = torch.cuda.get_rng_state(device)
         return rng
 
+    # Callbacks by kind (and rank among those of their kind): a resumed run builds them from the same recipe.
+    kinds = [type(callback).__name__ for callback in callbacks]
+    keyed = {f"{kind}-{kinds[:i].count(kind)}": callback for i, (kind, callback) in enumerate(zip(kinds, callbacks))}
+
     def save_checkpoint(checkpoints: Checkpoints) -> None:
+        kept = {key: values for key, callback in keyed.items() if (values := callback.state_dict())}
+        weights = {key: values.pop("weights") for key, values in kept.items() if "weights" in values}
         extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "data": batches.state()}
-        counters = {"samples": state.samples, "tokens": state.tokens, "losses_since_log": state.losses_since_log}
-        checkpoints.save(state.step, model, optimizer, rng_tensors(), {**extra, **counters})
+        counters = {name: getattr(state, name) for name in RESUMED_COUNTERS}
+        checkpoints.save(state.step, model, optimizer, rng_tensors(), {**extra, **counters, "callbacks": kept}, weights)
 
     if checkpoints is not None and resume:
         tensors = rng_tensors()
-        resumed = checkpoints.restore(model, optimizer, tensors)
+        resumed = checkpoints.restore(model, optimizer, tensors, weights_like=lambda: model_weights(model))
         if resumed is not None:
             scheduler.load_state_dict(resumed.extra["scheduler"])
             scaler.load_state_dict(resumed.extra["scaler"])
@@ -178,8 +209,14 @@ def fit(
             else:
                 state.notes.append("resumed on another number of processes: random streams start afresh")
             state.notes += [f"skipped corrupt checkpoint {name}" for name in resumed.skipped]
-            state.step, state.samples, state.tokens = resumed.step, resumed.extra["samples"], resumed.extra["tokens"]
-            state.losses_since_log = resumed.extra["losses_since_log"]
+            state.step = resumed.step
+            for name in RESUMED_COUNTERS:
+                setattr(state, name, resumed.extra.get(name, getattr(state, name)))
+            for key, values in resumed.extra.get("callbacks", {}).items():
+                if key not in keyed:  # a callback of that run only (a test's crash, say)
+                    continue
+                weights = {"weights": resumed.weights[key]} if key in resumed.weights else {}
+                keyed[key].load_state_dict({**values, **weights})
     for callback in callbacks:
         callback.on_fit_start(state)
 
@@ -230,14 +267,10 @@ def fit(
             state.tokens_per_s = sum(w[2] for w in window) / elapsed
             if job_peak_flops:
                 state.mfu = flops_per_token * state.tokens_per_s / job_peak_flops
-            state.losses_since_log.append(state.loss)
+            check_loss(state, NONFINITE_STEPS_SKIPPED if scaler.is_enabled() else 0)
             state.log_step = step % cfg.log_every == 0 or step == total
             if state.log_step:  # a collective: the same steps on every rank
                 state.peak_memory = strategy.env.gather(peak_memory_bytes(device))
-            if not math.isfinite(state.loss):
-                raise ForgeError(
-                    f"the training loss became {state.loss} at step {step}; lower train.lr or set train.grad_clip"
-                )
             for callback in callbacks:
                 callback.on_step_end(state)
             if state.log_step:

@@ -182,7 +182,7 @@ def train(
     if cfg.keep_freed_memory:
         keep_freed_memory()
     manifest = read_manifest(run)
-    strategy = build_strategy(cfg, env, family_cls)
+    strategy = build_strategy(cfg, env, family_cls, recipe.model)
     cfg = resolve_batch(cfg, strategy.dp_degree, strategy.tp_degree)
     encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
 

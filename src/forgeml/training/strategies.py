@@ -121,10 +121,12 @@ class Strategy:
         return whole
 
 
-def build_strategy(cfg: TrainConfig, env: Dist, family: type[ModelFamily] | ModelFamily) -> Strategy:
+def build_strategy(
+    cfg: TrainConfig, env: Dist, family: type[ModelFamily] | ModelFamily, model_config: Any
+) -> Strategy:
     """The recipe's strategy for this job, with its device mesh."""
     device = resolve_device(cfg.device, env.local_rank)
-    name, dp, tp = degrees(cfg, env.world_size, family)
+    name, dp, tp = degrees(cfg, env.world_size, family, model_config)
     mesh = None
     if env.world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -133,9 +135,11 @@ def build_strategy(cfg: TrainConfig, env: Dist, family: type[ModelFamily] | Mode
     return Strategy(name, device, env, dp, tp, mesh, cfg.activation_checkpointing, cfg.precision)
 
 
-def degrees(cfg: TrainConfig, world_size: int, family: type[ModelFamily] | ModelFamily) -> tuple[str, int, int]:
+def degrees(
+    cfg: TrainConfig, world_size: int, family: type[ModelFamily] | ModelFamily, model_config: Any
+) -> tuple[str, int, int]:
     """(strategy, data-parallel degree, tensor-parallel degree) for ``world_size`` processes;
-    a strategy the model does not offer, or degrees that do not fit, are an error."""
+    a strategy the model does not offer, or degrees that do not fit it or the model, are an error."""
     name = cfg.strategy
     if name == "auto":
         name = "ddp" if world_size > 1 else "single"
@@ -151,12 +155,23 @@ def degrees(cfg: TrainConfig, world_size: int, family: type[ModelFamily] | Model
             f"train.tp_degree: {world_size} processes = data-parallel degree x tensor-parallel degree, "
             f"but {world_size} is not a multiple of {tp}; choose a tp_degree that divides {world_size}"
         )
+    for what, size in family.tensor_parallel_sizes(model_config).items() if tp > 1 else ():
+        if size % tp:
+            if name == "tp":  # every process takes a share
+                hint = f"start a number of processes that divides {size}"
+            else:
+                fits = [str(d) for d in range(2, size + 1) if size % d == 0 and world_size % d == 0]
+                hint = f"set train.tp_degree to {' or '.join(fits)}" if fits else "use fsdp"
+            raise ForgeError(
+                f"train.strategy: {name} splits {what} ({size}) across {tp} tensor-parallel ranks, but {size} "
+                f"is not a multiple of {tp}; {hint}, or change {what}"
+            )
     return name, world_size // tp, tp
 
 
 def check_launch(recipe: Recipe, world_size: int) -> None:
     """What the workers would refuse, refused before any of them starts."""
-    _, dp, tp = degrees(recipe.train, world_size, MODELS.get(recipe.model.name).build)
+    _, dp, tp = degrees(recipe.train, world_size, MODELS.get(recipe.model.name).build, recipe.model)
     resolve_batch(recipe.train, dp, tp)
 
 

@@ -3,9 +3,10 @@
 Candidates are the divisors of the per-rank batch (global batch / data-parallel degree), largest
 first, so accumulation stays a whole number. On CUDA each candidate is tried for real (a whole
 training step: forward, backward and an optimizer step) and any failed allocation moves on to the
-next smaller one, as Lightning's batch-size finder does. On CPU running out of memory kills the process instead of raising, so
-there the memory a micro-batch needs is estimated and compared with a budget: the tensors autograd
-saves for backward, measured on a small real batch, plus weights, gradients and AdamW's two moments.
+next smaller one, as Lightning's batch-size finder does. On CPU running out of memory kills the
+process instead of raising, so there the memory a micro-batch needs is estimated and compared with
+a budget: the tensors autograd saves for backward, measured on a small real batch, plus weights,
+gradients and AdamW's two moments.
 
 The probe runs on the whole, unwrapped network before the strategy splits it, one rank at a time
 with no collectives (so a rank that runs out cannot leave the others waiting); under FSDP, tensor

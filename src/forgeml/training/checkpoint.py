@@ -63,7 +63,8 @@ class IndexUnpickler(pickle.Unpickler):
     index cannot run code (pickle's own advice: restrict find_class)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in INDEX_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or (module, name) in INDEX_CLASSES:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
 

@@ -186,7 +186,7 @@ def fit(
 
     # Callbacks by kind (and rank among those of their kind): a resumed run builds them from the same recipe.
     kinds = [type(callback).__name__ for callback in callbacks]
-    keyed = {f"{kind}-{kinds[:i].count(kind)}": callback for i, (kind, callback) in enumerate(zip(kinds, callbacks))}
+    keyed = {f"{kind}-{kinds[:i].count(kind)}": callbacks[i] for i, kind in enumerate(kinds)}
 
     def save_checkpoint(checkpoints: Checkpoints) -> None:
         kept = {key: values for key, callback in keyed.items() if (values := callback.state_dict())}

@@ -121,9 +121,7 @@ class Strategy:
         return whole
 
 
-def build_strategy(
-    cfg: TrainConfig, env: Dist, family: type[ModelFamily] | ModelFamily, model_config: Any
-) -> Strategy:
+def build_strategy(cfg: TrainConfig, env: Dist, family: type[ModelFamily] | ModelFamily, model_config: Any) -> Strategy:
     """The recipe's strategy for this job, with its device mesh."""
     device = resolve_device(cfg.device, env.local_rank)
     name, dp, tp = degrees(cfg, env.world_size, family, model_config)
@@ -145,6 +143,8 @@ def degrees(
         name = "ddp" if world_size > 1 else "single"
     if name in ("tp", "fsdp+tp") and family.tensor_parallel_plan is ModelFamily.tensor_parallel_plan:
         raise ForgeError(f"train.strategy: {name} is offered for gpt models, not {family.name}; use ddp or fsdp")
+    if world_size == 1:  # nothing to split or average: a recipe written for a cluster runs as it is on one process
+        return "single", 1, 1
     if name == "single" and world_size > 1:
         raise ForgeError(
             f"train.strategy: single runs one process, but {world_size} were started; use ddp, fsdp, tp or fsdp+tp"

@@ -37,9 +37,16 @@ class Stage:
 
 
 def file_hashes(*relative: str) -> Callable[[Recipe, RunDir], dict[str, str]]:
+    """Fingerprints of these files of the run; a folder stands for every file in it (a model's
+    weights as well as its config), so a retrained model makes the stages that read it stale."""
+
     def hashes(recipe: Recipe, run: RunDir) -> dict[str, str]:
-        paths = {name: run.path / name for name in relative}
-        return {name: sha256_file(path) for name, path in paths.items() if path.exists()}
+        found: dict[str, str] = {}
+        for name in relative:
+            path = run.path / name
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            found |= {str(f.relative_to(run.path)): sha256_file(f) for f in files if f.exists()}
+        return found
 
     return hashes
 
@@ -83,14 +90,14 @@ STAGES = (
     Stage(
         "compress",
         ("data", "prepare", "model", "train", "compress"),
-        file_hashes("train/model/forgeml.json", "data/manifest.json"),
+        file_hashes("train/model", "data/manifest.json"),
         lambda recipe, run, console, resume, env: _compress(recipe, run, console),
         enabled=lambda recipe: bool(recipe.compress.methods),
     ),
     Stage(
         "explain",
         ("data", "prepare", "model", "train", "explain"),
-        file_hashes("train/model/forgeml.json", "data/manifest.json"),
+        file_hashes("train/model", "data/manifest.json"),
         lambda recipe, run, console, resume, env: _explain(recipe, run, console),
         enabled=lambda recipe: bool(recipe.explain.methods) and MODELS.get(recipe.model.name).build.task != "lm",
     ),

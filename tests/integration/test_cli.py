@@ -347,3 +347,34 @@ def test_on_bad_rows_skip_reports_the_lines(tmp_path):
     skipped = forgeml("audit", "d.csv", "--label", "label", "--on-bad-rows", "skip", cwd=tmp_path)
     assert skipped.returncode in (0, 1), skipped.stderr
     assert "skipped 2 malformed rows (lines 42, 43)" in skipped.stdout
+
+
+def test_stages_that_read_the_model_rerun_when_its_weights_change(tmp_path):
+    """A retrain can change the weights and nothing in the recipe (another number of processes,
+    nondeterministic GPU kernels): compress and explain must not take the old ones as up to date."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import forgeml
+
+    recipe = {
+        "name": "weights",
+        "data": {"source": "breast-cancer"},
+        "audit": {"enabled": False},
+        "model": {"name": "mlp", "hidden_sizes": [8]},
+        "train": {"max_steps": 4, "global_batch_size": 32, "seed": 0},
+        "compress": {"methods": ["quantize"], "latency_runs": 10, "throughput_batches": 1},
+        "explain": {"methods": ["ig"], "n": 4},
+    }
+    run = tmp_path / "run"
+    forgeml.run(recipe, run)
+    again = forgeml.run(recipe, run)
+    assert again["compress"] is None and again["explain"] is None  # unchanged: skipped
+    weights_file = run / "train" / "model" / "model.safetensors"
+    weights = load_file(weights_file)
+    save_file({name: tensor + 0.01 if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+              weights_file)  # fmt: skip
+    rerun = forgeml.run(recipe, run)
+    assert rerun["compress"] is not None and rerun["explain"] is not None
+    baseline = load_file(run / "compress" / "baseline" / "model.safetensors")
+    assert torch.equal(baseline["layers.0.weight"], load_file(weights_file)["layers.0.weight"])

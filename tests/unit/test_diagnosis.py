@@ -48,19 +48,58 @@ def test_failing_classes_are_told_apart_by_how_rare_they_are():
     assert "Class d is weak" in findings[1].text and "predicted as c" in findings[1].text
 
 
-def test_audit_warnings_say_whether_prepare_dealt_with_them():
-    report = {
-        "checks": {
-            "duplicate_fraction": {"status": "warn", "note": "12 rows repeat"},
-            "label_issue_fraction": {"status": "warn", "note": "8 rows look mislabelled"},
-            "leakage": {"status": "pass"},
+def test_only_audit_warnings_prepare_left_in_the_data_are_listed(tmp_path):
+    """Leaks dropped, missing values imputed, duplicates and their label conflicts removed: prepare
+    records each in the manifest under the audit check it answers, and the diagnosis reads that."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from forgeml.data.audit_stage import audit_stage
+    from forgeml.data.prepare import prepare
+    from forgeml.recipe import validate_recipe
+    from forgeml.rundir import RunDir
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=200), "y": rng.normal(10, 2, size=200)})
+    frame["label"] = np.where(frame["x"] > 0, "up", "down")
+    frame.loc[[3, 7, 11], "y"] = np.nan  # imputed
+    twins = frame.iloc[[20, 21]].assign(label=lambda f: np.where(f["label"] == "up", "down", "up"))
+    frame = pd.concat([frame, twins], ignore_index=True)  # equal features, other labels: conflicts
+    test = pd.concat([frame.iloc[[40, 41]], frame.iloc[:30].assign(x=lambda f: f["x"] + 5)])  # 2 leaked rows
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    test.dropna().to_csv(tmp_path / "test.csv", index=False)
+    recipe = validate_recipe(
+        {
+            "data": {
+                "source": str(tmp_path / "train.csv"),
+                "test_source": str(tmp_path / "test.csv"),
+                "label_column": "label",
+            },
+            "model": {"name": "mlp", "hidden_sizes": [4]},
+            "prepare": {"deduplicate": "near", "drop_leaked": True, "impute": "median"},
+            "train": {"max_steps": 1},
         }
-    }
-    findings = diagnose([], {}, {"notes": ["removed 12 near duplicates"]}, report)
-    assert [f.text.split(";")[-1].strip() for f in findings] == [
-        "prepare handled it.",
-        "it is still in the prepared data.",
-    ]
+    )
+    run = RunDir(tmp_path / "run")
+    report = audit_stage(recipe, run).report
+    prepare(recipe, run)
+    manifest = json.loads((run.path / "data" / "manifest.json").read_text())
+    warned = {name for name, check in report["checks"].items() if check["status"] != "pass"}
+    acted = {(a["check"], a["action"], a["rows"]) for a in manifest["actions"]}
+    assert {"leakage", "missing_fraction", "duplicate_fraction", "label_conflicts"} <= warned
+    assert {
+        ("leakage", "dropped", 2),
+        ("missing_fraction", "imputed", 3),
+        ("duplicate_fraction", "deduplicated", 2),
+        ("label_conflicts", "deduplicated", 2),
+    } <= acted
+    listed = " ".join(f.text for f in diagnose([], {}, manifest, report))
+    for handled in ("leakage", "missing_fraction", "duplicate_fraction", "label_conflicts"):
+        assert f"audit's {handled} check" not in listed
+    for left in warned - {a[0] for a in acted}:
+        assert f"audit's {left} check" in listed and "still in the prepared data" in listed
 
 
 def test_the_report_opens_with_the_diagnosis_linking_its_evidence():

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_integer_dtype, is_numeric_dtype
 
-from forgeml.data.clean import Columns, row_keys, texts
+from forgeml.data.clean import Columns, label_conflicts, row_keys, texts
 from forgeml.data.dedup import cross_matches, exact_groups, near_duplicates
 from forgeml.data.sources import Table
 from forgeml.recipe import AuditConfig, PrepareConfig
@@ -50,7 +50,8 @@ def audit(table: Table, cfg: AuditConfig, prepare: PrepareConfig, test: Table | 
         "exact_duplicates": exact,
         "near_duplicates": near,
         "near_duplicate_pairs": pairs,
-        "label_conflicts": _label_conflicts(exact if columns.text else near, labels),
+        # text: exact duplicates only (a few changed words may rightly change the label); tables: equal features
+        "label_conflicts": label_conflicts(exact if columns.text else near, labels),
         "leakage": _leakage(table, columns, cfg, test),
         "class_counts": counts,
         "imbalance_ratio": max(counts.values()) / min(counts.values()) if counts else None,
@@ -103,12 +104,6 @@ def _near_duplicates(
     groups = [g for g in found.groups if len({keys[i] for i in g}) > 1]
     pairs = [{"rows": [i, j], "similarity": s} for i, j, s in found.pairs if keys[i] != keys[j]]
     return groups, pairs
-
-
-def _label_conflicts(groups: list[list[int]], labels: pd.Series | None) -> list[list[int]]:
-    """Groups of the same row (text: exact duplicates; tables: equal features) whose labels differ.
-    Near duplicates of text are left out: a few changed words may rightly change the label."""
-    return [] if labels is None else [g for g in groups if labels.iloc[g].nunique() > 1]
 
 
 def _leakage(table: Table, columns: Columns, cfg: AuditConfig, test: Table | None) -> list[dict[str, Any]]:

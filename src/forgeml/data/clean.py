@@ -71,6 +71,11 @@ def duplicate_groups(frame: pd.DataFrame, columns: Columns, mode: str, audit: Au
     return groups
 
 
+def label_conflicts(groups: list[list[int]], labels: pd.Series | None) -> list[list[int]]:
+    """The groups of duplicate rows whose labels differ."""
+    return [] if labels is None else [g for g in groups if labels.iloc[g].nunique() > 1]
+
+
 def keep_first(frame: pd.DataFrame, groups: list[list[int]]) -> pd.DataFrame:
     """Drop all but the first row of each group. Overlapping groups keep their smallest position,
     which is first in every group it is in, so each connected set of duplicates keeps one row."""

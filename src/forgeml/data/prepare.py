@@ -26,7 +26,9 @@ from forgeml.data.clean import (
     fill_values,
     impute_rules,
     keep_first,
+    label_conflicts,
     leaked_rows,
+    missing_count,
 )
 from forgeml.data.shards import read_split, schema_of, write_shards
 from forgeml.data.sources import Table, read_table, read_test_table, validate_table
@@ -141,8 +143,12 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     if cfg.rebalance != "none" and not classify:
         raise DataError("prepare.rebalance applies to classification; set it to none for language models")
     notes: list[str] = []
+    # What prepare did about each problem the audit checks for, by the audit check's name: the
+    # report reads this, never the wording of the notes.
+    actions: list[dict[str, Any]] = []
     if table.skipped_lines:
         notes.append(f"skipped {len(table.skipped_lines)} malformed rows (lines {_lines(table.skipped_lines)})")
+        actions.append({"check": "schema", "action": "skipped", "rows": len(table.skipped_lines)})
 
     frame = prepared_frame(table, columns, group)
     rules = impute_rules(columns, cfg)
@@ -150,11 +156,17 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     frame = drop_missing(frame, rules)
     if len(frame) < before:
         notes.append(f"dropped {before - len(frame)} rows with missing features")
+        actions.append({"check": "missing_fraction", "action": "dropped", "rows": before - len(frame)})
     groups = duplicate_groups(frame, columns, cfg.deduplicate, recipe.audit)
     before = len(frame)
+    conflicts = label_conflicts(groups, frame[columns.label]) if classify else []
     frame = keep_first(frame, groups)
     if len(frame) < before:
         notes.append(f"removed {before - len(frame)} {cfg.deduplicate} duplicates")
+        actions.append({"check": "duplicate_fraction", "action": "deduplicated", "rows": before - len(frame)})
+    if conflicts:  # one row of each group is left, with the first row's label
+        rows = sum(len(group) - 1 for group in conflicts)
+        actions.append({"check": "label_conflicts", "action": "deduplicated", "rows": rows, "groups": len(conflicts)})
 
     test_frame = None
     if recipe.data.test_source:
@@ -165,6 +177,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
             test_frame = test_frame.drop(index=leaked).reset_index(drop=True)
             if leaked:
                 notes.append(f"dropped {len(leaked)} test rows that duplicate training rows")
+                actions.append({"check": "leakage", "action": "dropped", "rows": len(leaked)})
 
     labels = frame[columns.label] if classify and cfg.stratify else None
     fractions = (cfg.val_fraction,) if test_frame is not None else (cfg.val_fraction, cfg.test_fraction)
@@ -180,9 +193,12 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
                 "add rows, change prepare.val_fraction/test_fraction, or check data.test_source"
             )
     values = fill_values(splits["train"], rules)
+    holes = sum(missing_count(part, list(values)) for part in splits.values())
     splits = {name: fill(part, values) for name, part in splits.items()}
     if values:
         notes.append("imputed " + ", ".join(f"{c}={v:g}" for c, v in values.items()) + " (from train)")
+    if holes:
+        actions.append({"check": "missing_fraction", "action": "imputed", "rows": holes, "columns": list(values)})
 
     rebalance = {"method": "none", "reason": "not a classification task"}
     if classify:
@@ -193,6 +209,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         if method != "none":
             resized = f"; train rows {before:,} -> {len(splits['train']):,}" if method in RESAMPLERS else ""
             notes.append(f"rebalance: {method} ({reason}){resized}")
+            actions.append({"check": "imbalance_ratio", "action": method, "rows": len(splits["train"]) - before})
 
     out = claim_location(cfg.shards_url, run) if cfg.shards_url else str(run.stage_dir("data"))
     labels_list = sorted(frame[columns.label].unique()) if classify else []
@@ -219,6 +236,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         "imputed": values,
         "skipped_lines": table.skipped_lines,
         "notes": notes,
+        "actions": actions,
         "splits": {},
         "class_counts": {},
     }

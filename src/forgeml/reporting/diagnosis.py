@@ -134,22 +134,19 @@ def most_confused(label: str, labels: Sequence[Any], matrix: Sequence[Sequence[A
 
 
 def audit(report: Mapping[str, Any] | None, manifest: Mapping[str, Any] | None) -> list[Finding]:
-    """The audit checks that warned or failed, with what prepare did about them."""
+    """The audit checks that warned or failed and that prepare did nothing about (its manifest
+    records each action under the name of the check it answers)."""
     checks = (report or {}).get("checks") or {}
-    notes = " ".join(str(note) for note in (manifest or {}).get("notes") or [])
+    handled = {action.get("check") for action in (manifest or {}).get("actions") or []}
     found = []
     for name, check in checks.items():
-        if not isinstance(check, dict) or check.get("status") not in ("warn", "fail"):
+        if not isinstance(check, dict) or check.get("status") not in ("warn", "fail") or name in handled:
             continue
-        handled = {
-            "duplicate_fraction": "duplicates" in notes and "removed" in notes,
-            "imbalance_ratio": "rebalance" in notes,
-        }.get(name, False)
-        state = "prepare handled it" if handled else "it is still in the prepared data"
         found.append(
             Finding(
                 "audit",
-                f"The audit's {name} check gave {check['status']} ({check.get('note', '')}); {state}.",
+                f"The audit's {name} check gave {check['status']} ({check.get('note', '')}); "
+                "it is still in the prepared data.",
                 "Data audit",
                 "checks table",
             )

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 FIELDS = {
     "name", "method", "backend", "accuracy", "macro_f1", "size_bytes", "p50_ms", "p99_ms", "throughput_batch32",
-    "max_abs_diff", "label_agreement", "pareto", "recommended",
+    "max_abs_diff", "label_agreement", "pareto", "recommended", "operators", "integer_operators",
 }  # fmt: skip
 QUICK = {"latency_runs": 20, "throughput_batches": 2, "calibration_rows": 32, "prune": {"finetune_steps": 5}}
 TABLE = {
@@ -73,6 +73,12 @@ def test_every_variant_is_measured_checked_and_ranked(table_run):
     for row in rows[6:]:  # every other variant computes (nearly) what the trained model does
         assert row["max_abs_diff"] < 0.1 and row["label_agreement"] >= 0.95, row
         assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"] and row["throughput_batch32"] > 0
+    for row in rows:  # a variant named int8 runs integer kernels; the others run none
+        assert bool(row["integer_operators"]) == ("int8" in row["name"]), row
+    integer = {row["name"]: set(row["integer_operators"]) for row in rows}
+    assert integer["torch-int8"] == {"quantized.dynamic.Linear"}
+    assert integer["onnx-int8-dynamic"] <= {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
+    assert integer["onnx-int8-static"] <= {"QGemm", "QLinearMatMul", "MatMulIntegerToFloat"}
     sizes = {row["name"]: row["size_bytes"] for row in rows}
     assert sizes["torch-int8"] < 0.5 * sizes["baseline"]  # (ONNX int8 pays off on larger models: see the text test)
     assert (table_run / "compress" / "pareto.png").stat().st_size > 0
@@ -80,6 +86,16 @@ def test_every_variant_is_measured_checked_and_ranked(table_run):
     report = (table_run / "report.html").read_text()  # forgeml run ends with the report
     section = report[report.index("<h2>Compression</h2>") :]
     assert all(name in section for name in names) and "recommended" in section and "data:image/png" in section
+    assert "quantized.dynamic.Linear ×" in section and "none (float)" in section
+
+
+def test_a_variant_named_int8_that_runs_no_integer_kernel_is_refused(table_run):
+    from forgeml.compression.operators import check_promise, operators
+    from forgeml.errors import ForgeError
+
+    float_graph = operators(load_variant(table_run / "compress" / "onnx-fp32"))
+    with pytest.raises(ForgeError, match="onnx-int8-dynamic is named int8 but runs no integer arithmetic"):
+        check_promise("onnx-int8-dynamic", float_graph)
 
 
 def test_each_variant_folder_loads_alone_and_predicts_as_measured(table_run):
@@ -139,6 +155,9 @@ def test_text_classifier_exports_with_any_batch_and_length(tmp_path):
     assert rows["onnx-int8-dynamic"]["size_bytes"] < 0.5 * rows["baseline"]["size_bytes"]
     record = json.loads((folder / "compress" / "onnx-int8-dynamic" / "variant.json").read_text())
     assert all(name.endswith("/MatMul") for name in record["blockwise"])  # those int8 harmed, named
+    runs = rows["onnx-int8-dynamic"]["integer_operators"]  # block-wise ones compute in int8 too
+    assert runs.get("MatMulNBits (int8 compute)", 0) == len(record["blockwise"]) and len(runs) > 1
+    assert rows["torch-int8"]["integer_operators"]["quantized.dynamic.Linear"] >= 36  # 6 layers x 6 matrices
     assert rows["onnx-fp32"]["max_abs_diff"] < 1e-3
     texts = ["Return the path.", "Open a connection to the server and send every queued message, then wait."]
     source = load_variant(folder / "compress" / "baseline")
@@ -169,6 +188,8 @@ def test_a_language_model_is_distilled_pruned_quantised_and_exported(tmp_path):
         assert got.shape == expected.shape, name
         if name != "prune-structured":
             assert torch.allclose(got, expected, atol=0.05), name
+    for name in ("torch-int8", "onnx-int8-dynamic", "onnx-int8-static"):
+        assert rows[name]["integer_operators"], name
     int8 = load_variant(folder / "compress" / "torch-int8").family.network
     assert torch.equal(int8.wte.weight, source.family.network.wte.weight)  # the tied head is int8 apart from it
 

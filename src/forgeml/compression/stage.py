@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgeml.compression.measure import Inputs, agreement, pareto, quality, recommend, speed
+from forgeml.compression.operators import check_promise, integer_operators, operators
 from forgeml.compression.variants import VARIANT_FILE, Variant, baseline, torch_logits
 from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.data.shards import read_shard
@@ -151,10 +152,13 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
             progress.update(task, description=f"build {method}")
             variants += list(build(method, source, run, recipe, inputs))
             progress.advance(task)
+        executes = [operators(variant) for variant in variants]
+        for variant, ops in zip(variants, executes, strict=True):
+            check_promise(variant.name, ops)
         task = progress.add_task("check", total=len(variants))
         rows = []
         reference = None  # the baseline's probabilities: it comes first
-        for variant in variants:
+        for variant, ops in zip(variants, executes, strict=True):
             progress.update(task, description=f"check {variant.name}")
             metrics, probs = quality(variant, inputs)
             reference = probs if reference is None else reference
@@ -167,6 +171,8 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
                     QUALITY[variant.family.task]: metrics[QUALITY[variant.family.task]],
                     "size_bytes": variant.size_bytes(),
                     **agreement(probs, reference),
+                    "operators": ops,  # what it executes, most frequent first
+                    "integer_operators": integer_operators(ops),
                 }
             )
             progress.advance(task)

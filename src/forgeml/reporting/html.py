@@ -398,20 +398,23 @@ def _compression(run: Run) -> str:
     quality = "perplexity" if "perplexity" in run.variants[0] else "macro_f1"
     header = ["variant", "method", "accuracy", "perplexity" if quality == "perplexity" else "macro-F1"]
     header += ["size MB", "p50 ms", "p99 ms", "rows/s at 32"]
-    header += ["max prob. diff", "label agreement", ""]
+    header += ["max prob. diff", "label agreement", "integer operators it runs", ""]
     rows = []
     for row in run.variants:
         mark = "recommended" if row.get("recommended") else "Pareto front" if row.get("pareto") else ""
+        integer = row.get("integer_operators")
+        runs = (", ".join(f"{op} ×{n}" for op, n in integer.items()) or "none (float)") if integer is not None else None
         rows.append(
             [row.get("name"), row.get("method"), row.get("accuracy"), row.get(quality)]
             + [row["size_bytes"] / 1e6 if isinstance(row.get("size_bytes"), (int, float)) else None]
             + [row.get(k) for k in ("p50_ms", "p99_ms", "throughput_batch32", "max_abs_diff", "label_agreement")]
-            + [mark]
+            + [runs, mark]
         )
     parts = [
         "<p>Each variant of the trained model (<code>baseline</code>), measured in one process on the test split; "
-        "latency at batch 1, throughput at batch 32; the last columns compare its class probabilities and labels "
-        "with the baseline's on the same rows. Files: <code>compress/&lt;variant&gt;/</code>.</p>",
+        "latency at batch 1, throughput at batch 32; then its class probabilities and labels against the baseline's "
+        "on the same rows, and the integer operators it executes (as ONNX Runtime runs the graph, or the quantised "
+        "torch modules). Files: <code>compress/&lt;variant&gt;/</code>.</p>",
         _table(header, rows),
     ]
     if run.pareto_png:

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from forgeml.errors import RecipeError
 from forgeml.models import MODELS
@@ -314,6 +322,14 @@ class TuneConfig(Section):
     heartbeat_s: PositiveInt = Field(
         10, description="a running trial writes a heartbeat this often; silent for twice as long, it counts as dead"
     )
+
+    @field_validator("study_name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        """The name is the folder tune/trials/<name>, which a rerun deletes: it must stay one folder."""
+        if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):
+            raise ValueError("a study name is a folder's name: give a plain one, without / \\ or NUL, not . or ..")
+        return name
 
     @model_validator(mode="after")
     def _check_stop(self) -> TuneConfig:

@@ -171,6 +171,20 @@ def test_bad_input_exits_2_with_a_message(tmp_path, prepared, capsys, change, me
     assert not (run / "tune" / "trials").exists()  # refused before any trial ran
 
 
+@pytest.mark.parametrize("name", ["../../keep", "..", "/tmp", ""])
+def test_a_study_name_that_is_not_a_plain_name_exits_2_naming_it(tmp_path, prepared, capsys, name):
+    path, run = setup(tmp_path, prepared)
+    kept = run / "keep" / "0" / "mine.txt"  # where tune/trials/../../keep/0 points, and a rerun deletes
+    kept.parent.mkdir(parents=True)
+    kept.write_text("not forgeml's")
+    with pytest.raises(SystemExit) as exit_:
+        tune(path, run, "--study", name, "--trials", "1")
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "tune.study_name: a study name is a folder's name" in err and f"(got {name!r})" in err
+    assert kept.exists() and not (run / "tune" / "trials").exists()
+
+
 def test_grid_values():
     recipe = validate_recipe(BASE)
     assert grid(recipe.tune.space) == {

@@ -146,3 +146,26 @@ def test_override_sets_exactly_the_leaf(path, value):
 def test_recipe_round_trips_through_yaml():
     recipe = Recipe.model_validate(BASE)
     assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+# ---------------------------------------------------------------- study names
+
+NOT_A_FILE_NAME = st.one_of(
+    st.sampled_from(["", ".", "..", "/", "/etc", "../x", "a/b", "a\\b", "x\0y"]),
+    st.builds(
+        lambda a, sep, b: a + sep + b, st.text(max_size=5), st.sampled_from(["/", "\\", "\0"]), st.text(max_size=5)
+    ),
+)
+
+
+@given(name=NOT_A_FILE_NAME)
+def test_a_study_name_that_is_not_a_plain_file_name_is_refused_naming_it(name):
+    message = error_of(with_("tune", study_name=name))
+    assert "tune.study_name: a study name is a folder's name" in message and repr(name) in message
+
+
+@given(
+    name=st.text(alphabet=st.characters(exclude_characters="/\\\0"), min_size=1).filter(lambda n: n not in (".", ".."))
+)
+def test_a_plain_study_name_is_taken(name):
+    assert validate_recipe(with_("tune", study_name=name)).tune.study_name == name

@@ -62,10 +62,10 @@ def free_port() -> int:
 class Subprocess:
     """`forgeml serve` in its own process, ready when /readyz says so."""
 
-    def __init__(self, run_dir: Path, *args: str) -> None:
+    def __init__(self, run_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         command = [sys.executable, "-m", "forgeml", "serve", str(run_dir), "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
@@ -364,3 +364,24 @@ def test_a_taken_port_is_named_before_the_model_loads(table_run):
         )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--port {port}" in result.stderr and "choose another port" in result.stderr
+
+
+def test_a_key_masked_in_the_runs_recipe_is_refused_and_the_real_one_given_apart(tmp_path):
+    folder = tmp_path / "keyed"
+    forgeml.train(
+        {**TABLE, "name": "keyed", "train": {**TABLE["train"], "max_steps": 2}, "serve": {"api_key": "k3y"}}, folder
+    )
+    assert "k3y" not in (folder / "recipe.yaml").read_text()
+    refused = subprocess.run(
+        [sys.executable, "-m", "forgeml", "serve", str(folder), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "serve.api_key" in refused.stderr and "--api-key KEY or FORGEML_API_KEY" in refused.stderr
+    server = Subprocess(folder, "--variant", "trained", env={"FORGEML_API_KEY": "k3y"})
+    try:
+        url = f"{server.url}/v1/predict"
+        assert httpx.post(url, json={"inputs": []}, headers={"Authorization": "Bearer ***"}).status_code == 401
+        assert httpx.post(url, json={"inputs": []}, headers={"Authorization": "Bearer k3y"}).status_code == 422
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -191,13 +191,14 @@ class Guard:
                 status = message["status"]
             await send(message)
 
+        limit = self.cfg.max_body_bytes
         if self.cfg.api_key and not path.startswith(OPEN) and not authorized(headers, self.cfg.api_key):
             await error(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'")(scope, receive, sent)
-        elif too_large(headers, self.cfg.max_body_bytes):
-            detail = [{"loc": ["body"], "msg": f"the body is over {self.cfg.max_body_bytes} bytes", "type": "size"}]
+        elif too_large(headers, limit) or (body := await read_body(receive, limit)) is None:
+            detail = [{"loc": ["body"], "msg": f"the body is over {limit} bytes", "type": "size"}]
             await JSONResponse({"detail": detail}, status_code=422)(scope, receive, sent)
         else:
-            await self.app(scope, receive, sent)
+            await self.app(scope, replay(body, receive), sent)
         route = path if path in ROUTES else "other"
         self.metrics.requests.labels(route, str(status)).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -221,6 +222,32 @@ def authorized(headers: dict[bytes, bytes], key: str) -> bool:
 def too_large(headers: dict[bytes, bytes], limit: int) -> bool:
     length = headers.get(b"content-length", b"")
     return length.isdigit() and int(length) > limit
+
+
+async def read_body(receive: Callable[[], Awaitable[dict]], limit: int) -> list[dict] | None:
+    """The request's body messages, counted as they arrive; None once they pass ``limit`` bytes.
+    A chunked body has no Content-Length to check beforehand."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":  # the client left
+            return messages
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
+
+
+def replay(messages: list[dict], receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+    """A receive that gives the messages read already, then what comes next (a disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 def warm_up(served: Served) -> None:

@@ -389,6 +389,43 @@ def test_a_taken_port_is_named_before_the_model_loads(table_run):
     assert f"--port {port}" in result.stderr and "choose another port" in result.stderr
 
 
+class Endless(Served):
+    """The real language model, sampling on and on while ``endless`` holds: a generation that only
+    a stop ends. ``running`` counts the generations under way."""
+
+    def __init__(self, served: Served) -> None:
+        super().__init__(served.variant, served.version)
+        self.endless, self.running = False, 0
+
+    def stream(self, prompt, max_new_tokens, temperature, top_k):
+        self.running += 1
+        try:
+            yield from super().stream(prompt, max_new_tokens, temperature, top_k)
+            while self.endless:
+                yield from super().stream(prompt, max_new_tokens, temperature, top_k)
+        finally:
+            self.running -= 1
+
+
+def test_a_generation_that_times_out_is_stopped_before_the_504(tmp_path):
+    folder = tmp_path / "lm"
+    forgeml.train(LM, folder)
+    endless = Endless(open_model(folder, "trained", threads=1))
+    server = InProcess(endless, ServeConfig(timeout_s=0.5))
+    try:
+        endless.endless = True  # after the warm-up
+        body = {"prompt": "def ", "max_new_tokens": 8}
+        response = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+        assert response.status_code == 504
+        assert endless.running == 0  # no sampling thread runs on, holding the model, after the answer
+        endless.endless = False
+        assert httpx.post(f"{server.url}/v1/generate", json=body, timeout=60).status_code == 200
+        assert endless.running == 0
+    finally:
+        endless.endless = False
+        server.stop()
+
+
 def test_a_key_masked_in_the_runs_recipe_is_refused_and_the_real_one_given_apart(tmp_path):
     folder = tmp_path / "keyed"
     forgeml.train(

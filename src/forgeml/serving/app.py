@@ -8,8 +8,9 @@ Classifiers answer ``POST /v1/predict`` through the dynamic batcher; language mo
 import asyncio
 import hmac
 import json
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -159,10 +160,15 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
             pieces = served.stream(body.prompt, body.max_new_tokens, body.temperature, body.top_k)
             if body.stream:
                 return StreamingResponse(events(pieces, generating, served.version), media_type="text/event-stream")
-            try:
-                async with generating:
-                    text = await asyncio.wait_for(asyncio.to_thread("".join, pieces), cfg.timeout_s)
-            except TimeoutError:
+            stop = threading.Event()
+            async with generating:
+                sampling = asyncio.ensure_future(asyncio.to_thread(collect, pieces, stop))
+                try:
+                    done, _ = await asyncio.wait({sampling}, timeout=cfg.timeout_s)
+                finally:  # answered, timed out or cancelled: the lock is freed only once the sampling ends
+                    stop.set()
+                    text = await sampling
+            if not done:
                 return error(504, f"no answer within {cfg.timeout_s} s")
             return JSONResponse({"model_version": served.version, "text": text})
 
@@ -248,6 +254,19 @@ def replay(messages: list[dict], receive: Callable[[], Awaitable[dict]]) -> Call
         return pending.pop(0) if pending else await receive()
 
     return replayed
+
+
+def collect(pieces: Iterator[str], stop: threading.Event) -> str:
+    """The pieces (one a sampled token) joined; once ``stop`` is set, no further token is sampled."""
+    text = []
+    for piece in pieces:
+        text.append(piece)
+        if stop.is_set():
+            break
+    close = getattr(pieces, "close", None)
+    if close is not None:  # a generator: run its cleanup now, in this thread, not when it is collected
+        close()
+    return "".join(text)
 
 
 def warm_up(served: Served) -> None:

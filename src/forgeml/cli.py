@@ -242,7 +242,7 @@ def tune(
     """
     from forgeml import as_recipe
     from forgeml import tune as run_tune
-    from forgeml.recipe import validate_recipe
+    from forgeml.recipe import restore_secrets, validate_recipe
 
     options = {
         "trials": trials,
@@ -254,7 +254,8 @@ def tune(
         "seed": seed,
         "workers": workers,
     }
-    data = as_recipe(recipe, tuple(set_ or ())).model_dump(mode="json")
+    # The workers forgeml starts read a masked copy of the recipe, its secrets in the environment.
+    data = restore_secrets(as_recipe(recipe, tuple(set_ or ())).model_dump(mode="json"), os.environ)
     data["tune"].update({key: value for key, value in options.items() if value is not None})
     if nproc is not None:
         from forgeml.training.launch import Launch
@@ -294,6 +295,7 @@ def launch_tune(
     """`forgeml tune --nproc`: prepare here (node 0 only, as for train), then torchrun runs the
     study with every trial training on all its processes."""
     from forgeml.pipeline import default_run_dir, run_stages
+    from forgeml.recipe import secrets_env
     from forgeml.rundir import atomic_write
     from forgeml.training.launch import run_torchrun
     from forgeml.training.strategies import check_launch
@@ -308,6 +310,7 @@ def launch_tune(
     worker_spec = folder / "tune" / f"{spec.tune.study_name or spec.name}.torchrun.yaml"
     worker_spec.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(worker_spec, spec.to_yaml())
+    os.environ.update(secrets_env(spec))  # the masked file's secrets, for the workers torchrun starts here
     worker = ["tune", str(worker_spec), "--run-dir", str(folder), *["--allow-audit-failures"] * allow_audit_failures]
     if run_torchrun(launch, worker) != 0:  # the workers' rank 0 has printed the results
         raise typer.Exit(1)
@@ -440,7 +443,15 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="wait for a batch")] = None,
     max_queue: Annotated[int | None, typer.Option("--max-queue", min=1, help="waiting inputs; then 503")] = None,
     timeout_s: Annotated[float | None, typer.Option("--timeout-s", min=0.001, help="then 504")] = None,
-    api_key: Annotated[str | None, typer.Option("--api-key", help="required on /v1/* as a Bearer token")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="FORGEML_API_KEY",
+            show_envvar=True,
+            help="required on /v1/* as a Bearer token (serve.api_key; the run's recipe.yaml holds it masked)",
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="model threads")] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -593,7 +604,9 @@ def main(argv: list[str] | None = None) -> Any:
     except ForgeError as exc:
         if debug:
             raise
-        errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        from forgeml.recipe import hide_secrets  # a message may quote a URL with its password
+
+        errors.print(f"[bold red]error:[/bold red] {hide_secrets(str(exc))}", highlight=False)
         sys.exit(2)
     except typer.Abort:
         errors.print("aborted")

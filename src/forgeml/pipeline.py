@@ -18,7 +18,7 @@ from forgeml.data.prepare import prepare
 from forgeml.data.sources import source_fingerprint
 from forgeml.errors import ForgeError
 from forgeml.models import MODELS
-from forgeml.recipe import Recipe
+from forgeml.recipe import Recipe, hide_secrets, mask_secrets
 from forgeml.reporting.html import write_report
 from forgeml.rundir import RunDir, sha256_file, sha256_json
 from forgeml.training.launch import ONE_PROCESS, Dist, process_group
@@ -145,7 +145,8 @@ def _check_tune(recipe: Recipe) -> None:
 
 
 def config_slice(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
-    dump = {**recipe.model_dump(mode="json"), "train": recipe.result_dump()}
+    # Masked: a hash of a known text and a password would let anyone who reads run.json guess it.
+    dump = mask_secrets({**recipe.model_dump(mode="json"), "train": recipe.result_dump()})
     out: dict[str, Any] = {}
     for dotted in sections:
         value: Any = dump
@@ -248,7 +249,7 @@ def _run_stage(
         result = stage.call(recipe, run, console, action == "resume", env)
     except BaseException as exc:
         if env.main:
-            run.finish(stage.name, started, error=f"{type(exc).__name__}: {exc}")
+            run.finish(stage.name, started, error=hide_secrets(f"{type(exc).__name__}: {exc}"))
         raise
     if env.main:
         run.finish(stage.name, started)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import types
 import typing
 from difflib import get_close_matches
@@ -10,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from forgeml.errors import RecipeError
 from forgeml.models import MODELS
@@ -315,6 +325,14 @@ class TuneConfig(Section):
         10, description="a running trial writes a heartbeat this often; silent for twice as long, it counts as dead"
     )
 
+    @field_validator("study_name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        """The name is the folder tune/trials/<name>, which a rerun deletes: it must stay one folder."""
+        if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):
+            raise ValueError("a study name is a folder's name: give a plain one, without / \\ or NUL, not . or ..")
+        return name
+
     @model_validator(mode="after")
     def _check_stop(self) -> TuneConfig:
         if self.trials is None and self.timeout_s is None:
@@ -474,15 +492,114 @@ class Recipe(Section):
     explain: ExplainConfig = ExplainConfig()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The recipe as YAML to write or show, its secrets masked (see ``mask_secrets``)."""
+        masked = [".".join(path) for path, _ in self.secrets()]
+        note = f"# masked ({MASK}): {', '.join(masked)}; give them with --set KEY=VALUE\n" if masked else ""
+        return note + yaml.safe_dump(mask_secrets(self.model_dump(mode="json")), sort_keys=False)
 
     def section_dump(self, *names: str) -> dict[str, Any]:
-        return {n: getattr(self, n).model_dump(mode="json") for n in names}
+        """Sections as hashed into run.json and the manifest: masked, so that a hash gives no handle
+        on a password, and a recipe read back from its run directory hashes the same."""
+        return mask_secrets({n: getattr(self, n).model_dump(mode="json") for n in names})
+
+    def secrets(self) -> list[tuple[list[str], Any]]:
+        """The values ``mask_secrets`` hides, each with its path of keys: what a process started on a
+        masked copy of this recipe needs beside it (``secrets_env``)."""
+        return _changed(self.model_dump(mode="json"), mask_secrets(self.model_dump(mode="json")), [])
 
     def result_dump(self) -> dict[str, Any]:
         """The train section minus how the work is spread (strategy, degrees, threads, logging):
         what decides the trained weights, so a run resumes on another number of processes."""
         return self.train.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+
+
+# ---------------------------------------------------------------- secrets
+
+MASK = "***"  # SQLAlchemy's own mark for a hidden password
+SECRETS_ENV = "FORGEML_SECRETS"  # a masked recipe's secrets, for the processes forgeml starts on it
+# scheme://user:PASSWORD@host, and query parameters that carry credentials (?password=, &api_key=,
+# X-Amz-Signature=, sas_token=, ...): the password may hold anything but whitespace and "@".
+_URL_PASSWORD = re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:]*:)[^\s@]+(?=@)")
+_QUERY_SECRET = re.compile(
+    r"(?P<keep>[?&;](?:[\w.-]*[_.-])?(?:password|passwd|pwd|secret|token|key|apikey|signature|sig|credentials?)=)"
+    r"[^\s&#]+",
+    re.IGNORECASE,
+)
+
+
+def hide_secrets(text: str) -> str:
+    """``text`` with the password and credential parameters of every URL in it masked."""
+    text = _URL_PASSWORD.sub(lambda m: m["keep"] + MASK, text)
+    return _QUERY_SECRET.sub(lambda m: m["keep"] + MASK, text)
+
+
+def mask_secrets(data: Any) -> Any:
+    """A recipe's dump (or a mapping read from a recipe file) fit to write or show: serve.api_key
+    replaced by the mask, and every URL in it (data.source, tune.storage, prepare.shards_url, ...)
+    with its password masked. Every recipe forgeml writes or shows goes through here."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return hide_secrets(value)
+        if isinstance(value, dict):
+            return {key: walk(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return value
+
+    masked = walk(data)
+    serve = masked.get("serve") if isinstance(masked, dict) else None
+    if isinstance(serve, dict) and serve.get("api_key"):
+        masked["serve"] = {**serve, "api_key": MASK}
+    return masked
+
+
+def _changed(real: Any, masked: Any, path: list[str]) -> list[tuple[list[str], Any]]:
+    if isinstance(real, dict) and isinstance(masked, dict):
+        return [found for key in real for found in _changed(real[key], masked.get(key), [*path, key])]
+    return [] if real == masked else [(path, real)]
+
+
+def is_masked(value: str) -> bool:
+    return value == MASK or f":{MASK}@" in value or f"={MASK}" in value
+
+
+def refuse_masked(field: str, value: str | None, hint: str) -> None:
+    """Stop before a masked secret (read back from a run directory's files) is sent anywhere."""
+    if value is not None and is_masked(value):
+        raise RecipeError(
+            f"{field}: {value!r} holds a secret masked as {MASK}, as the recipes forgeml writes do; {hint}"
+        )
+
+
+def secrets_env(recipe: Recipe) -> dict[str, str]:
+    """The environment that carries ``recipe``'s secrets to a process started on its masked copy
+    (never a file, nor the command line, which every user of the machine can read)."""
+    found = recipe.secrets()
+    return {SECRETS_ENV: json.dumps(found)} if found else {}
+
+
+def restore_secrets(data: dict[str, Any], environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    """``data`` (a recipe read from a masked copy) with the secrets ``secrets_env`` passed put back
+    where the copy masks them; a value given otherwise (--set, an option) stays."""
+    for path, value in json.loads(environ.get(SECRETS_ENV) or "[]"):
+        node = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(path[-1]) == _masked_at(path, value):
+            node[path[-1]] = value
+    return data
+
+
+def _masked_at(path: list[str], value: Any) -> Any:
+    """``value`` as ``mask_secrets`` writes it at ``path``."""
+    nested = value
+    for key in reversed(path):
+        nested = {key: nested}
+    masked = mask_secrets(nested)
+    for key in path:
+        masked = masked[key]
+    return masked
 
 
 # ---------------------------------------------------------------- loading

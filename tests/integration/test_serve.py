@@ -62,10 +62,10 @@ def free_port() -> int:
 class Subprocess:
     """`forgeml serve` in its own process, ready when /readyz says so."""
 
-    def __init__(self, run_dir: Path, *args: str) -> None:
+    def __init__(self, run_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         command = [sys.executable, "-m", "forgeml", "serve", str(run_dir), "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
@@ -203,6 +203,29 @@ def test_malformed_and_oversized_bodies_get_422(table_server):
     assert response.status_code == 422
     response = httpx.post(url, content=b"x" * 1_000_001, headers={**AUTH, "content-type": "application/json"})
     assert response.status_code == 422 and "body" in response.json()["detail"][0]["loc"]
+
+
+def chunks(size: int, piece: int = 64 * 1024):
+    """A JSON body of ``size`` bytes, sent chunked: a generator gives httpx no length to send."""
+    body = json.dumps({"inputs": [], "pad": "x" * max(0, size - 27)}).encode()
+    for start in range(0, len(body), piece):
+        yield body[start : start + piece]
+
+
+def test_a_chunked_body_is_held_to_the_same_limit(table_server):
+    url = f"{table_server.url}/v1/predict"
+    headers = {**AUTH, "content-type": "application/json"}
+    with httpx.Client(timeout=60) as client:
+        request = client.build_request("POST", url, content=chunks(5_000_000), headers=headers)
+        assert request.headers["transfer-encoding"] == "chunked" and "content-length" not in request.headers
+        response = client.send(request)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == [
+        {"loc": ["body"], "msg": "the body is over 1000000 bytes", "type": "size"}
+    ]  # as a Content-Length over the limit gets
+    # A chunked body within the limit reaches the route whole: its fields are checked there.
+    response = httpx.post(url, content=chunks(1000), headers=headers, timeout=60)
+    assert response.status_code == 422 and {e["loc"][-1] for e in response.json()["detail"]} == {"inputs", "pad"}
 
 
 def test_requests_without_the_key_get_401(table_server):
@@ -364,3 +387,61 @@ def test_a_taken_port_is_named_before_the_model_loads(table_run):
         )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--port {port}" in result.stderr and "choose another port" in result.stderr
+
+
+class Endless(Served):
+    """The real language model, sampling on and on while ``endless`` holds: a generation that only
+    a stop ends. ``running`` counts the generations under way."""
+
+    def __init__(self, served: Served) -> None:
+        super().__init__(served.variant, served.version)
+        self.endless, self.running = False, 0
+
+    def stream(self, prompt, max_new_tokens, temperature, top_k):
+        self.running += 1
+        try:
+            yield from super().stream(prompt, max_new_tokens, temperature, top_k)
+            while self.endless:
+                yield from super().stream(prompt, max_new_tokens, temperature, top_k)
+        finally:
+            self.running -= 1
+
+
+def test_a_generation_that_times_out_is_stopped_before_the_504(tmp_path):
+    folder = tmp_path / "lm"
+    forgeml.train(LM, folder)
+    endless = Endless(open_model(folder, "trained", threads=1))
+    server = InProcess(endless, ServeConfig(timeout_s=0.5))
+    try:
+        endless.endless = True  # after the warm-up
+        body = {"prompt": "def ", "max_new_tokens": 8}
+        response = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+        assert response.status_code == 504
+        assert endless.running == 0  # no sampling thread runs on, holding the model, after the answer
+        endless.endless = False
+        assert httpx.post(f"{server.url}/v1/generate", json=body, timeout=60).status_code == 200
+        assert endless.running == 0
+    finally:
+        endless.endless = False
+        server.stop()
+
+
+def test_a_key_masked_in_the_runs_recipe_is_refused_and_the_real_one_given_apart(tmp_path):
+    folder = tmp_path / "keyed"
+    forgeml.train(
+        {**TABLE, "name": "keyed", "train": {**TABLE["train"], "max_steps": 2}, "serve": {"api_key": "k3y"}}, folder
+    )
+    assert "k3y" not in (folder / "recipe.yaml").read_text()
+    refused = subprocess.run(
+        [sys.executable, "-m", "forgeml", "serve", str(folder), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "serve.api_key" in refused.stderr and "--api-key KEY or FORGEML_API_KEY" in refused.stderr
+    server = Subprocess(folder, "--variant", "trained", env={"FORGEML_API_KEY": "k3y"})
+    try:
+        url = f"{server.url}/v1/predict"
+        assert httpx.post(url, json={"inputs": []}, headers={"Authorization": "Bearer ***"}).status_code == 401
+        assert httpx.post(url, json={"inputs": []}, headers={"Authorization": "Bearer k3y"}).status_code == 422
+    finally:
+        server.stop()

@@ -171,6 +171,20 @@ def test_bad_input_exits_2_with_a_message(tmp_path, prepared, capsys, change, me
     assert not (run / "tune" / "trials").exists()  # refused before any trial ran
 
 
+@pytest.mark.parametrize("name", ["../../keep", "..", "/tmp", ""])
+def test_a_study_name_that_is_not_a_plain_name_exits_2_naming_it(tmp_path, prepared, capsys, name):
+    path, run = setup(tmp_path, prepared)
+    kept = run / "keep" / "0" / "mine.txt"  # where tune/trials/../../keep/0 points, and a rerun deletes
+    kept.parent.mkdir(parents=True)
+    kept.write_text("not forgeml's")
+    with pytest.raises(SystemExit) as exit_:
+        tune(path, run, "--study", name, "--trials", "1")
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "tune.study_name: a study name is a folder's name" in err and f"(got {name!r})" in err
+    assert kept.exists() and not (run / "tune" / "trials").exists()
+
+
 def test_grid_values():
     recipe = validate_recipe(BASE)
     assert grid(recipe.tune.space) == {
@@ -223,6 +237,43 @@ def test_a_worker_killed_mid_trial_fails_its_trial_and_the_study_goes_on(tmp_pat
     assert states[victim.number] == "FAIL"
     assert "COMPLETE" in states.values()
     assert f"trial {victim.number} failed: its worker ended" in " ".join(err.split())
+
+
+KEY, PASSWORD = "sk-test-4f2a9", "Zq9-secret-77"
+
+
+def secret_storage(run: Path) -> str:
+    """A storage URL with a credential in it, which SQLite (ignoring the parameter) really opens."""
+    return f"sqlite:///file:{run / 'tune' / 'study.db'}?uri=true&key={PASSWORD}"
+
+
+def holding_secrets(run: Path, *printed: str) -> list[str]:
+    """The files under ``run`` (and the outputs) in which the key or the password appears."""
+    files = [path for path in run.rglob("*") if path.is_file() and not path.is_symlink()]
+    found = [str(p) for p in files for secret in (KEY, PASSWORD) if secret.encode() in p.read_bytes()]
+    return found + [f"output {i}" for i, text in enumerate(printed) if KEY in text or PASSWORD in text]
+
+
+def test_no_file_of_a_tuned_run_nor_its_output_holds_its_secrets(tmp_path, prepared, capfd):
+    path, run = setup(tmp_path, prepared, serve={"api_key": KEY})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["tune"] = {**recipe["tune"], "storage": secret_storage(run), "workers": 2, "trials": 4}
+    path.write_text(yaml.safe_dump(recipe))
+    main(["run", str(path), "--run-dir", str(run), "--set", "tune.sampler=random", "--set", "tune.pruner=none"])
+    out, err = capfd.readouterr()
+    # The workers read a masked copy of the recipe: the real storage URL reached them another way.
+    trials = optuna.load_study(study_name="tiny", storage=secret_storage(run)).trials
+    assert {t.state.name for t in trials} == {"COMPLETE"} and len(trials) == 4
+    assert len({t.user_attrs["process"] for t in trials}) == 2
+    assert holding_secrets(run, out, err) == []
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["serve"]["api_key"] == "***"
+    assert "key=***" in yaml.safe_load((run / "tune" / "best.yaml").read_text())["tune"]["storage"]
+    # Read back from the run directory, the masked storage is refused rather than sent to a server.
+    with pytest.raises(SystemExit) as exit_:
+        tune(run / "recipe.yaml", run)
+    assert exit_.value.code == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert "tune.storage" in err and "holds a secret masked as ***" in err and "--storage URL" in err
 
 
 def test_run_tunes_when_the_recipe_has_a_space_and_the_report_shows_it(tmp_path, prepared):
@@ -313,10 +364,12 @@ def test_torchrun_study_trains_each_trial_on_every_process(tmp_path, prepared):
     settings = {"space": space, "sampler": "grid", "pruner": "median", "prune_startup_trials": 1, "prune_from_eval": 1}
     path, run = setup(tmp_path, prepared, tune={**BASE["tune"], **settings, "seed": 1})
     command = [sys.executable, "-m", "forgeml", "tune", str(path), "--run-dir", str(run), "--nproc", "2"]
-    command += ["--set", "train.strategy=ddp"]
+    command += ["--set", "train.strategy=ddp", "--set", f"serve.api_key={KEY}", "--storage", secret_storage(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    # The processes torchrun started read a masked recipe, its secrets beside it in the environment.
+    assert holding_secrets(run, done.stdout, done.stderr) == []
     trials = rows(run)
     assert [(t["params_train.lr"], t["state"]) for t in trials] == [("0.03", "COMPLETE"), ("1e-07", "PRUNED")]
     finished = json.loads((run / "tune" / "trials" / "tiny" / "0" / "train" / "eval.json").read_text())

@@ -201,3 +201,15 @@ def test_a_shards_url_holding_other_files_is_refused_and_left_alone(tmp_path):
     with pytest.raises(DataError, match="not this run's shards"):
         prepared(tmp_path, table(), model=MLP, shards_url=str(target))
     assert (target / "train-00000.parquet").read_text() == "someone's file"
+
+
+def test_the_manifest_holds_the_shards_url_masked_and_readers_take_it_whole_from_the_recipe(tmp_path):
+    from forgeml.data.prepare import shard_location
+    from forgeml.errors import RecipeError
+    from forgeml.rundir import RunDir
+
+    run, manifest = RunDir(tmp_path), {"location": "s3://AKIA:***@bucket/shards"}
+    assert shard_location(run, manifest, "s3://AKIA:wJalr@bucket/shards") == "s3://AKIA:wJalr@bucket/shards"
+    with pytest.raises(RecipeError, match=r"prepare.shards_url: .* masked .* --set prepare.shards_url=URL"):
+        shard_location(run, manifest)  # a recipe read back from the run directory holds it masked too
+    assert shard_location(run, {"location": None}) == str(tmp_path / "data")

@@ -146,3 +146,101 @@ def test_override_sets_exactly_the_leaf(path, value):
 def test_recipe_round_trips_through_yaml():
     recipe = Recipe.model_validate(BASE)
     assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+# ---------------------------------------------------------------- secrets and study names
+
+PASSWORD = st.text(alphabet=st.characters(exclude_characters="@", exclude_categories=("Z", "C")), min_size=1)
+USER = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_.-", max_size=8)
+HOST = st.from_regex(r"[a-z][a-z0-9-]{0,10}(\.[a-z]{2,5})?(:[0-9]{2,5})?", fullmatch=True)
+PATH = st.from_regex(r"(/[a-zA-Z0-9_.-]{1,8}){0,3}", fullmatch=True)
+SCHEME = st.sampled_from(["s3", "gs", "https", "ftp", "postgresql", "postgresql+psycopg", "mysql+pymysql", "redis"])
+
+
+@given(scheme=SCHEME, user=USER, password=PASSWORD, host=HOST, path=PATH)
+def test_a_urls_password_is_masked_and_the_rest_kept(scheme, user, password, host, path):
+    from forgeml.recipe import MASK, hide_secrets, is_masked
+
+    url = f"{scheme}://{user}:{password}@{host}{path}"
+    shown = hide_secrets(f"cannot open {url} (refused)")
+    assert shown == f"cannot open {scheme}://{user}:{MASK}@{host}{path} (refused)"
+    assert is_masked(hide_secrets(url))
+
+
+@given(name=st.sampled_from(["password", "db_password", "api_key", "X-Amz-Signature", "sas_token", "key"]))
+def test_credentials_in_a_query_are_masked(name):
+    from forgeml.recipe import MASK, hide_secrets
+
+    url = f"sqlite:///file:/tmp/study.db?uri=true&{name}=Zq9%2Fx&mode=rwc"
+    assert hide_secrets(url) == f"sqlite:///file:/tmp/study.db?uri=true&{name}={MASK}&mode=rwc"
+
+
+@given(text=st.text(alphabet=st.characters(exclude_characters="@=")))
+def test_text_without_credentials_is_left_alone(text):
+    from forgeml.recipe import hide_secrets
+
+    assert hide_secrets(text) == text
+
+
+SECRET_RECIPE = {
+    **BASE,
+    "data": {"source": "s3://AKIA:wJalr/XUtn@bucket/train.csv", "test_source": "https://me:pa55@host/test.csv"},
+    "prepare": {"shards_url": "gs://svc:t0ken@bucket/shards"},
+    "tune": {"storage": "postgresql://optuna:hunter2@db.example/studies"},
+    "serve": {"api_key": "sk-live-123"},
+}
+SECRETS = ("wJalr/XUtn", "pa55", "t0ken", "hunter2", "sk-live-123")
+
+
+def test_every_written_recipe_masks_the_key_and_the_passwords():
+    recipe = Recipe.model_validate(SECRET_RECIPE)
+    text = recipe.to_yaml()
+    assert not [secret for secret in SECRETS if secret in text]
+    written = Recipe.model_validate(yaml.safe_load(text))
+    assert written.serve.api_key == "***" and written.tune.storage == "postgresql://optuna:***@db.example/studies"
+    assert written.data.source == "s3://AKIA:***@bucket/train.csv"
+    # The sections hashed into run.json and the manifest are masked too, so a copy read back hashes the same.
+    assert not [secret for secret in SECRETS if secret in str(recipe.section_dump("data", "prepare", "tune"))]
+    assert written.section_dump("data", "prepare", "tune") == recipe.section_dump("data", "prepare", "tune")
+
+
+def test_a_masked_copy_with_the_secrets_environment_is_the_recipe_again():
+    from forgeml.recipe import restore_secrets, secrets_env
+
+    recipe = Recipe.model_validate(SECRET_RECIPE)
+    environ = secrets_env(recipe)
+    assert validate_recipe(restore_secrets(yaml.safe_load(recipe.to_yaml()), environ)) == recipe
+    # A value given another way (--set, --storage) stays; a recipe with no secrets passes nothing.
+    given_otherwise = yaml.safe_load(recipe.to_yaml())
+    given_otherwise["tune"]["storage"] = "sqlite:///other.db"
+    assert restore_secrets(given_otherwise, environ)["tune"]["storage"] == "sqlite:///other.db"
+    assert secrets_env(Recipe.model_validate(BASE)) == {}
+
+
+def test_a_masked_secret_is_refused_before_it_is_used():
+    from forgeml.recipe import refuse_masked
+
+    with pytest.raises(RecipeError, match=r"tune.storage: 'postgresql://u:\*\*\*@h/db' holds a secret masked"):
+        refuse_masked("tune.storage", "postgresql://u:***@h/db", "give it with --storage")
+    refuse_masked("tune.storage", "postgresql://u:pw@h/db", "")  # a real one passes
+
+
+NOT_A_FILE_NAME = st.one_of(
+    st.sampled_from(["", ".", "..", "/", "/etc", "../x", "a/b", "a\\b", "x\0y"]),
+    st.builds(
+        lambda a, sep, b: a + sep + b, st.text(max_size=5), st.sampled_from(["/", "\\", "\0"]), st.text(max_size=5)
+    ),
+)
+
+
+@given(name=NOT_A_FILE_NAME)
+def test_a_study_name_that_is_not_a_plain_file_name_is_refused_naming_it(name):
+    message = error_of(with_("tune", study_name=name))
+    assert "tune.study_name: a study name is a folder's name" in message and repr(name) in message
+
+
+@given(
+    name=st.text(alphabet=st.characters(exclude_characters="/\\\0"), min_size=1).filter(lambda n: n not in (".", ".."))
+)
+def test_a_plain_study_name_is_taken(name):
+    assert validate_recipe(with_("tune", study_name=name)).tune.study_name == name

@@ -306,3 +306,26 @@ def test_explanations_and_benchmarks(classification_run: Path) -> None:
     assert section.count('class="tok"') == 6 and "&lt;b&gt;" in section and "<b>it" not in section
     assert "has &#x27;open&#x27;" in section and "0.8300" in section
     assert "<td>text.ig.ratio</td><td>2.5</td>" in text
+
+
+def test_a_run_written_with_its_secrets_in_clear_shows_them_masked(tmp_path: Path) -> None:
+    # As forgeml wrote runs before it masked its files: the report must not pass the secrets on.
+    run_dir = _base_run(tmp_path, "leaky", {"prepare": _stage("done", 1.0), "tune": _stage("done", 3.0)})
+    recipe = {
+        "name": "leaky",
+        "data": {"source": "s3://AKIA:wJalrXUtn@bucket/train.csv"},
+        "tune": {"storage": "postgresql://optuna:hunter2@db/studies"},
+        "serve": {"api_key": "sk-live-123"},
+    }
+    _write(run_dir / "recipe.yaml", json.dumps(recipe))  # JSON is YAML
+    _write(run_dir / "data" / "manifest.json", {"source": recipe["data"]["source"], "splits": {}})
+    summary = {
+        "study_name": "leaky", "storage": "sqlite:///file:study.db?uri=true&key=Zq9x", "metrics": ["loss"],
+        "directions": ["minimize"], "best_trial": 0, "best_value": 0.5, "best_params": {"train.lr": 0.01},
+        "states": {"COMPLETE": 1}, "pareto": [0],
+    }  # fmt: skip
+    _write(run_dir / "tune" / "summary.json", summary)
+    text, _ = _parse(write_report(run_dir))
+    assert not [s for s in ("wJalrXUtn", "hunter2", "sk-live-123", "Zq9x") if s in text]
+    assert "s3://AKIA:***@bucket/train.csv" in text and "api_key: &#x27;***&#x27;" in text
+    assert "postgresql://optuna:***@db/studies" in text and "key=***" in text

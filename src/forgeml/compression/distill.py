@@ -137,7 +137,7 @@ def train_student(
     strategy = build_strategy(cfg, ONE_PROCESS, student, student.config)
     cfg = resolve_batch(cfg, 1, 1)
     manifest = read_manifest(run)
-    data, augment = loaders(student, manifest, shard_location(run, manifest), cfg, strategy)
+    data, augment = loaders(student, manifest, shard_location(run, manifest, recipe.prepare.shards_url), cfg, strategy)
     rebalance = manifest["rebalance"]["method"]
     loss = build_loss(cfg, student.task, student.labels, manifest["class_counts"].get("train", {}), rebalance)
     torch.manual_seed(cfg.seed)  # the same dropout masks for both students

@@ -48,14 +48,14 @@ class CompressResult:
         )
 
 
-def split_items(family: ModelFamily, run: RunDir, split: str) -> list[Any]:
+def split_items(family: ModelFamily, run: RunDir, split: str, shards_url: str | None) -> list[Any]:
     manifest = read_manifest(run)
-    location = shard_location(run, manifest)
+    location = shard_location(run, manifest, shards_url)
     return [item for shard in manifest["splits"][split]["shards"] for item in family.items(read_shard(location, shard))]
 
 
-def measurement_inputs(family: ModelFamily, run: RunDir, cfg: CompressConfig) -> Inputs:
-    test = split_items(family, run, "test")
+def measurement_inputs(family: ModelFamily, run: RunDir, cfg: CompressConfig, shards_url: str | None) -> Inputs:
+    test = split_items(family, run, "test", shards_url)
     test = test[: cfg.test_rows or (LM_TEST_ROWS if family.task == "lm" else None)]
     if not test:
         raise ForgeError("the test split is empty: nothing to measure the variants on; raise prepare.test_fraction")
@@ -75,8 +75,10 @@ def measurement_inputs(family: ModelFamily, run: RunDir, cfg: CompressConfig) ->
     )
 
 
-def calibration_batches(family: ModelFamily, run: RunDir, rows: int) -> list[dict[str, torch.Tensor]]:
-    train = split_items(family, run, "train")[:rows]
+def calibration_batches(
+    family: ModelFamily, run: RunDir, rows: int, shards_url: str | None
+) -> list[dict[str, torch.Tensor]]:
+    train = split_items(family, run, "train", shards_url)[:rows]
     return [
         family.collate(train[i : i + CALIBRATION_BATCH], augment=None, generator=None).inputs
         for i in range(0, len(train), CALIBRATION_BATCH)
@@ -116,7 +118,7 @@ def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inp
     elif method == "compile":
         yield compiled(source, root / "torch-compile")
     elif method == "onnx":
-        calibration = calibration_batches(source.family, run, cfg.calibration_rows)
+        calibration = calibration_batches(source.family, run, cfg.calibration_rows, recipe.prepare.shards_url)
         yield from onnx_variants(source, inputs.batches[0], calibration, root, cfg.threads, cfg.blockwise_error)
 
 
@@ -140,7 +142,7 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
     folder = run.stage_dir("compress")
     folder.mkdir(parents=True, exist_ok=True)
     source = baseline(model_dir, folder / "baseline")
-    inputs = measurement_inputs(source.family, run, cfg)
+    inputs = measurement_inputs(source.family, run, cfg, recipe.prepare.shards_url)
     progress = Progress(
         TextColumn("[bold]compress {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console,

@@ -35,7 +35,7 @@ from forgeml.data.sources import Table, read_table, read_test_table, validate_ta
 from forgeml.errors import DataError
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits
-from forgeml.recipe import PrepareConfig, Recipe
+from forgeml.recipe import PrepareConfig, Recipe, hide_secrets, refuse_masked
 from forgeml.rundir import RunDir, sha256_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -221,11 +221,11 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     encoder.save(run.stage_dir("data") / ENCODER_DIR)
     stored = {name: encoder.rows(part, columns.label, labels_list) for name, part in splits.items()}
     manifest: dict[str, Any] = {
-        "source": table.origin,
+        "source": hide_secrets(table.origin),
         "fingerprint": table.fingerprint,
         "task": family.task,
         "config_hash": sha256_json(recipe.section_dump("data", "prepare", "model")),
-        "location": cfg.shards_url,  # None: beside this manifest
+        "location": cfg.shards_url and hide_secrets(cfg.shards_url),  # None: beside this manifest
         "schema": schema_of(stored["train"]),
         "text_column": columns.text,
         "feature_columns": columns.features,
@@ -260,6 +260,7 @@ OWNER_FILE = "forgeml-shards.json"  # marks a shards_url folder as this run's, s
 def claim_location(url: str, run: RunDir) -> str:
     """Make ``url`` this run's shard folder: it must be empty, or hold this run's earlier shards;
     anything else there could be someone's data, which prepare must never overwrite."""
+    refuse_masked("prepare.shards_url", url, HINT)
     fs, root = fsspec.core.url_to_fs(url)
     owner = {"run": str(run.path.resolve())}
     marker = f"{root.rstrip('/')}/{OWNER_FILE}"
@@ -274,9 +275,18 @@ def claim_location(url: str, run: RunDir) -> str:
     return url
 
 
-def shard_location(run: RunDir, manifest: dict[str, Any]) -> str:
-    """Where the manifest's shards are: its ``location`` URL, or the run's data/ folder."""
-    return manifest.get("location") or str(run.stage_dir("data"))
+HINT = "give the URL with its password, e.g. --set prepare.shards_url=URL"
+
+
+def shard_location(run: RunDir, manifest: dict[str, Any], shards_url: str | None = None) -> str:
+    """Where the manifest's shards are: its ``location`` URL, or the run's data/ folder. The
+    manifest holds the URL with its password masked; the recipe's ``shards_url`` gives it whole."""
+    location = manifest.get("location")
+    if not location:
+        return str(run.stage_dir("data"))
+    url = shards_url if shards_url and hide_secrets(shards_url) == location else location
+    refuse_masked("prepare.shards_url", url, HINT)
+    return url
 
 
 def read_manifest(run: RunDir) -> dict[str, Any]:
@@ -286,10 +296,11 @@ def read_manifest(run: RunDir) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_splits(run: RunDir) -> Splits:
-    """The prepared splits as stored (raw columns, encoded columns, class index), checksums verified."""
+def load_splits(run: RunDir, shards_url: str | None = None) -> Splits:
+    """The prepared splits as stored (raw columns, encoded columns, class index), checksums verified;
+    ``shards_url``: the recipe's prepare.shards_url (see shard_location)."""
     manifest = read_manifest(run)
-    folder = shard_location(run, manifest)
+    folder = shard_location(run, manifest, shards_url)
     frames = {name: read_split(folder, manifest["splits"][name]["shards"]) for name in SPLITS}
     label_column, labels = manifest["label_column"], manifest["labels"]
     return Splits(

@@ -24,6 +24,7 @@ from pandas.api.types import is_numeric_dtype
 
 from forgeml.data.builtin import DATASETS, options_of
 from forgeml.errors import DataError
+from forgeml.recipe import refuse_masked
 
 if TYPE_CHECKING:
     from forgeml.recipe import DataConfig
@@ -137,6 +138,7 @@ def _looks_like_path(source: str) -> bool:
 
 def _read_bytes(source: str) -> bytes:
     """The file's content, decompressed when its suffix says so (.gz, .bz2, .zst, ...)."""
+    refuse_masked("data.source", source, "give the URL with its password, e.g. --set data.source=URL")
     try:
         with fsspec.open(source, "rb", compression="infer") as f:
             return f.read()

@@ -155,7 +155,7 @@ def explain(
     if not cfg.methods:
         raise ForgeError("explain.methods is empty; name some, e.g. --method ig,lime, or all")
     methods = chosen_methods(cfg, family)
-    splits = load_splits(run)
+    splits = load_splits(run, recipe.prepare.shards_url)
     given = inputs is not None
     inputs, labels = chosen_inputs(cfg, family, splits, inputs)
     progress = Progress(

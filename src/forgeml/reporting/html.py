@@ -15,8 +15,11 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from forgeml.errors import RunDirError
 from forgeml.explaining.pictures import TOKEN_CSS, token_rows
+from forgeml.recipe import hide_secrets, mask_secrets
 from forgeml.reporting import plots
 from forgeml.reporting.diagnosis import diagnose
 from forgeml.rundir import atomic_write
@@ -85,13 +88,24 @@ def _read_jsonl(path: Path) -> list[Mapping[str, Any]]:
     return rows
 
 
+def shown_recipe(text: str) -> str:
+    """recipe.yaml as the report shows it: as written, or masked where a run made before forgeml
+    masked its files holds a secret."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return "(recipe.yaml is not valid YAML)"
+    masked = mask_secrets(data)
+    return text if masked == data else yaml.safe_dump(masked, sort_keys=False)
+
+
 def _dict_or_none(value: Any) -> Mapping[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
 def load_run(run_dir: Path) -> Run:
     try:
-        recipe = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+        recipe = shown_recipe((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     except OSError:
         recipe = None
     run_json = _dict_or_none(_read_json(run_dir / "run.json")) or {}
@@ -225,6 +239,7 @@ def _data(run: Run) -> str:
         return _absent("Data", run, "prepare")
     parts = []
     details = [(key, m.get(key)) for key in ("source", "label_column", "text_column") if m.get(key)]
+    details = [(key, hide_secrets(str(value))) for key, value in details]
     if isinstance(m.get("feature_columns"), list) and m["feature_columns"]:
         details.append(("feature_columns", ", ".join(map(str, m["feature_columns"]))))
     if details:
@@ -383,8 +398,9 @@ def _tuning(run: Run) -> str:
     if summary is None:
         return _absent("Tuning", run, "tune")
     states = ", ".join(f"{n} {state.lower()}" for state, n in summary["states"].items())
+    storage = hide_secrets(str(summary["storage"]))  # a run made before the summary masked it
     parts = [
-        f"<p>Study <code>{escape(summary['study_name'])}</code> in <code>{escape(summary['storage'])}</code>: "
+        f"<p>Study <code>{escape(summary['study_name'])}</code> in <code>{escape(storage)}</code>: "
         f"{escape(states)}. {_best(summary)}; the recipe with its values is <code>tune/best.yaml</code>.</p>",
         _table(["parameter", "best value"], [[name, value] for name, value in summary["best_params"].items()]),
     ]

@@ -8,8 +8,9 @@ Classifiers answer ``POST /v1/predict`` through the dynamic batcher; language mo
 import asyncio
 import hmac
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -159,10 +160,15 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
             pieces = served.stream(body.prompt, body.max_new_tokens, body.temperature, body.top_k)
             if body.stream:
                 return StreamingResponse(events(pieces, generating, served.version), media_type="text/event-stream")
-            try:
-                async with generating:
-                    text = await asyncio.wait_for(asyncio.to_thread("".join, pieces), cfg.timeout_s)
-            except TimeoutError:
+            stop = threading.Event()
+            async with generating:
+                sampling = asyncio.ensure_future(asyncio.to_thread(collect, pieces, stop))
+                try:
+                    done, _ = await asyncio.wait({sampling}, timeout=cfg.timeout_s)
+                finally:  # answered, timed out or cancelled: the lock is freed only once the sampling ends
+                    stop.set()
+                    text = await sampling
+            if not done:
                 return error(504, f"no answer within {cfg.timeout_s} s")
             return JSONResponse({"model_version": served.version, "text": text})
 
@@ -191,13 +197,14 @@ class Guard:
                 status = message["status"]
             await send(message)
 
+        limit = self.cfg.max_body_bytes
         if self.cfg.api_key and not path.startswith(OPEN) and not authorized(headers, self.cfg.api_key):
             await error(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'")(scope, receive, sent)
-        elif too_large(headers, self.cfg.max_body_bytes):
-            detail = [{"loc": ["body"], "msg": f"the body is over {self.cfg.max_body_bytes} bytes", "type": "size"}]
+        elif too_large(headers, limit) or (body := await read_body(receive, limit)) is None:
+            detail = [{"loc": ["body"], "msg": f"the body is over {limit} bytes", "type": "size"}]
             await JSONResponse({"detail": detail}, status_code=422)(scope, receive, sent)
         else:
-            await self.app(scope, receive, sent)
+            await self.app(scope, replay(body, receive), sent)
         route = path if path in ROUTES else "other"
         self.metrics.requests.labels(route, str(status)).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -221,6 +228,45 @@ def authorized(headers: dict[bytes, bytes], key: str) -> bool:
 def too_large(headers: dict[bytes, bytes], limit: int) -> bool:
     length = headers.get(b"content-length", b"")
     return length.isdigit() and int(length) > limit
+
+
+async def read_body(receive: Callable[[], Awaitable[dict]], limit: int) -> list[dict] | None:
+    """The request's body messages, counted as they arrive; None once they pass ``limit`` bytes.
+    A chunked body has no Content-Length to check beforehand."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":  # the client left
+            return messages
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
+
+
+def replay(messages: list[dict], receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+    """A receive that gives the messages read already, then what comes next (a disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+def collect(pieces: Iterator[str], stop: threading.Event) -> str:
+    """The pieces (one a sampled token) joined; once ``stop`` is set, no further token is sampled."""
+    text = []
+    for piece in pieces:
+        text.append(piece)
+        if stop.is_set():
+            break
+    close = getattr(pieces, "close", None)
+    if close is not None:  # a generator: run its cleanup now, in this thread, not when it is collected
+        close()
+    return "".join(text)
 
 
 def warm_up(served: Served) -> None:

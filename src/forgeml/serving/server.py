@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from forgeml.errors import ForgeError
-from forgeml.recipe import ServeConfig
+from forgeml.recipe import ServeConfig, refuse_masked
 from forgeml.serving.app import create_app
 from forgeml.serving.backends import open_model
 
@@ -17,6 +17,8 @@ from forgeml.serving.backends import open_model
 def run_server(run_dir: Path, cfg: ServeConfig) -> None:
     import uvicorn
 
+    # The run's recipe.yaml holds the key masked: serving with the mask as key would let anyone in.
+    refuse_masked("serve.api_key", cfg.api_key, "give the key with --api-key KEY or FORGEML_API_KEY=KEY")
     check_address(cfg.host, cfg.port)  # before the model loads: a taken port should not cost that wait
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # this process serves one model: its thread count is the server's

@@ -198,7 +198,7 @@ def train(
         manifest["rebalance"]["method"],
     )
     autocast = autocast_for(cfg.precision, strategy.device)
-    location = shard_location(run, manifest)
+    location = shard_location(run, manifest, recipe.prepare.shards_url)
     if cfg.micro_batch_size == "auto":
         cfg = auto_micro_batch(cfg, family, manifest, location, loss_fn, strategy, autocast)
         if env.main:

@@ -20,12 +20,12 @@ def size_mb(model_dir: Path) -> float:
 
 
 @torch.no_grad()
-def latency_ms(run: RunDir, repeats: int = 30) -> float:
+def latency_ms(run: RunDir, shards_url: str | None, repeats: int = 30) -> float:
     """Median milliseconds of the exported model's forward pass on the first validation row."""
     family = load_family(run.stage_dir("train") / "model")
     manifest = read_manifest(run)
     shard = manifest["splits"]["val"]["shards"][0]
-    row = family.items(read_shard(shard_location(run, manifest), shard))[:1]
+    row = family.items(read_shard(shard_location(run, manifest, shards_url), shard))[:1]
     batch = family.collate(list(row), augment=None, generator=None)
     network = family.network.eval()
     network(**batch.inputs)  # warm-up
@@ -37,7 +37,8 @@ def latency_ms(run: RunDir, repeats: int = 30) -> float:
     return statistics.median(times) * 1e3
 
 
-def model_cost(metric: str, run: RunDir) -> float:
+def model_cost(metric: str, run: RunDir, shards_url: str | None) -> float:
+    """``shards_url``: the recipe's prepare.shards_url (see shard_location)."""
     if metric == "size_mb":
         return size_mb(run.stage_dir("train") / "model")
-    return latency_ms(run)
+    return latency_ms(run, shards_url)

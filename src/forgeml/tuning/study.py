@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgeml.errors import ForgeError, RecipeError
 from forgeml.models import MODELS
-from forgeml.recipe import MODEL_COST_METRICS, Recipe, TuneConfig
+from forgeml.recipe import MODEL_COST_METRICS, Recipe, TuneConfig, hide_secrets, refuse_masked, secrets_env
 from forgeml.rundir import RunDir, atomic_write, write_json
 from forgeml.training.callbacks import Callback, LoopState
 from forgeml.training.launch import ONE_PROCESS, Dist
@@ -156,22 +156,12 @@ def optuna_quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-def shown(url: str) -> str:
-    """``url`` with any password masked, for messages and files."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # not a URL at all: nothing to hide
-        return url
-
-
 def open_storage(
     url: str, heartbeat_s: int, on_stale: Callable[[optuna.Study, FrozenTrial], None]
 ) -> optuna.storages.RDBStorage:
     """An RDB storage whose running trials beat every ``heartbeat_s``: a trial whose process died
     stops beating, and after twice that long it is marked failed so the study goes on."""
+    refuse_masked("tune.storage", url, "give the URL with its password with --storage URL")
     try:
         with quiet_experimental():
             return optuna.storages.RDBStorage(
@@ -184,7 +174,7 @@ def open_storage(
     except Exception as exc:  # sqlalchemy and driver errors differ by database; all mean the same here
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ForgeError(
-            f"tune.storage: cannot open {shown(url)!r} ({reason}); check the URL, the path and the server"
+            f"tune.storage: cannot open {hide_secrets(url)!r} ({reason}); check the URL, the path and the server"
         ) from exc
 
 
@@ -246,15 +236,15 @@ def open_study(recipe: Recipe, run: RunDir, console: Console) -> tuple[optuna.St
     made = [d.name.lower() for d in study.directions]
     if made != wanted:
         raise ForgeError(
-            f"tune.study_name: study {name!r} in {shown(url)} was made to {', '.join(made)} and this recipe asks "
-            f"to {', '.join(wanted)} {', '.join(cfg.objectives)}; choose another study name"
+            f"tune.study_name: study {name!r} in {hide_secrets(url)} was made to {', '.join(made)} and this recipe "
+            f"asks to {', '.join(wanted)} {', '.join(cfg.objectives)}; choose another study name"
         )
     with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
     # A continued study draws from a sampler seeded afresh: the same seed would repeat the first trials.
     study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
     study.pruner = make_pruner(cfg)
-    return study, storage, shown(url)
+    return study, storage, hide_secrets(url)
 
 
 def run_trials(
@@ -282,11 +272,13 @@ def run_trials(
             reports = [] if cfg.pruner == "none" else [ReportToTrial(trial, cfg.objectives[0], env)]
             result = train(spec, trial_run, quiet_console(), env=env, extra_callbacks=reports)
             values = [
-                model_cost(metric, trial_run) if metric in MODEL_COST_METRICS else float(result.val[metric])
+                model_cost(metric, trial_run, spec.prepare.shards_url)
+                if metric in MODEL_COST_METRICS
+                else float(result.val[metric])
                 for metric in cfg.objectives
             ]
         except ForgeError as exc:
-            trial.set_user_attr("error", str(exc))
+            trial.set_user_attr("error", hide_secrets(str(exc)))
             raise
         return values[0] if len(values) == 1 else values
 
@@ -348,7 +340,8 @@ def run_workers(
 ) -> None:
     """``tune.workers`` processes of `forgeml tune --worker`, each drawing trials from the shared
     storage until the study holds ``tune.trials`` more (or ``timeout_s`` passes); the storage is
-    all they share, exactly as workers on other machines would."""
+    all they share, exactly as workers on other machines would. Their recipe file is masked;
+    the secrets go to them in the environment."""
     cfg = recipe.tune
     start = len(study.trials)
     spec = run.stage_dir("tune") / f"{study.study_name}.worker.yaml"
@@ -360,7 +353,7 @@ def run_workers(
         # Each its own seed, or they would sample the same values.
         command += ["--set", f"tune.seed={cfg.seed + 1000 * (index + 1)}"]
         command += ["--set", f"tune.trials={start + cfg.trials}"] if cfg.trials else []
-        workers.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": threads}))
+        workers.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": threads, **secrets_env(recipe)}))
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     while any(worker.poll() is None for worker in workers):
         show(len(study.get_trials(deepcopy=False, states=finished)) - start)

@@ -302,6 +302,9 @@ class TuneConfig(Section):
     startup_trials: Annotated[int, Field(ge=0)] = Field(
         4, description="tpe, gp: trials sampled at random before the model of the space takes over"
     )
+    population_size: Annotated[int, Field(ge=2)] = Field(
+        50, description="nsga2: trials per generation; each later generation is bred from the best of those before"
+    )
     pruner: Literal["none", "median", "hyperband"] = "median"
     prune_startup_trials: Annotated[int, Field(ge=0)] = Field(
         3, description="median: trials that finish before any is pruned"

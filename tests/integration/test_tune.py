@@ -97,10 +97,23 @@ def test_median_pruner_prunes_hopeless_trials(tmp_path, prepared):
     assert "PRUNED" in states and "COMPLETE" in states
 
 
-def test_hyperband_pruner_runs(tmp_path, prepared):
-    path, run = setup(tmp_path, prepared)
-    tune(path, run, "--pruner", "hyperband", "--trials", "3")
-    assert len(rows(run)) == 3
+def test_hyperband_prunes_trials_at_its_rungs(tmp_path, prepared):
+    # 16 evaluations a trial, rungs at 1, 3 and 9 evaluations (min 1, reduction 3); a median rule
+    # would stop trials at any evaluation from prune_from_eval on.
+    space = {"train.lr": {"type": "float", "low": 1e-6, "high": 0.5, "log": True}}
+    tune_cfg = {"trials": 12, "space": space, "pruner": "hyperband", "hyperband_min_evals": 1}
+    path, run = setup(tmp_path, prepared, tune=tune_cfg, train={**BASE["train"], "max_steps": 16, "eval_every": 1})
+    tune(path, run, "--sampler", "random")
+    pruned = [t for t in study_of(run).trials if t.state.name == "PRUNED"]
+    assert pruned, "no trial was pruned"
+    assert {max(t.intermediate_values) for t in pruned} <= {1, 3, 9}
+
+
+def test_gp_sampler_proposes_trials_after_its_random_start(tmp_path, prepared):
+    path, run = setup(tmp_path, prepared, tune={**BASE["tune"], "trials": 4, "startup_trials": 2})
+    tune(path, run, "--sampler", "gp", "--pruner", "none")
+    by_gp = [t.number for t in study_of(run).trials if "gp:relative_params:0" in t.system_attrs]
+    assert by_gp == [2, 3]  # the first two are the random start
 
 
 def test_rerun_continues_the_study(tmp_path, prepared, capsys):
@@ -302,6 +315,7 @@ def test_a_list_of_metrics_is_a_multi_objective_study_with_a_pareto_front(tmp_pa
     # Wider models are larger: size competes with accuracy, so the front has more than one trial.
     space = {"model.hidden_sizes": {"type": "categorical", "choices": [[4], [64], [256, 64]]}}
     multi = {**BASE["tune"], "metric": ["accuracy", "size_mb", "latency_ms"], "trials": 4, "space": space}
+    multi["population_size"] = 2  # so that a second generation is bred from the first
     path, run = setup(tmp_path, prepared, tune=multi)
     tune(path, run)
     study = study_of(run)
@@ -311,6 +325,8 @@ def test_a_list_of_metrics_is_a_multi_objective_study_with_a_pareto_front(tmp_pa
     summary = json.loads((run / "tune" / "summary.json").read_text())
     assert summary["pareto"] == [t.number for t in study.best_trials]
     assert summary["best_trial"] in summary["pareto"]
+    generations = [t.system_attrs["NSGAIISampler:generation"] for t in study.trials]
+    assert generations == [0, 0, 1, 1]
     assert (run / "tune" / "pareto_front.png").exists()
     if len(summary["pareto"]) > 1:
         assert "Pareto front" in (run / "tune" / "best.yaml").read_text()

@@ -120,7 +120,7 @@ def make_sampler(cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed)
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
     with quiet_experimental():
         return optuna.samplers.GPSampler(n_startup_trials=cfg.startup_trials, seed=seed)
 

@@ -46,10 +46,12 @@ SMALL_LM = [
 ]  # fmt: skip
 
 
-# The lm recipe with dropout, so that resuming must restore each rank's random stream as well.
+# The lm recipe with dropout, so that resuming must restore each rank's random stream as well, and
+# early stopping, whose best weights (sharded as the model is) must come back from the checkpoint.
 RESUMABLE_LM = [
     *SMALL_LM,
     "--set", "model.dropout=0.1",
+    "--set", "train.early_stopping={metric: loss, patience: 100}",
     "--set", "train.max_steps=48",
     "--set", "train.checkpoint_every=8",
     "--set", "train.log_every=1",
@@ -96,6 +98,23 @@ def test_tensor_parallel_gpt_matches_one_process(tmp_path):
     forgeml_train(SMALL_LM, tmp_path / "single")
     forgeml_train(SMALL_LM, tmp_path / "tp", "--nproc", "2", "--strategy", "tp")
     assert_same_weights(tmp_path / "single", tmp_path / "tp")
+
+
+def test_fsdp_by_tensor_parallel_gpt_matches_one_process(tmp_path):
+    """A 2 x 2 mesh: tensor parallel inside pairs of ranks, FSDP across the pairs."""
+    forgeml_train(SMALL_LM, tmp_path / "single")
+    mesh = ["--nproc", "4", "--strategy", "fsdp+tp", "--tp-degree", "2"]
+    done = forgeml_train(SMALL_LM, tmp_path / "mesh", *mesh)
+    assert "train on 4 processes" in done.stdout + done.stderr
+    evaluation = json.loads((tmp_path / "mesh" / "train" / "eval.json").read_text())
+    assert (evaluation["strategy"], evaluation["world_size"]) == ("fsdp+tp", 4)
+    assert_same_weights(tmp_path / "single", tmp_path / "mesh")
+
+
+def test_activation_checkpointing_trains_to_the_same_weights(tmp_path):
+    forgeml_train(SMALL_LM, tmp_path / "plain")
+    forgeml_train([*SMALL_LM, "--set", "train.activation_checkpointing=true"], tmp_path / "recomputed")
+    assert_same_weights(tmp_path / "plain", tmp_path / "recomputed", tolerance=1e-6)
 
 
 def descendants(pid: int) -> list[int]:
@@ -213,6 +232,26 @@ def test_a_job_killed_on_two_processes_resumes_on_one(tmp_path):
     assert "(resuming)" in done.stderr
     assert "another number of processes" in done.stderr
     assert json.loads((run_dir / "train" / "eval.json").read_text())["steps"] == 300
+    assert_same_weights(tmp_path / "straight", run_dir, tolerance=1e-3)
+
+
+def test_a_job_killed_on_one_process_resumes_on_two(tmp_path):
+    args = [*SMALL_LM, "--set", "train.max_steps=300", "--set", "train.checkpoint_every=4"]
+    args += ["--set", "train.eval_every=300"]
+    forgeml_train(args, tmp_path / "straight", "--nproc", "2")
+
+    run_dir = tmp_path / "grown"
+    log = tmp_path / "killed.log"
+    with launched(args, run_dir, log=log) as job:
+        wait_for(run_dir / "train" / "checkpoints" / "step-8", job, log)
+
+    done = forgeml_train(args, run_dir, "--nproc", "2")
+    output = done.stdout + done.stderr
+    assert "(resuming)" in output and "another number of processes" in output
+    rows = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if row["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # went on from the checkpoint, no step twice
+    assert json.loads((run_dir / "train" / "eval.json").read_text())["world_size"] == 2
     assert_same_weights(tmp_path / "straight", run_dir, tolerance=1e-3)
 
 

@@ -9,6 +9,8 @@ anywhere, and 20% with three scattered edits. 70% of the copies have a 5-gram Ja
 Both methods use the same shingles (word 5-grams), num_perm, threshold and seed. The datasketch loop builds a
 MinHash per document (update_batch of the utf-8 shingles), inserts it into MinHashLSH, queries every document
 and keeps the candidates whose estimated Jaccard reaches the threshold, which is what near_duplicates returns.
+Both run on one process and on every core (datasketch: worker processes hash shares of the documents, the
+parent builds the LSH index from their signatures), alternating, --repeats times each; medians are reported.
 Precision and recall are measured against exact all-pairs Jaccard on a sample of ~2,000 documents: half of it
 planted copies with their sources (a uniform sample would hold almost no duplicate pairs), the rest uniform.
 
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHash, MinHashLSH
 from scipy.sparse import csr_matrix, triu
 
 from figures import emit, record_option
@@ -82,14 +86,36 @@ def shingles(text: str, ngram: int) -> list[str]:
     return [" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)]
 
 
-def datasketch_pairs(docs: list[str], num_perm: int, threshold: float, ngram: int) -> set[tuple[int, int]]:
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    sketches = []
-    for index, text in enumerate(docs):
+def signatures(docs: list[str], num_perm: int, ngram: int) -> list[np.ndarray]:
+    """datasketch MinHash hash values of each document (what a worker process sends back)."""
+    values = []
+    for text in docs:
         sketch = MinHash(num_perm=num_perm, seed=1)
         sketch.update_batch([s.encode("utf-8") for s in shingles(text, ngram)])
-        lsh.insert(index, sketch)
-        sketches.append(sketch)
+        values.append(sketch.hashvalues)
+    return values
+
+
+def datasketch_pairs(
+    docs: list[str], num_perm: int, threshold: float, ngram: int, processes: int
+) -> set[tuple[int, int]]:
+    """As a datasketch user spreads the work over cores: worker processes each hash a contiguous share
+    of the documents into MinHash signatures, and this process builds the one LSH index from them
+    (MinHashLSH is an in-memory object, so inserts and queries stay in one process)."""
+    if processes == 1:
+        values = signatures(docs, num_perm, ngram)
+    else:
+        share = -(-len(docs) // processes)
+        parts = [docs[i : i + share] for i in range(0, len(docs), share)]
+        with ProcessPoolExecutor(processes) as pool:
+            values = [
+                v for part in pool.map(signatures, parts, [num_perm] * len(parts), [ngram] * len(parts)) for v in part
+            ]
+    sketches = [LeanMinHash(seed=1, hashvalues=v) for v in values]
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    with lsh.insertion_session() as session:
+        for index, sketch in enumerate(sketches):
+            session.insert(index, sketch)
     pairs = set()
     for index, sketch in enumerate(sketches):
         for other in lsh.query(sketch):
@@ -153,17 +179,24 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--ngram", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
     record_option(parser)
     args = parser.parse_args()
     docs, source = make_corpus(args.docs, args.seed)
-    processes = os.cpu_count() or 1
-
-    start = time.perf_counter()
-    ours = near_duplicates(docs, args.num_perm, args.threshold, args.ngram, processes=processes)
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    theirs = datasketch_pairs(docs, args.num_perm, args.threshold, args.ngram)
-    theirs_s = time.perf_counter() - start
+    cores = os.cpu_count() or 1
+    # Each configuration, one process and all cores, for both methods; the order alternates round by
+    # round, so drift in the machine's speed hits both alike; medians over the rounds.
+    seconds: dict[tuple[str, int], list[float]] = {(who, n): [] for who in ("ours", "datasketch") for n in (1, cores)}
+    for round_ in range(args.repeats):
+        order = list(seconds) if round_ % 2 == 0 else list(reversed(seconds))
+        for who, n in order:
+            start = time.perf_counter()
+            if who == "ours":
+                ours = near_duplicates(docs, args.num_perm, args.threshold, args.ngram, processes=n)
+            else:
+                theirs = datasketch_pairs(docs, args.num_perm, args.threshold, args.ngram, n)
+            seconds[who, n].append(time.perf_counter() - start)
+    median = {key: statistics.median(values) for key, values in seconds.items()}
 
     sample = sample_documents(source, np.random.default_rng(args.seed + 1))
     truth = exact_pairs(docs, sample, args.threshold, args.ngram)
@@ -180,12 +213,16 @@ def main() -> None:
             "num_perm": args.num_perm,
             "threshold": args.threshold,
             "ngram": args.ngram,
-            "processes": processes,
-            "ours_s": round(ours_s, 3),
-            "ours_docs_per_s": round(len(docs) / ours_s),
-            "datasketch_s": round(theirs_s, 3),
-            "datasketch_docs_per_s": round(len(docs) / theirs_s),
-            "speedup": round(theirs_s / ours_s, 2),
+            "cores": cores,
+            "repeats": args.repeats,
+            "ours_1_process_s": round(median["ours", 1], 3),
+            "datasketch_1_process_s": round(median["datasketch", 1], 3),
+            "speedup_1_process": round(median["datasketch", 1] / median["ours", 1], 2),
+            "ours_all_cores_s": round(median["ours", cores], 3),
+            "datasketch_all_cores_s": round(median["datasketch", cores], 3),
+            "speedup_all_cores": round(median["datasketch", cores] / median["ours", cores], 2),
+            "ours_docs_per_s": round(len(docs) / median["ours", cores]),
+            "datasketch_docs_per_s": round(len(docs) / median["datasketch", cores]),
             "precision": round(precision, 4),
             "recall": round(recall, 4),
             "datasketch_precision": round(ds_precision, 4),

@@ -4,22 +4,28 @@ Both train the `lm` recipe's small GPT on stdlib-code from the same initial weig
 batches in the same order, with the same AdamW groups, schedule, clipping and precision. Runs
 alternate (forgeml, hand, hand, forgeml, ...) so drift in machine speed hits both alike. Prints one
 JSON line: median step times and their ratio (goal <= 1.05), the max absolute difference of the
-final weights (goal: 0), tokens/s, and MFU against this machine's measured matmul peak. The
-process keeps freed memory for reuse as `forgeml train` does (``--allocator default`` leaves
-glibc as it is, to measure what that buys; it applies to both loops alike).
+final weights (goal: 0), tokens/s, and MFU against the device's peak (on CPU a matmul measured in
+this process, on a known GPU its datasheet figure). Each run lasts more than forgeml's ``gc_every``
+steps and evaluates the validation split halfway (evaluation time is left out of the step times);
+both loops collect garbage on forgeml's schedule (every ``gc_every`` steps, fully after an
+evaluation), so the comparison is of the loops, not of the collector. The process keeps freed
+memory for reuse as `forgeml train` does (``--allocator default`` leaves glibc as it is, to
+measure what that buys; it applies to both loops alike).
 
-    python benchmarks/train_overhead.py [--steps 40] [--rounds 6] [--precision fp32|bf16] [--threads 2]
-                                        [--allocator keep|default]
+    python benchmarks/train_overhead.py [--steps 60] [--rounds 6] [--precision fp32|bf16] [--threads 2]
+                                        [--allocator keep|default] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import math
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,35 +38,47 @@ from forgeml.data.prepare import ENCODER_DIR, read_manifest, shard_location
 from forgeml.models import MODELS
 from forgeml.rundir import RunDir
 from forgeml.training.callbacks import Callback, MetricsLogger, ProgressBar
-from forgeml.training.loop import fit
+from forgeml.training.loop import autocast_for, fit
 from forgeml.training.losses import NextTokenLoss
 from forgeml.training.memory import keep_freed_memory
+from forgeml.training.metrics import evaluate
 from forgeml.training.stage import loaders
 from forgeml.training.strategies import Strategy
-from forgeml.training.throughput import measured_matmul_flops
+from forgeml.training.throughput import measured_matmul_flops, peak_flops
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":  # a step ends when the GPU is done with it
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class StepClock(Callback):
-    def __init__(self) -> None:
-        self.stamps = [time.perf_counter()]
+    """Step durations; the time an evaluation takes is left out of the next step's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.last = now(device)
 
     def on_step_end(self, state) -> None:
-        self.stamps.append(time.perf_counter())
+        stamp = now(self.device)
+        self.times.append(stamp - self.last)
+        self.last = stamp
+
+    def on_eval(self, state, metrics) -> None:
+        self.last = now(self.device)
 
 
-def step_times(stamps: list[float]) -> list[float]:
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-
-
-def run_forgeml(network, loader, cfg, logs: Path) -> list[float]:
-    clock = StepClock()
+def run_forgeml(network, loader, cfg, logs: Path, evaluate, device: torch.device) -> list[float]:
+    clock = StepClock(device)
     quiet = Console(file=io.StringIO())
     callbacks = [clock, ProgressBar(quiet), MetricsLogger(logs)]
-    fit(network, loader, cfg, NextTokenLoss(), Strategy.single(torch.device("cpu")), callbacks=callbacks)
-    return step_times(clock.stamps)
+    fit(network, loader, cfg, NextTokenLoss(), Strategy.single(device), evaluate=evaluate, callbacks=callbacks)
+    return clock.times
 
 
-def run_by_hand(network, loader, cfg) -> list[float]:
+def run_by_hand(network, loader, cfg, evaluate, device: torch.device) -> list[float]:
     """What a user would write without a framework."""
     matrices = [p for p in network.parameters() if p.dim() >= 2]
     vectors = [p for p in network.parameters() if p.dim() < 2]
@@ -79,50 +97,72 @@ def run_by_hand(network, loader, cfg) -> list[float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     use_bf16 = cfg.precision == "bf16"
     network.train()
-    stamps = [time.perf_counter()]
+    times, last = [], now(device)
     batches = iter(loader)
-    for _ in range(cfg.max_steps):
-        batch = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = network(batch.inputs["input_ids"])
-        loss = F.cross_entropy(logits.float().flatten(0, -2), batch.targets.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        stamps.append(time.perf_counter())
-    return step_times(stamps)
+    gc.collect()
+    gc.disable()  # forgeml's schedule, so both loops pay the collector alike
+    try:
+        for step in range(1, cfg.max_steps + 1):
+            batch = next(batches)
+            ids, targets = batch.inputs["input_ids"].to(device), batch.targets.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = network(ids)
+            loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss.item()  # as forgeml logs each step's loss
+            stamp = now(device)
+            times.append(stamp - last)
+            last = stamp
+            if step % cfg.gc_every == 0:
+                gc.collect(1)
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                evaluate(network)
+                last = now(device)
+                gc.collect()
+    finally:
+        gc.enable()
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60, help="per run; at least train.gc_every (50)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup-steps", type=int, default=3, help="first steps of each run left out of the medians")
     parser.add_argument("--allocator", choices=["keep", "default"], default="keep")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     record_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
         keep_freed_memory()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = measured_matmul_flops(dtype, torch.device("cpu"), n=2048, repeats=10)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        peak = peak_flops(device, args.precision)
+    else:
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        peak = measured_matmul_flops(dtype, device, n=2048, repeats=10)
 
-    recipe = forgeml.as_recipe(
-        "lm", (f"train.max_steps={args.steps}", f"train.precision={args.precision}", "train.warmup_steps=5")
-    )
+    settings = (f"train.max_steps={args.steps}", f"train.precision={args.precision}", "train.warmup_steps=5")
+    recipe = forgeml.as_recipe("lm", (*settings, f"train.eval_every={max(1, args.steps // 2)}"))
     cfg = recipe.train
+    if not cfg.gc_every or args.steps < cfg.gc_every:
+        parser.error(f"--steps {args.steps}: a run must last at least train.gc_every ({cfg.gc_every}) steps")
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "run")
         forgeml.prepare(recipe, run.path)
         family_cls = MODELS.get(recipe.model.name).build
         encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
         family = family_cls.create(recipe.model, encoder, [], seed=cfg.seed)
+        family.network.to(device)
         manifest = read_manifest(run)
-        single = Strategy.single(torch.device("cpu"))
+        single = Strategy.single(device)
         initial = {k: v.clone() for k, v in family.network.state_dict().items()}
 
         times: dict[str, list[float]] = {"forgeml": [], "hand": []}
@@ -134,11 +174,15 @@ def main() -> None:
                 family.network.load_state_dict(initial)
                 torch.manual_seed(cfg.seed)
                 # The same shard stream for both: (seed, epoch) fixes the order of the batches.
-                loader = loaders(family, manifest, shard_location(run, manifest), cfg, single)[0]["train"]
+                data = loaders(family, manifest, shard_location(run, manifest), cfg, single)[0]
+                autocast = autocast_for(cfg.precision, device)
+                validate = partial(evaluate, loader=data["val"], task="lm", labels=[], device=device, autocast=autocast)
                 if who == "forgeml":
-                    measured = run_forgeml(family.network, loader, cfg, Path(tmp) / f"logs-{round_}")
+                    measured = run_forgeml(
+                        family.network, data["train"], cfg, Path(tmp) / f"logs-{round_}", validate, device
+                    )
                 else:
-                    measured = run_by_hand(family.network, loader, cfg)
+                    measured = run_by_hand(family.network, data["train"], cfg, validate, device)
                 times[who] += measured[args.warmup_steps :]
                 finals[who] = torch.cat([p.detach().flatten() for p in family.network.parameters()])
             max_diff = max(max_diff, (finals["forgeml"] - finals["hand"]).abs().max().item())
@@ -152,10 +196,13 @@ def main() -> None:
             "benchmark": "train_overhead",
             "model": f"gpt L{recipe.model.n_layer} d{recipe.model.n_embd} T{recipe.model.block_size}",
             "precision": args.precision,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": args.threads,
             "allocator": args.allocator,
             "steps_per_run": args.steps,
             "rounds": args.rounds,
+            "eval_every": cfg.eval_every,
+            "gc_every": cfg.gc_every,
             "global_batch": cfg.global_batch_size,
             "forgeml_step_ms": round(ours * 1e3, 2),
             "baseline_step_ms": round(hand * 1e3, 2),

@@ -86,14 +86,14 @@ def shingles(text: str, ngram: int) -> list[str]:
     return [" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)]
 
 
-def signatures(docs: list[str], num_perm: int, ngram: int) -> list[np.ndarray]:
-    """datasketch MinHash hash values of each document (what a worker process sends back)."""
-    values = []
+def signatures(docs: list[str], num_perm: int, ngram: int) -> list[LeanMinHash]:
+    """datasketch MinHash of each document, as LeanMinHash (compact to send back from a worker)."""
+    sketches = []
     for text in docs:
         sketch = MinHash(num_perm=num_perm, seed=1)
         sketch.update_batch([s.encode("utf-8") for s in shingles(text, ngram)])
-        values.append(sketch.hashvalues)
-    return values
+        sketches.append(LeanMinHash(sketch))
+    return sketches
 
 
 def datasketch_pairs(
@@ -103,15 +103,13 @@ def datasketch_pairs(
     of the documents into MinHash signatures, and this process builds the one LSH index from them
     (MinHashLSH is an in-memory object, so inserts and queries stay in one process)."""
     if processes == 1:
-        values = signatures(docs, num_perm, ngram)
+        sketches = signatures(docs, num_perm, ngram)
     else:
         share = -(-len(docs) // processes)
         parts = [docs[i : i + share] for i in range(0, len(docs), share)]
         with ProcessPoolExecutor(processes) as pool:
-            values = [
-                v for part in pool.map(signatures, parts, [num_perm] * len(parts), [ngram] * len(parts)) for v in part
-            ]
-    sketches = [LeanMinHash(seed=1, hashvalues=v) for v in values]
+            found = pool.map(signatures, parts, [num_perm] * len(parts), [ngram] * len(parts))
+            sketches = [sketch for part in found for sketch in part]
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     with lsh.insertion_session() as session:
         for index, sketch in enumerate(sketches):

@@ -5,8 +5,9 @@ metrics.jsonl: tokens/s (median of the logged windows after the first) and peak 
 each configuration runs --repeats times, interleaved with the others, and its median run is
 reported. MFU is against one peak measured once for every row (the whole machine's matmul rate on
 CPU, the datasheet figure of the GPUs in use), so the rows compare. The baseline is the one-process
-run in the same invocation; the scaling ratio is a configuration's tokens/s over it (on a CPU the processes share the same cores, so 1.0 is ideal;
-with one GPU per process, the number of processes is).
+run in the same invocation; the scaling ratio is a configuration's tokens/s over it (on a CPU the
+processes share the same cores, so 1.0 is ideal; with one GPU per process, the number of
+processes is).
 
 The share of step time spent in communication is measured against the same work without it: as
 many independent processes as ranks, started together, each training on its share of the global

@@ -102,6 +102,15 @@ def test_only_audit_warnings_prepare_left_in_the_data_are_listed(tmp_path):
         assert f"audit's {left} check" in listed and "still in the prepared data" in listed
 
 
+def test_exact_deduplication_leaves_the_near_duplicates_warning_in_the_diagnosis():
+    report = {"checks": {"duplicate_fraction": {"status": "warn", "note": "9 rows repeat (4 exact, 5 near)"}},
+              "near_duplicates": [[3, 8]]}  # fmt: skip
+    exact = {"actions": [{"check": "duplicate_fraction", "action": "deduplicated", "rows": 4, "mode": "exact"}]}
+    near = {"actions": [{"check": "duplicate_fraction", "action": "deduplicated", "rows": 9, "mode": "near"}]}
+    assert "audit's duplicate_fraction check" in " ".join(f.text for f in diagnose([], {}, exact, report))
+    assert not diagnose([], {}, near, report)
+
+
 def test_the_report_opens_with_the_diagnosis_linking_its_evidence():
     metrics = curve("train", [2.0, 1.2, 0.8, 0.5, 0.3, 0.2]) + curve("val", [1.5, 1.0, 0.9, 1.1, 1.3, 1.5])
     run = Run(name="r", recipe=None, stages={}, manifest=None, metrics=metrics, eval={"stopped_early": False})

@@ -162,7 +162,7 @@ def fragile_matmuls(model_path: Path, calibration: list[dict[str, torch.Tensor]]
     model = onnx.load(str(model_path))
     weights = {init.name: init for init in model.graph.initializer}
     nodes = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
-    if not nodes:  # an MLP's layers export as Gemm, which dynamic int8 leaves in fp32
+    if not nodes:  # an MLP exports its layers as Gemm; the block-wise choice concerns MatMul only
         return []
     typed = {value.name: value for value in [*model.graph.value_info, *model.graph.input]}
     probed = list(dict.fromkeys(node.input[0] for node in nodes))  # Q, K and V share theirs

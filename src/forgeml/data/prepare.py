@@ -163,7 +163,8 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     frame = keep_first(frame, groups)
     if len(frame) < before:
         notes.append(f"removed {before - len(frame)} {cfg.deduplicate} duplicates")
-        actions.append({"check": "duplicate_fraction", "action": "deduplicated", "rows": before - len(frame)})
+        removed = {"check": "duplicate_fraction", "action": "deduplicated", "rows": before - len(frame)}
+        actions.append({**removed, "mode": cfg.deduplicate})
     if conflicts:  # one row of each group is left, with the first row's label
         rows = sum(len(group) - 1 for group in conflicts)
         actions.append({"check": "label_conflicts", "action": "deduplicated", "rows": rows, "groups": len(conflicts)})

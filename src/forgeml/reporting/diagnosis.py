@@ -133,11 +133,18 @@ def most_confused(label: str, labels: Sequence[Any], matrix: Sequence[Sequence[A
     return max(wrong)[1] if wrong else None
 
 
+def partial(action: Mapping[str, Any], report: Mapping[str, Any]) -> bool:
+    """An action that leaves some of the problem in the data: exact de-duplication keeps the near
+    duplicates the audit found."""
+    return action.get("mode") == "exact" and bool(report.get("near_duplicates"))
+
+
 def audit(report: Mapping[str, Any] | None, manifest: Mapping[str, Any] | None) -> list[Finding]:
     """The audit checks that warned or failed and that prepare did nothing about (its manifest
     records each action under the name of the check it answers)."""
     checks = (report or {}).get("checks") or {}
-    handled = {action.get("check") for action in (manifest or {}).get("actions") or []}
+    actions = (manifest or {}).get("actions") or []
+    handled = {action.get("check") for action in actions if not partial(action, report or {})}
     found = []
     for name, check in checks.items():
         if not isinstance(check, dict) or check.get("status") not in ("warn", "fail") or name in handled:

@@ -5,17 +5,23 @@ tabular MLP, on breast-cancer unless ``--source`` names another built-in table) 
 ``forgeml.tune``, on data prepared once, with the same per-trial budget (``--epochs`` epochs, one
 evaluation per epoch, so Hyperband's resource is the epoch for every batch size), the same early
 stopping (``--patience`` evaluations without improvement; the best weights are restored, so a
-trial's value is its best evaluation) and the same seeds (tune.seed and train.seed). For each seed,
-random search runs ``--budget`` trials without pruning; its best validation value (tune.metric,
-val loss) is the target. Counted, in training epochs (steps / steps per epoch, read from each
-trial's train/metrics.jsonl, so a pruned or stopped trial counts what it trained): what random
-search spent until its first trial that reached the target, and what TPE + Hyperband (up to
-``--cap`` trials, Hyperband with ``--min-evals`` and ``--reduction``) spent until its first
-completed trial at least as good. A TPE run that never gets there is charged all its epochs and
-flagged. Prints one JSON line: per-seed figures, the medians and the ratio median(TPE + Hyperband
-epochs) / median(random epochs) (goal <= 0.5), and wall times.
+trial's value is its best evaluation) and the same seeds (tune.seed and train.seed), seeds
+``--first-seed`` onwards. For each seed, random search runs ``--budget`` trials without pruning;
+its best validation value (tune.metric, val loss) is the target. Counted, in training epochs
+(steps / steps per epoch, read from each trial's train/metrics.jsonl, so a pruned or stopped trial
+counts what it trained): what random search spent until its first trial that reached the target,
+and what each TPE arm (up to ``--cap`` trials) spent until its first completed trial at least as
+good. A TPE arm that never gets there is charged all its epochs and flagged. The arms:
 
-    python benchmarks/tune_efficiency.py [--seeds 5] [--budget 16] [--cap 64] [--epochs 20]
+- ``settings``: TPE + Hyperband with the flags' settings (``--min-evals``, ``--reduction``,
+  ``--startup-trials``), frozen before the seeds they are reported on;
+- ``hyperband_defaults``: ``tune.pruner=hyperband`` and every other tune field at its default;
+- ``recipe_defaults``: the `tune` recipe's own sampler and pruner, as a user who changes nothing gets.
+
+Prints one JSON line: per-seed figures, and for each arm the median epochs, the ratio
+median(arm epochs) / median(random epochs) (goal <= 0.5) and how many seeds reached the target.
+
+    python benchmarks/tune_efficiency.py [--seeds 10] [--first-seed 5] [--budget 16] [--cap 64] [--epochs 20]
         [--patience 3] [--min-evals 3] [--reduction 3] [--startup-trials 4] [--source NAME] [--keep DIR]
 """
 
@@ -86,14 +92,17 @@ def until(trials: list[dict[str, Any]], reached) -> tuple[float, float, int | No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument(
+        "--first-seed", type=int, default=5, help="seeds 0-4 chose the settings; they are reported on those after"
+    )
     parser.add_argument("--budget", type=int, default=16, help="random search: trials, none pruned")
-    parser.add_argument("--cap", type=int, default=64, help="TPE + Hyperband: at most this many trials")
+    parser.add_argument("--cap", type=int, default=64, help="TPE arms: at most this many trials")
     parser.add_argument("--epochs", type=int, default=20, help="every trial's training budget")
-    parser.add_argument("--startup-trials", type=int, default=4, help="tune.startup_trials of TPE")
+    parser.add_argument("--startup-trials", type=int, default=4, help="settings arm: tune.startup_trials of TPE")
     parser.add_argument("--source", default="breast-cancer", help="data.source: a built-in table")
-    parser.add_argument("--min-evals", type=int, default=3, help="tune.hyperband_min_evals")
-    parser.add_argument("--reduction", type=int, default=3, help="tune.hyperband_reduction")
+    parser.add_argument("--min-evals", type=int, default=3, help="settings arm: tune.hyperband_min_evals")
+    parser.add_argument("--reduction", type=int, default=3, help="settings arm: tune.hyperband_reduction")
     parser.add_argument(
         "--patience", type=int, default=3, help="train.early_stopping.patience (best weights restored); 0: none"
     )
@@ -113,10 +122,19 @@ def main() -> None:
         # epoch. Python's own collections instead: wall time only, the same arithmetic.
         "train.gc_every=null",
         f"data.source={args.source}",
-        f"tune.hyperband_min_evals={args.min_evals}",
-        f"tune.hyperband_reduction={args.reduction}",
         *([f"train.early_stopping.patience={args.patience}"] if args.patience else []),
     )
+    arms = {
+        "settings": (
+            "tune.sampler=tpe",
+            "tune.pruner=hyperband",
+            f"tune.hyperband_min_evals={args.min_evals}",
+            f"tune.hyperband_reduction={args.reduction}",
+            f"tune.startup_trials={args.startup_trials}",
+        ),
+        "hyperband_defaults": ("tune.sampler=tpe", "tune.pruner=hyperband"),
+        "recipe_defaults": (),
+    }
     better = (lambda value, target: value <= target) if minimize else (lambda value, target: value >= target)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +143,7 @@ def main() -> None:
         forgeml.prepare(forgeml.as_recipe(recipe, common), run)  # prepared once; every study's trials link it
         prepare_s = time.perf_counter() - started
         per_seed = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             seeded = (*common, f"tune.seed={seed}", f"train.seed={seed}")
             random_trials, random_wall = search(
                 recipe,
@@ -136,60 +154,62 @@ def main() -> None:
             values = [t["value"] for t in random_trials if t["value"] is not None]
             target = min(values) if minimize else max(values)
             random_epochs, random_s, random_at = until(random_trials, lambda v, target=target: v == target)
-            tpe_trials, tpe_wall = search(
-                recipe,
-                run,
-                f"tpe-hyperband-s{seed}",
-                (
-                    *seeded,
-                    f"tune.trials={args.cap}",
-                    "tune.sampler=tpe",
-                    "tune.pruner=hyperband",
-                    f"tune.startup_trials={args.startup_trials}",
-                ),
-            )
-            tpe_epochs, tpe_s, tpe_at = until(tpe_trials, lambda v, target=target: better(v, target))
-            tpe_values = [t["value"] for t in tpe_trials if t["value"] is not None]
-            per_seed.append(
-                {
-                    "seed": seed,
-                    "target": round(target, 5),
-                    "random_epochs": round(random_epochs, 2),
-                    "random_trial": random_at,
-                    "random_trial_s": round(random_s, 1),
-                    "tpe_hb_epochs": round(tpe_epochs, 2),
-                    "tpe_hb_trial": tpe_at,
-                    "tpe_hb_trial_s": round(tpe_s, 1),
-                    "tpe_hb_reached": tpe_at is not None,
-                    "tpe_hb_best": round(min(tpe_values) if minimize else max(tpe_values), 5) if tpe_values else None,
-                    "tpe_hb_pruned": sum(t["state"] == "PRUNED" for t in tpe_trials),
-                    "tpe_hb_all_epochs": round(sum(t["epochs"] for t in tpe_trials), 2),
-                    "random_wall_s": round(random_wall, 1),
-                    "tpe_hb_wall_s": round(tpe_wall, 1),
+            row: dict[str, Any] = {
+                "seed": seed,
+                "target": round(target, 5),
+                "random_epochs": round(random_epochs, 2),
+                "random_trial": random_at,
+                "random_trial_s": round(random_s, 1),
+                "random_wall_s": round(random_wall, 1),
+            }
+            for arm, overrides in arms.items():
+                trials, wall = search(recipe, run, f"{arm}-s{seed}", (*seeded, f"tune.trials={args.cap}", *overrides))
+                epochs, seconds, at = until(trials, lambda v, target=target: better(v, target))
+                arm_values = [t["value"] for t in trials if t["value"] is not None]
+                row[arm] = {
+                    "epochs": round(epochs, 2),
+                    "trial": at,
+                    "trial_s": round(seconds, 1),
+                    "reached": at is not None,
+                    "best": round(min(arm_values) if minimize else max(arm_values), 5) if arm_values else None,
+                    "pruned": sum(t["state"] == "PRUNED" for t in trials),
+                    "all_epochs": round(sum(t["epochs"] for t in trials), 2),
+                    "wall_s": round(wall, 1),
                 }
-            )
+            per_seed.append(row)
         total_s = time.perf_counter() - started
 
     random_median = statistics.median(s["random_epochs"] for s in per_seed)
-    tpe_median = statistics.median(s["tpe_hb_epochs"] for s in per_seed)
+    summary = {}
+    for arm in arms:
+        median = statistics.median(s[arm]["epochs"] for s in per_seed)
+        summary[arm] = {
+            "median_epochs": median,
+            "epoch_ratio": round(median / random_median, 3),
+            "reached": sum(s[arm]["reached"] for s in per_seed),
+            "median_trial_s": round(statistics.median(s[arm]["trial_s"] for s in per_seed), 1),
+        }
     emit(
         {
             "benchmark": "tune_efficiency",
             "recipe": f"{recipe} (mlp on {args.source}), {args.epochs} epochs a trial, one evaluation an epoch",
             "early_stopping_patience": args.patience,
             "metric": f"val {metric}",
-            "seeds": args.seeds,
+            "seeds": f"{args.first_seed}-{args.first_seed + args.seeds - 1}",
             "random_budget": args.budget,
-            "tpe_hb_cap": args.cap,
-            "startup_trials": args.startup_trials,
-            "hyperband": f"min_evals {args.min_evals}, reduction {args.reduction}",
+            "cap": args.cap,
+            "settings": f"min_evals {args.min_evals}, reduction {args.reduction}, startup_trials {args.startup_trials}",
+            "defaults": {
+                "sampler": tune.sampler,
+                "pruner": tune.pruner,
+                "startup_trials": tune.startup_trials,
+                "hyperband_min_evals": tune.hyperband_min_evals,
+                "hyperband_reduction": tune.hyperband_reduction,
+            },
             "per_seed": per_seed,
             "median_random_epochs": random_median,
-            "median_tpe_hb_epochs": tpe_median,
-            "epoch_ratio": round(tpe_median / random_median, 3),
-            "tpe_hb_reached": sum(s["tpe_hb_reached"] for s in per_seed),
             "median_random_trial_s": round(statistics.median(s["random_trial_s"] for s in per_seed), 1),
-            "median_tpe_hb_trial_s": round(statistics.median(s["tpe_hb_trial_s"] for s in per_seed), 1),
+            "arms": summary,
             "prepare_s": round(prepare_s, 1),
             "total_wall_s": round(total_s, 1),
         },

@@ -59,7 +59,10 @@ def results_table(run_dir: Path) -> Table | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    keys = ["accuracy", "macro_f1", "loss"] if result["task"] == "classification" else ["perplexity", "loss"]
+    from forgeml.tasks import task_named
+
+    task = task_named(result["task"])
+    keys = [*task.metrics[1:], task.metrics[0]]  # the loss last
     table = Table(title=f"held-out results ({result['steps']} steps)")
     table.add_column("split")
     for key in keys:
@@ -567,15 +570,14 @@ def generate(
     import torch
 
     from forgeml import load
-    from forgeml.models.gpt import GPT
 
     if not run_dir.is_dir():
         raise ForgeError(f"{run_dir}: no such run directory; train a language model with `forgeml train lm`")
     model = load(run_dir)
-    if not isinstance(model, GPT):
+    if not model.generates:
         raise ForgeError(
-            f"{run_dir}: its model, {model.name}, does not generate text; generate needs a gpt run "
-            "(model.name: gpt), e.g. `forgeml train lm`"
+            f"{run_dir}: its model, {model.name}, does not generate text; generate needs a language model "
+            "run, e.g. `forgeml train lm`"
         )
     generator = torch.Generator().manual_seed(seed)
     sys.stdout.write(prompt)

@@ -99,7 +99,7 @@ STAGES = (
         ("data", "prepare", "model", "train", "explain"),
         file_hashes("train/model", "data/manifest.json"),
         lambda recipe, run, console, resume, env: _explain(recipe, run, console),
-        enabled=lambda recipe: bool(recipe.explain.methods) and MODELS.get(recipe.model.name).build.task != "lm",
+        enabled=lambda recipe: bool(recipe.explain.methods) and MODELS.get(recipe.model.name).build.task.classifies,
     ),
     Stage(
         "report",

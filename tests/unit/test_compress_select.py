@@ -53,7 +53,7 @@ def test_recommendation_is_on_the_front_or_honours_the_target(measured, target):
 
 @given(st.integers(2, 48).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n - 1))))
 def test_a_student_keeps_evenly_spaced_layers_from_the_first_to_the_top(case):
-    from forgeml.compression.distill import spread
+    from forgeml.models.registry import spread
 
     n, keep = case
     chosen = spread(n, keep)

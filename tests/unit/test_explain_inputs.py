@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forgeml.errors import ForgeError
-from forgeml.explaining.stage import checked_rows, number_or_none, read_inputs
+from forgeml.explaining.stage import read_inputs
+from forgeml.models.inputs import number_or_none
 from forgeml.models.mlp import MLP, MLPConfig
 
 FEATURES = ["mean radius", "texture", "x"]
@@ -66,10 +67,10 @@ def test_bad_files_are_named(tmp_path: Path, name, content, message):
 
 
 def test_given_inputs_must_be_what_the_model_reads():
-    assert checked_rows([{"mean radius": 1, "texture": "2.5", "x": 0}], TABLE, None, "inputs") == [
+    assert TABLE.check_rows([{"mean radius": 1, "texture": "2.5", "x": 0}], None, "inputs") == [
         {"mean radius": 1.0, "texture": 2.5, "x": 0.0}
     ]
     with pytest.raises(
         ForgeError, match=r"inputs, row 2: str 'hi', but the mlp model reads the values of its features"
     ):
-        checked_rows([dict.fromkeys(FEATURES, 1.0), "hi"], TABLE, None, "inputs")
+        TABLE.check_rows([dict.fromkeys(FEATURES, 1.0), "hi"], None, "inputs")

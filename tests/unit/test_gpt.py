@@ -33,7 +33,7 @@ def splits() -> Splits:
 def test_registered() -> None:
     entry = MODELS.get("gpt")
     assert entry.build is GPT and entry.config is GPTConfig
-    assert (GPT.name, GPT.inputs, GPT.task) == ("gpt", "text", "lm")
+    assert (GPT.name, GPT.inputs, GPT.task.name, GPT.generates) == ("gpt", "text", "lm", True)
 
 
 def test_n_embd_must_divide_by_n_head() -> None:

@@ -411,13 +411,13 @@ def test_an_unfinished_checkpoint_is_invisible(tmp_path):
 
 
 def test_prepare_rebalancing_choice_reaches_the_loss():
-    from forgeml.training.stage import build_loss
+    from forgeml.tasks import CLASSIFICATION
 
     labels, counts = ["a", "b", "c"], {"a": 60, "b": 30, "c": 10}
     cfg = TrainConfig(max_steps=1)
-    weighted = build_loss(cfg, "classification", labels, counts, "class_weights")
+    weighted = CLASSIFICATION.loss(cfg, labels, counts, "class_weights")
     np.testing.assert_allclose(weighted.class_weights.numpy(), [100 / 180, 100 / 90, 100 / 30], rtol=1e-6)
-    assert build_loss(cfg, "classification", labels, counts, "focal").kind == "focal"
+    assert CLASSIFICATION.loss(cfg, labels, counts, "focal").kind == "focal"
     explicit = TrainConfig(max_steps=1, class_weights=[1, 2, 3])
-    assert build_loss(explicit, "classification", labels, counts, "class_weights").class_weights.tolist() == [1, 2, 3]
-    assert build_loss(cfg, "classification", labels, counts, "none").class_weights is None
+    assert CLASSIFICATION.loss(explicit, labels, counts, "class_weights").class_weights.tolist() == [1, 2, 3]
+    assert CLASSIFICATION.loss(cfg, labels, counts, "none").class_weights is None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,68 +19,13 @@ from torch import nn
 
 from forgeml.compression.variants import Variant, saved_torch_variant
 from forgeml.data.prepare import read_manifest, shard_location
-from forgeml.errors import ForgeError
 from forgeml.models.registry import ModelFamily, load_family, logits_of
-from forgeml.recipe import DistillConfig, Recipe
-from forgeml.registry import Registry
+from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
 from forgeml.training.launch import ONE_PROCESS
 from forgeml.training.loop import fit
-from forgeml.training.stage import build_loss, loaders
+from forgeml.training.stage import loaders
 from forgeml.training.strategies import build_strategy, resolve_batch
-
-# family name -> (teacher, distill settings) -> an untrained-for-the-task smaller student
-STUDENTS: Registry[Callable[[ModelFamily, DistillConfig], ModelFamily]] = Registry("student")
-
-
-def spread(n: int, keep: int) -> list[int]:
-    """``keep`` of ``n`` layer indices, evenly spaced from the first to the last (as DistilBERT
-    takes every other layer): the student keeps the teacher's top layer, the one its head reads."""
-    return sorted({round(i * (n - 1) / max(keep - 1, 1)) for i in range(keep)})
-
-
-@STUDENTS.register("text-classifier")
-def shallower_encoder(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
-    """The teacher's embeddings, half its layers (or student_layers), evenly spaced with the top
-    one kept, its pooler and head; the embeddings stay frozen. On the default model, layers
-    0, 2, 5 gave the student 0.861 macro-F1 where the lower three gave 0.831."""
-    network = copy.deepcopy(teacher.network)
-    layers = network.base_model.encoder.layer
-    keep = cfg.student_layers or max(1, len(layers) // 2)
-    if keep >= len(layers):
-        raise ForgeError(
-            f"compress.distill.student_layers: {keep} is not fewer than the teacher's {len(layers)} layers"
-        )
-    network.base_model.encoder.layer = nn.ModuleList(layers[i] for i in spread(len(layers), keep))
-    network.config.num_hidden_layers = keep
-    network.base_model.embeddings.requires_grad_(False)
-    return type(teacher)(teacher.config, network, teacher.tokenizer, teacher.labels)
-
-
-@STUDENTS.register("gpt")
-def shallower_gpt(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
-    """The teacher's embeddings, half its blocks (or student_layers), evenly spaced with the top
-    one kept, its final LayerNorm and (tied) head; everything trains."""
-    network = copy.deepcopy(teacher.network)
-    keep = cfg.student_layers or max(1, len(network.blocks) // 2)
-    if keep >= len(network.blocks):
-        raise ForgeError(
-            f"compress.distill.student_layers: {keep} is not fewer than the teacher's {len(network.blocks)} blocks"
-        )
-    network.blocks = nn.ModuleList(network.blocks[i] for i in spread(len(network.blocks), keep))
-    return type(teacher)(teacher.config.model_copy(update={"n_layer": keep}), teacher.tokenizer, network)
-
-
-@STUDENTS.register("mlp")
-def narrower_mlp(teacher: ModelFamily, cfg: DistillConfig) -> ModelFamily:
-    """Hidden layers ``student_width`` times as wide, freshly initialised, with the teacher's scaling."""
-    widths = [max(1, round(width * cfg.student_width)) for width in teacher.config.hidden_sizes]
-    student = type(teacher)(
-        teacher.config.model_copy(update={"hidden_sizes": widths}), teacher.features, teacher.labels
-    )
-    student.network.mean.copy_(teacher.network.mean)
-    student.network.std.copy_(teacher.network.std)
-    return student
 
 
 class WithTeacher(nn.Module):
@@ -139,7 +83,7 @@ def train_student(
     manifest = read_manifest(run)
     data, augment = loaders(student, manifest, shard_location(run, manifest, recipe.prepare.shards_url), cfg, strategy)
     rebalance = manifest["rebalance"]["method"]
-    loss = build_loss(cfg, student.task, student.labels, manifest["class_counts"].get("train", {}), rebalance)
+    loss = student.task.loss(cfg, student.labels, manifest["class_counts"].get("train", {}), rebalance)
     torch.manual_seed(cfg.seed)  # the same dropout masks for both students
     model: nn.Module = student.network
     if teacher is not None:
@@ -153,8 +97,7 @@ def distill_variants(source: Variant, recipe: Recipe, run: RunDir, root: Path) -
     """``distilled`` (taught by the source model) and ``student-alone`` (the same student trained
     on the labels only), each saved in its folder."""
     cfg = recipe.compress.distill
-    make = STUDENTS.get(source.family.name).build
-    student = make(source.family, cfg)
+    student = source.family.student(cfg.student_layers, cfg.student_width)
     alone = copy.deepcopy(student)  # the same initial weights
     train_student(student, source.family, recipe, run)
     train_student(alone, None, recipe, run)

@@ -5,7 +5,6 @@ machine falls on all of them alike rather than on whichever ran then."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ import numpy as np
 import torch
 
 from forgeml.compression.variants import Variant
-from forgeml.training.metrics import classification_metrics
 
 WARMUP = 5
 BLOCK = 5  # calls in a row per variant and round
@@ -38,13 +36,7 @@ def quality(variant: Variant, inputs: Inputs) -> tuple[dict[str, Any], torch.Ten
     loss, over every position."""
     logits = torch.cat([variant.logits(batch) for batch in inputs.batches])
     logits, targets = logits.reshape(-1, logits.size(-1)), inputs.targets.reshape(-1)
-    loss = float(torch.nn.functional.cross_entropy(logits, targets))
-    if variant.family.task == "lm":
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        metrics["accuracy"] = float((logits.argmax(-1) == targets).float().mean())
-    else:
-        metrics = classification_metrics(targets.numpy(), logits.argmax(-1).numpy(), loss, variant.family.labels)
-    return metrics, logits.softmax(-1)
+    return variant.family.task.scores(logits, targets, variant.family.labels), logits.softmax(-1)
 
 
 def agreement(probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:

@@ -33,9 +33,10 @@ class Positional(nn.Module):
 
 
 def export(family: ModelFamily, sample: dict[str, torch.Tensor], path: Path) -> None:
-    """Batch (and, for text, sequence length) stay dynamic; everything else is fixed by ``sample``."""
+    """The axes the family names dynamic (batch, and for text the sequence) stay so; everything else
+    is fixed by ``sample``."""
     names = list(sample)
-    axes = {name: {0: "batch", 1: "sequence"} if family.inputs == "text" else {0: "batch"} for name in names}
+    axes = family.dynamic_axes(names)
     # In eval mode, wrapper included: the exporter puts every module back in its wrapper's mode
     # afterwards, and a fresh wrapper's would leave the network training (dropout on).
     wrapper = Positional(family.network, names).eval()

@@ -67,42 +67,26 @@ def keep_by_l1(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return scores.topk(keep).indices.sort().values
 
 
-Slot = tuple[nn.Module, str]  # a linear layer as (the module holding it, its attribute name)
-
-
-def block_parts(family: ModelFamily, block: nn.Module) -> tuple[nn.Module, int, list[Slot], Slot, Slot, Slot]:
-    """A transformer block's attention module and head size, its query/key/value and output
-    projections, and its feed-forward up and down projections."""
-    if family.name == "gpt":
-        attention = block.attn
-        qkv = [(attention, name) for name in ("q_proj", "k_proj", "v_proj")]
-        return attention, attention.head_dim, qkv, (attention, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
-    attention = block.attention.self
-    qkv = [(attention, name) for name in ("query", "key", "value")]
-    out, up, down = (block.attention.output, "dense"), (block.intermediate, "dense"), (block.output, "dense")
-    return attention, attention.attention_head_size, qkv, out, up, down
-
-
 def cut(
     family: ModelFamily,
     heads_of: Callable[[nn.Linear, int], torch.Tensor],
     channels_of: Callable[[nn.Linear, nn.Linear], torch.Tensor],
 ) -> dict[str, list[int]]:
-    """Cut every block of a text classifier or gpt in place down to the heads ``heads_of(output
+    """Cut every block of a transformer family in place down to the heads ``heads_of(output
     projection, head size)`` and the feed-forward channels ``channels_of(up, down)`` choose; the
     kept counts per block."""
     from transformers.pytorch_utils import prune_linear_layer
 
     heads, channels = [], []
     for block in family.blocks():
-        attention, size, qkv, out, up, down = block_parts(family, block)
+        layout = family.block_layout(block)
+        size, out, up, down = layout.head_size, layout.out, layout.up, layout.down
         kept = heads_of(getattr(*out), size)
         index = (kept[:, None] * size + torch.arange(size)).flatten()
-        for owner, name in qkv:
+        for owner, name in layout.qkv:
             setattr(owner, name, prune_linear_layer(getattr(owner, name), index, dim=0))
         setattr(*out, prune_linear_layer(getattr(*out), index, dim=1))
-        if family.name != "gpt":  # BERT's attention stores its head count; gpt's counts from the width
-            attention.num_attention_heads, attention.all_head_size = len(kept), len(index)
+        layout.set_heads(len(kept))
         kept_channels = channels_of(getattr(*up), getattr(*down))
         setattr(*up, prune_linear_layer(getattr(*up), kept_channels, dim=0))
         setattr(*down, prune_linear_layer(getattr(*down), kept_channels, dim=1))
@@ -125,23 +109,21 @@ def structured_blocks(family: ModelFamily, fraction: float) -> dict[str, list[in
     return cut(family, heads, channels)
 
 
-def structured_mlp(family: ModelFamily, fraction: float) -> ModelFamily:
-    """A new MLP with each hidden layer's units of smallest L1 weight (in and out) removed."""
-    linears = [m for m in family.network.layers if isinstance(m, nn.Linear)]
+def structured_layers(family: ModelFamily, fraction: float) -> ModelFamily:
+    """A network without blocks (a stack of linear layers) narrowed by the family, each hidden
+    layer's units of smallest L1 weight (in and out) removed and the others' weights kept."""
+    linears = [m for m in family.network.modules() if isinstance(m, nn.Linear)]
     kept = []
     for inner, outer in zip(linears, linears[1:], strict=False):
         kept.append(keep_by_l1(inner.weight.detach().abs().sum(1) + outer.weight.detach().abs().sum(0), fraction))
-    config = family.config.model_copy(update={"hidden_sizes": [len(k) for k in kept]})
-    student = type(family)(config, family.features, family.labels)
-    cut = [m for m in student.network.layers if isinstance(m, nn.Linear)]
+    student = family.narrower([len(k) for k in kept])
+    cut = [m for m in student.network.modules() if isinstance(m, nn.Linear)]
     rows = [*kept, torch.arange(linears[-1].out_features)]
     columns = [torch.arange(linears[0].in_features), *kept]
     with torch.no_grad():
         for new, old, r, c in zip(cut, linears, rows, columns, strict=True):
             new.weight.copy_(old.weight[r][:, c])
             new.bias.copy_(old.bias[r])
-        student.network.mean.copy_(family.network.mean)
-        student.network.std.copy_(family.network.std)
     return student
 
 
@@ -152,7 +134,7 @@ def structured(source: Variant, recipe: Recipe, run: RunDir, root: Path) -> Vari
     if family.blocks() is not None:
         shapes = structured_blocks(family, fraction)
     else:
-        family = structured_mlp(family, fraction)
+        family = structured_layers(family, fraction)
     train_student(family, None, recipe, run, steps=recipe.compress.prune.finetune_steps)
     return save("prune-structured", family, root, shapes=shapes, fraction=fraction)
 

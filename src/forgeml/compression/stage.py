@@ -26,9 +26,7 @@ from forgeml.reporting.plots import accuracy_latency
 from forgeml.rundir import RunDir, write_json
 
 BATCH = 32
-QUALITY = {"classification": "macro_f1", "lm": "perplexity"}  # each task's metric beside accuracy
 CHECK_ROWS = 2  # test rows whose probabilities each variant keeps, for the server's start-up check
-LM_TEST_ROWS = 64  # sequences: 64 x 128 positions x a 2048-token vocabulary is 67 MB of probabilities
 CALIBRATION_BATCH = 8
 
 
@@ -56,7 +54,7 @@ def split_items(family: ModelFamily, run: RunDir, split: str, shards_url: str | 
 
 def measurement_inputs(family: ModelFamily, run: RunDir, cfg: CompressConfig, shards_url: str | None) -> Inputs:
     test = split_items(family, run, "test", shards_url)
-    test = test[: cfg.test_rows or (LM_TEST_ROWS if family.task == "lm" else None)]
+    test = test[: cfg.test_rows or family.task.test_rows]
     if not test:
         raise ForgeError("the test split is empty: nothing to measure the variants on; raise prepare.test_fraction")
 
@@ -170,7 +168,7 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
                     "method": variant.method,
                     "backend": variant.backend,
                     "accuracy": metrics["accuracy"],
-                    QUALITY[variant.family.task]: metrics[QUALITY[variant.family.task]],
+                    variant.family.task.quality: metrics[variant.family.task.quality],
                     "size_bytes": variant.size_bytes(),
                     **agreement(probs, reference),
                     "operators": ops,  # what it executes, most frequent first

@@ -36,10 +36,10 @@ def read_for_audit(recipe: Recipe) -> tuple[Table, Table | None]:
     """The source (and separate test set) as the audit sees them: missing values are findings, not errors."""
     family = MODELS.get(recipe.model.name).build
     table = read_table(recipe.data)
-    validate_table(table, needs=family.inputs, task=family.task, missing_ok=("*",))
+    validate_table(table, needs=family.inputs, task=family.task.name, missing_ok=("*",))
     test = None
     if recipe.data.test_source:
-        test = read_test_table(recipe.data, table, family.inputs, family.task, missing_ok=("*",))
+        test = read_test_table(recipe.data, table, family.inputs, family.task.name, missing_ok=("*",))
     return table, test
 
 

@@ -127,11 +127,11 @@ def impute_rules_for(recipe: Recipe, table: Table) -> dict[str, str]:
 def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     cfg = recipe.prepare
     family = MODELS.get(recipe.model.name).build
-    classify = family.task == "classification"
+    classify = family.task.classifies
     table = read_table(recipe.data)
     # Features may hold NaN only where a rule will fill or drop them.
     missing_ok = ("*",) if cfg.impute != "none" else tuple(c for c, r in cfg.impute_columns.items() if r != "none")
-    validate_table(table, needs=family.inputs, task=family.task, missing_ok=missing_ok)
+    validate_table(table, needs=family.inputs, task=family.task.name, missing_ok=missing_ok)
     group = recipe.data.group_column
     if group is not None and group not in table.frame.columns:
         raise DataError(f"{table.origin}: group column {group!r} not found; columns: {', '.join(table.frame.columns)}")
@@ -171,7 +171,8 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
 
     test_frame = None
     if recipe.data.test_source:
-        test_table = read_test_table(recipe.data, table, family.inputs, family.task, impute_rules_for(recipe, table))
+        rules = impute_rules_for(recipe, table)
+        test_table = read_test_table(recipe.data, table, family.inputs, family.task.name, rules)
         test_frame = drop_missing(prepared_frame(test_table, columns, group), rules)
         if cfg.drop_leaked:
             leaked = leaked_rows(test_frame, frame, columns, recipe.audit)
@@ -224,7 +225,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     manifest: dict[str, Any] = {
         "source": hide_secrets(table.origin),
         "fingerprint": table.fingerprint,
-        "task": family.task,
+        "task": family.task.name,
         "config_hash": sha256_json(recipe.section_dump("data", "prepare", "model")),
         "location": cfg.shards_url and hide_secrets(cfg.shards_url),  # None: beside this manifest
         "schema": schema_of(stored["train"]),

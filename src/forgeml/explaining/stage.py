@@ -10,10 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,6 @@ from forgeml.models.registry import ModelFamily, Splits, load_family, trained_mo
 from forgeml.recipe import ExplainConfig, Recipe
 from forgeml.rundir import RunDir, atomic_write, write_json
 
-METHODS = {"text": ("ig", "lime", "attention"), "features": ("shap", "lime", "ig")}
-BASELINE = {"text": "the padding token in the token's place", "features": "the feature's training mean"}
 PREDICT_BATCH = 64
 
 
@@ -53,8 +50,14 @@ class ExplainResult:
         return f"{self.n} inputs explained in {self.folder}; AOPC {scores}{tree}"
 
 
+def approach_for(family: ModelFamily) -> Approach:
+    if family.inputs not in APPROACHES:
+        raise ForgeError(f"explain covers models of {', '.join(APPROACHES)}; {family.name} models read {family.inputs}")
+    return APPROACHES[family.inputs]
+
+
 def chosen_methods(cfg: ExplainConfig, family: ModelFamily) -> list[str]:
-    offered = METHODS[family.inputs]
+    offered = approach_for(family).methods
     if "all" in cfg.methods:
         return list(offered)
     refused = [m for m in cfg.methods if m not in offered]
@@ -76,7 +79,7 @@ def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> lis
         raise ForgeError(f"--inputs {path}: not UTF-8 text; give a .txt, .csv or .jsonl file") from None
     suffix = path.suffix.lower()
     records: list[Any]
-    if suffix == ".txt" and family.inputs == "text":
+    if suffix == ".txt" and ".txt" in family.input_files:
         records = [line for line in content.splitlines() if line.strip()]
     elif suffix == ".csv":
         records = list(csv.DictReader(io.StringIO(content, newline="")))
@@ -85,39 +88,11 @@ def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> lis
             json_record(path, number, line) for number, line in enumerate(content.splitlines(), 1) if line.strip()
         ]
     else:
-        kinds = ".txt, .csv or .jsonl" if family.inputs == "text" else ".csv or .jsonl"
+        kinds = ", ".join(family.input_files[:-1]) + f" or {family.input_files[-1]}"
         raise ForgeError(f"--inputs {path}: unknown kind of file; give {kinds}")
     if not records:
         raise ForgeError(f"--inputs {path}: no rows")
-    return checked_rows(records, family, text_column, f"--inputs {path}")
-
-
-def checked_rows(items: list[Any], family: ModelFamily, text_column: str | None, where: str) -> list[Any]:
-    """What the model reads from each item: a text model a text (a string, or a record's text
-    column), a table model a dict of its features as finite numbers; each bad row named."""
-    wanted = [text_column or "text"] if family.inputs == "text" else list(family.features)
-    rows = []
-    for number, item in enumerate(items, 1):
-        if family.inputs == "text" and isinstance(item, str):
-            rows.append(item)
-            continue
-        if not isinstance(item, dict):
-            reads = "texts" if family.inputs == "text" else f"the values of its features ({', '.join(wanted)})"
-            raise ForgeError(
-                f"{where}, row {number}: {type(item).__name__} {str(item)[:40]!r}, but the {family.name} model "
-                f"reads {reads}; give a .csv or .jsonl file of them with --inputs"
-            )
-        missing = [c for c in wanted if c not in item]
-        if missing:
-            raise ForgeError(f"{where}, row {number}: no column {', '.join(missing)}; it needs {wanted}")
-        if family.inputs == "text":
-            rows.append(str(item[wanted[0]]))
-            continue
-        bad = next((c for c in wanted if number_or_none(item[c]) is None), None)
-        if bad is not None:
-            raise ForgeError(f"{where}, row {number}, column {bad}: {item[bad]!r} is not a finite number")
-        rows.append({c: number_or_none(item[c]) for c in wanted})
-    return rows
+    return family.check_rows(records, text_column, f"--inputs {path}")
 
 
 def json_record(path: Path, number: int, line: str) -> dict[str, Any]:
@@ -130,17 +105,6 @@ def json_record(path: Path, number: int, line: str) -> dict[str, Any]:
     return record
 
 
-def number_or_none(value: Any) -> float | None:
-    """A finite float from a number or a numeric string; None for anything else (bools included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def explain(
     recipe: Recipe, run: RunDir, console: Console | None = None, inputs: list[Any] | Path | None = None
 ) -> ExplainResult:
@@ -150,8 +114,8 @@ def explain(
     console = console or Console(stderr=True)
     model_dir = trained_model_dir(run.path)
     family = load_family(model_dir)
-    if family.task != "classification":
-        raise ForgeError(f"explain covers classifiers; {run.path} holds a {family.name} language model")
+    if not family.task.classifies:
+        raise ForgeError(f"explain covers classifiers; {run.path} holds a {family.name} model ({family.task.name})")
     if not cfg.methods:
         raise ForgeError("explain.methods is empty; name some, e.g. --method ig,lime, or all")
     methods = chosen_methods(cfg, family)
@@ -164,8 +128,8 @@ def explain(
     )  # fmt: skip
     with progress:
         task = progress.add_task(", ".join(methods), total=len(inputs))
-        explainer = text_explanations if family.inputs == "text" else table_explanations
-        outcome = explainer(family, splits, inputs, labels, methods, cfg, lambda: progress.advance(task))
+        advance = lambda: progress.advance(task)  # noqa: E731
+        outcome = approach_for(family).explain(family, splits, inputs, labels, methods, cfg, advance)
         progress.update(task, description="surrogate tree")
         tree = fit_surrogate(family, splits, cfg)
     summary_methods = faithfulness.summarise(outcome.deletions)
@@ -183,14 +147,14 @@ def explain(
         "deletion": {
             "steps": cfg.deletion_steps,
             "random_orders": cfg.random_orders,
-            "baseline": BASELINE[family.inputs],
+            "baseline": approach_for(family).baseline,
         },
         "surrogate": tree,
         "pictures": sorted(outcome.images),
         **({"global_importance": outcome.importance} if outcome.importance else {}),
     }
     folder = run.stage_dir("explain")
-    write_outputs(folder, summary, outcome, methods if family.inputs == "text" else None)
+    write_outputs(folder, summary, outcome, methods if approach_for(family).tokens_page else None)
     return ExplainResult(folder, summary_methods, tree["fidelity"] if tree else None, outcome.records)
 
 
@@ -202,7 +166,7 @@ def chosen_inputs(
     if isinstance(inputs, Path):
         inputs = read_inputs(inputs, family, splits.text_column)
     elif inputs is not None:
-        inputs = checked_rows(inputs, family, splits.text_column, "inputs")
+        inputs = family.check_rows(inputs, splits.text_column, "inputs")
     if inputs is not None:
         if not inputs:
             raise ForgeError("nothing to explain: the inputs given hold no row")
@@ -210,11 +174,7 @@ def chosen_inputs(
     if splits.test.empty:
         raise ForgeError("nothing to explain: the test split is empty; raise prepare.test_fraction or give --inputs")
     sample = splits.test.sample(n=min(cfg.n, len(splits.test)), random_state=cfg.seed)
-    if family.inputs == "text":
-        rows = sample[splits.text_column].tolist()
-    else:
-        rows = sample[list(family.features)].to_dict("records")
-    return rows, sample[splits.label_column].tolist()
+    return family.split_inputs(sample, splits), sample[splits.label_column].tolist()
 
 
 def write_outputs(folder: Path, summary: dict[str, Any], outcome: Outcome, text_methods: list[str] | None) -> None:
@@ -366,18 +326,33 @@ def predicted_classes(family: ModelFamily, inputs: list[Any]) -> np.ndarray:
 def fit_surrogate(family: ModelFamily, splits: Splits, cfg: ExplainConfig) -> dict[str, Any] | None:
     if splits.val.empty or splits.test.empty:
         return None
-    if family.inputs == "text":
-        fit_rows, test_rows = splits.val[splits.text_column].tolist(), splits.test[splits.text_column].tolist()
-        names = None
-    else:
-        names = list(family.features)
-        fit_rows, test_rows = splits.val[names].to_numpy(np.float64), splits.test[names].to_numpy(np.float64)
+    fit_inputs, test_inputs = family.split_inputs(splits.val, splits), family.split_inputs(splits.test, splits)
+    # The tree reads texts as they are, feature records as a matrix with the features named.
+    names = list(fit_inputs[0]) if isinstance(fit_inputs[0], dict) else None
 
-    def predictions(rows: Any) -> np.ndarray:
-        as_inputs = rows if names is None else [dict(zip(names, r, strict=True)) for r in rows.tolist()]
-        return predicted_classes(family, as_inputs)
+    def rows(inputs: list[Any]) -> Any:
+        return inputs if names is None else np.array([[row[n] for n in names] for row in inputs], np.float64)
 
+    fit_classes, test_classes = predicted_classes(family, fit_inputs), predicted_classes(family, test_inputs)
     return surrogate.fit(
-        fit_rows, predictions(fit_rows), test_rows, predictions(test_rows), family.labels, cfg.surrogate_leaves,
-        cfg.seed, names,
+        rows(fit_inputs), fit_classes, rows(test_inputs), test_classes, family.labels, cfg.surrogate_leaves, cfg.seed,
+        names,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Approach:
+    """How models whose inputs are of one kind are explained: the methods offered, what stands for
+    an absent token or feature in the deletion test, the explaining loop, and whether the outputs
+    include the coloured-token page."""
+
+    methods: tuple[str, ...]
+    baseline: str
+    explain: Callable[..., Outcome]
+    tokens_page: bool
+
+
+APPROACHES = {
+    "text": Approach(("ig", "lime", "attention"), "the padding token in the token's place", text_explanations, True),
+    "features": Approach(("shap", "lime", "ig"), "the feature's training mean", table_explanations, False),
+}

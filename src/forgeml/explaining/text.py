@@ -104,7 +104,7 @@ class TextExplainer:
         baseline = item.ids.clone()
         for positions in item.units:
             baseline[0, positions] = self.tokenizer.pad_token_id
-        layer = LayerIntegratedGradients(probability, self.network.base_model.embeddings.word_embeddings)
+        layer = LayerIntegratedGradients(probability, self.family.input_embeddings())
         attributions, delta = layer.attribute(
             item.ids,
             baselines=baseline,

@@ -7,6 +7,7 @@ turns text rows into next-token batches and saves everything as JSON + safetenso
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -27,8 +28,10 @@ from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from forgeml.errors import DataError, ForgeError
-from forgeml.models.registry import MODELS, Batch, Encoder, ModelFamily, Splits
+from forgeml.models.inputs import TextInputs
+from forgeml.models.registry import MODELS, Batch, BlockLayout, Encoder, Splits, spread
 from forgeml.section import Section
+from forgeml.tasks import LANGUAGE_MODELLING
 
 EOT = "<|endoftext|>"
 WEIGHTS_FILE = "model.safetensors"
@@ -357,10 +360,11 @@ class ChunkEncoder(Encoder):
 
 
 @MODELS.register("gpt", GPTConfig)
-class GPT(ModelFamily):
+class GPT(TextInputs):
     name = "gpt"
-    inputs = "text"
-    task = "lm"
+    task = LANGUAGE_MODELLING
+    encoding_fields = ("tokenizer", "vocab_size", "block_size")
+    generates = True
 
     def __init__(self, config: GPTConfig, tokenizer: TextTokenizer, network: GPTNetwork) -> None:
         self.config = config
@@ -438,6 +442,32 @@ class GPT(ModelFamily):
 
     def blocks(self) -> nn.ModuleList:
         return self.network.blocks
+
+    def input_embeddings(self) -> nn.Module:
+        return self.network.wte
+
+    def student(self, layers: int | None, width: float) -> GPT:
+        """The teacher's embeddings, half its blocks (or ``layers``), evenly spaced with the top one
+        kept, its final LayerNorm and (tied) head; everything trains."""
+        network = copy.deepcopy(self.network)
+        keep = layers or max(1, len(network.blocks) // 2)
+        if keep >= len(network.blocks):
+            raise ForgeError(
+                f"compress.distill.student_layers: {keep} is not fewer than the teacher's {len(network.blocks)} blocks"
+            )
+        network.blocks = nn.ModuleList(network.blocks[i] for i in spread(len(network.blocks), keep))
+        return GPT(self.config.model_copy(update={"n_layer": keep}), self.tokenizer, network)
+
+    def block_layout(self, block: nn.Module) -> BlockLayout:
+        """gpt's attention counts its heads from the projections' width, so nothing is recorded."""
+        attention = block.attn
+        return BlockLayout(
+            attention.head_dim,
+            [(attention, name) for name in ("q_proj", "k_proj", "v_proj")],
+            (attention, "c_proj"),
+            (block.mlp, "c_fc"),
+            (block.mlp, "c_proj"),
+        )
 
     def tensor_parallel_plan(self) -> dict[str, Any]:
         """Megatron's split: q, k, v and the first MLP layer by output columns (whole heads per

@@ -16,8 +16,10 @@ from pydantic import Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from forgeml.models.registry import MODELS, TARGET, Batch, Encoder, ModelFamily, Splits
+from forgeml.models.inputs import FeatureInputs
+from forgeml.models.registry import MODELS, TARGET, Batch, Encoder, Splits
 from forgeml.section import Section
+from forgeml.tasks import CLASSIFICATION
 
 
 class MLPConfig(Section):
@@ -62,10 +64,10 @@ class MLPEncoder(Encoder):
 
 
 @MODELS.register("mlp", MLPConfig)
-class MLP(ModelFamily):
+class MLP(FeatureInputs):
     name = "mlp"
-    inputs = "features"
-    task = "classification"
+    task = CLASSIFICATION
+    augmentations = frozenset({"gaussian_noise", "mixup_alpha"})
 
     def __init__(self, config: MLPConfig, features: list[str], labels: list[str]) -> None:
         self.config = config
@@ -137,3 +139,14 @@ class MLP(ModelFamily):
         """Raw feature objects -> network inputs (for prediction)."""
         x = torch.tensor([[float(row[f]) for f in self.features] for row in rows], dtype=torch.float32)
         return {"features": x}
+
+    def narrower(self, widths: list[int]) -> MLP:
+        """A freshly initialised MLP with these hidden widths and this one's feature scaling."""
+        other = MLP(self.config.model_copy(update={"hidden_sizes": widths}), self.features, self.labels)
+        other.network.mean.copy_(self.network.mean)
+        other.network.std.copy_(self.network.std)
+        return other
+
+    def student(self, layers: int | None, width: float) -> MLP:
+        """Hidden layers ``width`` times as wide, freshly initialised, with the teacher's scaling."""
+        return self.narrower([max(1, round(hidden * width)) for hidden in self.config.hidden_sizes])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -19,8 +19,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from forgeml.errors import RunDirError
+from forgeml.errors import ForgeError, RunDirError
 from forgeml.registry import Registry
+from forgeml.tasks import Task
 
 MODELS: Registry[type[ModelFamily]] = Registry("model")
 
@@ -86,11 +87,16 @@ class Encoder(ABC):
 
 
 class ModelFamily(ABC):
-    """One kind of model: its encoder, its network, its file format."""
+    """One kind of model: its encoder, its network, its file format, and what the stages may do with
+    it. Everything a stage needs to know about a model is asked of its family: the declared
+    capabilities below, and the methods after ``load`` (each with a default that says "not offered")."""
 
     name: ClassVar[str]
-    inputs: ClassVar[Literal["text", "features"]]
-    task: ClassVar[Literal["classification", "lm"]]
+    inputs: ClassVar[Literal["text", "features"]]  # what one raw input is: a text, or a row of features
+    task: ClassVar[Task]  # what it predicts: its loss, metrics and scoring
+    augmentations: ClassVar[frozenset[str]] = frozenset()  # the train.augment options its collate applies
+    encoding_fields: ClassVar[tuple[str, ...]] = ()  # model fields the prepared data depends on (not tunable)
+    generates: ClassVar[bool] = False  # continues a prompt token by token (``stream``)
 
     network: nn.Module
     labels: list[str]
@@ -162,9 +168,86 @@ class ModelFamily(ABC):
         sets it -> its size), so a degree that does not divide one is refused before any mesh is built."""
         return {}
 
+    def input_embeddings(self) -> nn.Module | None:
+        """The layer that turns token ids into vectors (integrated gradients attribute to its output);
+        None where the inputs are not tokens."""
+        return None
+
+    def student(self, layers: int | None, width: float) -> ModelFamily:
+        """A smaller model of this family for distillation, with what it can reuse of this one:
+        ``layers`` blocks (None: half) of a network with blocks, hidden layers ``width`` times as
+        wide otherwise."""
+        raise ForgeError(f"{self.name} models offer no distillation student; leave distill out of compress.methods")
+
+    def block_layout(self, block: nn.Module) -> BlockLayout:
+        """Where structured pruning cuts one of ``blocks()``: its attention heads and feed-forward channels."""
+        raise ForgeError(
+            f"{self.name} models do not say how to prune their blocks; leave prune out of compress.methods"
+        )
+
+    def narrower(self, widths: list[int]) -> ModelFamily:
+        """A fresh copy of a network without blocks whose hidden layers have these widths (the
+        structured pruning of an MLP), keeping this one's preprocessing."""
+        raise ForgeError(f"{self.name} models cannot be narrowed; leave prune out of compress.methods")
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[str]:
+        """The prompt's continuation, one piece of text per sampled token (families that generate)."""
+        raise ForgeError(f"{self.name} models do not generate text")
+
+    def dynamic_axes(self, names: list[str]) -> dict[str, dict[int, str]]:
+        """The axes of each network input that vary between calls, for an ONNX export: the batch."""
+        return {name: {0: "batch"} for name in names}
+
+    def split_inputs(self, frame: pd.DataFrame, splits: Splits) -> list[Any]:
+        """A prepared split's rows as raw inputs, as a user would send them."""
+        raise NotImplementedError
+
+    def check_rows(self, items: list[Any], text_column: str | None, where: str) -> list[Any]:
+        """Inputs given by a user (strings, or records from a file) as this family reads them, each
+        bad row named with ``where``."""
+        raise NotImplementedError
+
+    def request_item(self, max_chars: int) -> Any:
+        """The type of one input of a /v1/predict request, for validation."""
+        raise NotImplementedError
+
+    def example_input(self) -> Any:
+        """One raw input, to warm the model up."""
+        raise NotImplementedError
+
     def write_meta(self, directory: Path, **extra: Any) -> None:
-        meta = {"family": self.name, "task": self.task, "labels": self.labels, **extra}
+        meta = {"family": self.name, "task": self.task.name, "labels": self.labels, **extra}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+Slot = tuple[nn.Module, str]  # a linear layer as (the module holding it, its attribute name)
+
+
+@dataclass
+class BlockLayout:
+    """A transformer block as structured pruning sees it: its head size, its query / key / value and
+    output projections, its feed-forward up and down projections, and a hook that records the number
+    of heads kept where the attention module stores it."""
+
+    head_size: int
+    qkv: list[Slot]
+    out: Slot
+    up: Slot
+    down: Slot
+    set_heads: Callable[[int], None] = lambda kept: None
+
+
+def spread(n: int, keep: int) -> list[int]:
+    """``keep`` of ``n`` layer indices, evenly spaced from the first to the last (as DistilBERT
+    takes every other layer): a student keeps the teacher's top layer, the one its head reads."""
+    return sorted({round(i * (n - 1) / max(keep - 1, 1)) for i in range(keep)})
 
 
 def logits_of(output: Any) -> torch.Tensor:

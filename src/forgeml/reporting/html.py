@@ -23,6 +23,7 @@ from forgeml.recipe import hide_secrets, mask_secrets
 from forgeml.reporting import plots
 from forgeml.reporting.diagnosis import diagnose
 from forgeml.rundir import atomic_write
+from forgeml.tasks import TASKS
 
 REPORT_NAME = "report.html"
 
@@ -350,8 +351,9 @@ def _evaluation(run: Run) -> str:
     split = "test" if _dict_or_none(ev.get("test")) else "val"
     metrics = _dict_or_none(ev.get(split)) or {}
     parts = [f"<p>On the {split} split.</p>"]
-    if ev.get("task") == "lm":
-        rows = [(name, metrics.get(name)) for name in ("perplexity", "loss")]
+    task = TASKS.get(str(ev.get("task")))
+    if task is not None and not task.classifies:
+        rows = [(name, metrics.get(name)) for name in (*task.metrics[1:], task.metrics[0])]
         parts.append(_table(["metric", "value"], rows))
         return _section("Evaluation", "\n".join(parts))
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import iterate_in_threadpool
 
 from forgeml.recipe import ServeConfig
@@ -54,14 +54,7 @@ def error(status: int, message: str, **headers: str) -> JSONResponse:
 
 def input_model(served: Served, cfg: ServeConfig) -> type[BaseModel]:
     """The request body of /v1/predict: texts, or objects with exactly the model's features."""
-    family = served.variant.family
-    if family.inputs == "text":
-        item: Any = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars)]
-    else:
-        number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-        # Feature names need not be identifiers: fields f0, f1, ... carry them as aliases.
-        fields: Any = {f"f{i}": (number, Field(alias=name)) for i, name in enumerate(family.features)}
-        item = create_model("Features", __config__=ConfigDict(extra="forbid"), **fields)
+    item = served.variant.family.request_item(cfg.max_text_chars)
     return create_model(
         "PredictRequest",
         __config__=ConfigDict(extra="forbid"),
@@ -81,7 +74,7 @@ class GenerateRequest(BaseModel):
 def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
     family = served.variant.family
-    labels = family.labels if family.task == "classification" else []
+    labels = family.labels if family.task.classifies else []
 
     def run(items: list[Any]) -> list[list[float]]:
         return served.predict(items).tolist()
@@ -125,7 +118,7 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    if family.task == "classification":
+    if family.task.classifies:
         body_model = input_model(served, cfg)
 
         # No `from __future__ import annotations` in this module: FastAPI reads this annotation,
@@ -146,7 +139,7 @@ def create_app(served: Served, cfg: ServeConfig) -> FastAPI:
             return JSONResponse({"model_version": served.version, "predictions": predictions})
 
         app.post("/v1/predict", summary="Classify texts or feature objects")(predict)
-    else:
+    if family.generates:
 
         @app.post("/v1/generate", summary="Continue a prompt; stream=true sends tokens as server-sent events")
         async def generate(body: GenerateRequest):
@@ -272,9 +265,7 @@ def collect(pieces: Iterator[str], stop: threading.Event) -> str:
 def warm_up(served: Served) -> None:
     """One call through the model, so the first request does not pay for lazy initialisation."""
     family = served.variant.family
-    if family.task == "lm":
+    if family.task.classifies:
+        served.predict([family.example_input()])
+    if family.generates:
         "".join(served.stream("", 1, 1.0, None))
-    elif family.inputs == "text":
-        served.predict(["warm up"])
-    else:
-        served.predict([dict.fromkeys(family.features, 0.0)])

@@ -26,10 +26,6 @@ class Served:
     variant: Variant
     version: str  # run/variant@content hash: changes whenever the files do
 
-    @property
-    def task(self) -> str:
-        return self.variant.family.task
-
     def predict(self, inputs: list[Any]) -> torch.Tensor:
         """Class probabilities for raw inputs (texts or feature objects), one row each."""
         return self.variant.logits(self.variant.family.encode_inputs(inputs)).softmax(-1)
@@ -63,7 +59,7 @@ def open_model(run_dir: Path, name: str, threads: int | None) -> Served:
             known = ", ".join(["recommended", "trained", *variant_names(run_dir)])
             raise ForgeError(f"--variant {name}: {run_dir} has no such variant; choose one of: {known}")
         variant = load_variant(folder, threads)
-    if variant.family.task == "lm" and variant.backend != "torch":
+    if variant.family.generates and variant.backend != "torch":
         raise ForgeError(
             f"--variant {name}: generation samples token by token with a KV cache, which the {variant.backend} "
             "export does not hold; serve a PyTorch variant (trained, distilled, prune-*, torch-int8)"

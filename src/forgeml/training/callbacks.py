@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from forgeml.training.metrics import HIGHER_IS_BETTER
+from forgeml.tasks import HIGHER_IS_BETTER
 
 
 @dataclass

@@ -25,9 +25,8 @@ from forgeml.training.callbacks import Callback, EarlyStopping, MetricsLogger, P
 from forgeml.training.checkpoint import Checkpoints
 from forgeml.training.launch import ONE_PROCESS, Dist
 from forgeml.training.loop import autocast_for, fit
-from forgeml.training.losses import ClassificationLoss, NextTokenLoss, balanced_weights
 from forgeml.training.memory import keep_freed_memory
-from forgeml.training.metrics import TASK_METRICS, evaluate
+from forgeml.training.metrics import evaluate
 from forgeml.training.strategies import Strategy, accumulation, build_strategy, resolve_batch
 
 
@@ -43,25 +42,6 @@ class TrainResult:
     def __str__(self) -> str:
         stop = f", stopped early; best weights from step {self.best_step}" if self.stopped_early else ""
         return f"{self.steps} steps{stop}"
-
-
-def build_loss(cfg: TrainConfig, task: str, labels: list[str], counts: dict[str, int], rebalance: str) -> Any:
-    """The recipe's loss; prepare's rebalancing choice (class_weights, focal) applies unless
-    train.class_weights names weights itself. ``counts``: the training split's class counts."""
-    if task == "lm":
-        return NextTokenLoss()
-    weights = None
-    if cfg.class_weights == "balanced" or (cfg.class_weights is None and rebalance == "class_weights"):
-        weights = balanced_weights(torch.tensor([counts.get(label, 0) for label in labels], dtype=torch.float32))
-    elif cfg.class_weights is not None:
-        if len(cfg.class_weights) != len(labels):
-            raise ForgeError(
-                f"train.class_weights: {len(cfg.class_weights)} weights for {len(labels)} classes "
-                f"({', '.join(labels)}); give one per class, in that order, or 'balanced'"
-            )
-        weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
-    kind = "focal" if rebalance == "focal" else cfg.loss
-    return ClassificationLoss(kind, weights, cfg.label_smoothing, cfg.focal_gamma)
 
 
 def loaders(
@@ -144,22 +124,20 @@ def auto_micro_batch(
     return cfg.model_copy(update={"micro_batch_size": min(strategy.env.gather(mine))})
 
 
-AUGMENTS_FOR = {"text": {"token_dropout", "random_mask"}, "features": {"gaussian_noise", "mixup_alpha"}}
-
-
 def check_options(cfg: TrainConfig, family: type[ModelFamily]) -> None:
     """Refuse settings the model would silently ignore."""
-    usable = AUGMENTS_FOR[family.inputs] if family.task == "classification" else set()
+    usable = family.augmentations
     for option, value in cfg.augment.model_dump().items():
         if value and option not in usable:
             allowed = ", ".join(sorted(usable)) or "none"
             raise ForgeError(
                 f"train.augment.{option}: {family.name} models cannot use it (they take {allowed}); remove it"
             )
-    if cfg.early_stopping and cfg.early_stopping.metric not in TASK_METRICS[family.task]:
+    metrics = family.task.metrics
+    if cfg.early_stopping and cfg.early_stopping.metric not in metrics:
         raise ForgeError(
             f"train.early_stopping.metric: {cfg.early_stopping.metric!r} is not measured for "
-            f"{family.task} models; use one of {', '.join(TASK_METRICS[family.task])}"
+            f"{family.name} models ({family.task.name}); use one of {', '.join(metrics)}"
         )
 
 
@@ -190,12 +168,8 @@ def train(
         return family_cls.create(recipe.model, encoder, manifest["labels"], seed=cfg.seed)
 
     family = fresh()
-    loss_fn = build_loss(
-        cfg,
-        family.task,
-        manifest["labels"],
-        manifest["class_counts"].get("train", {}),
-        manifest["rebalance"]["method"],
+    loss_fn = family.task.loss(
+        cfg, manifest["labels"], manifest["class_counts"].get("train", {}), manifest["rebalance"]["method"]
     )
     autocast = autocast_for(cfg.precision, strategy.device)
     location = shard_location(run, manifest, recipe.prepare.shards_url)
@@ -255,7 +229,7 @@ def train(
         write_json(
             out / "eval.json",
             {
-                "task": family.task,
+                "task": family.task.name,
                 "steps": state.step,
                 "best_step": state.best_step,
                 "stopped_early": state.stopped_early,

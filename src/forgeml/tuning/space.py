@@ -10,12 +10,12 @@ from typing import Any
 import optuna
 
 from forgeml.errors import RecipeError
+from forgeml.models import MODELS
 from forgeml.recipe import CategoricalParam, FloatParam, IntParam, Param, Recipe, validate_recipe
 
 # Fields the prepared data depends on: every trial trains on the run's one prepared data stage, so
 # a space over them would train on data that does not match the trial's recipe.
 PREPARED_SECTIONS = ("name", "data", "audit", "prepare", "tune", "model.name")
-ENCODING_FIELDS = {"gpt": ("tokenizer", "vocab_size", "block_size"), "text-classifier": ("max_length",)}
 
 Scalar = None | bool | int | float | str
 
@@ -51,7 +51,7 @@ def check_space(recipe: Recipe) -> None:
             "tune.space is empty: name the recipe fields to search, e.g. "
             "tune.space: {train.lr: {type: float, low: 1.0e-5, high: 1.0e-2, log: true}}"
         )
-    refused = [f"model.{field}" for field in ENCODING_FIELDS.get(recipe.model.name, ())]
+    refused = [f"model.{field}" for field in MODELS.get(recipe.model.name).build.encoding_fields]
     for path, param in space.items():
         blocked = [p for p in (*PREPARED_SECTIONS, *refused) if path == p or path.startswith(p + ".")]
         if blocked:

@@ -30,9 +30,9 @@ from forgeml.errors import ForgeError, RecipeError
 from forgeml.models import MODELS
 from forgeml.recipe import MODEL_COST_METRICS, Recipe, TuneConfig, hide_secrets, refuse_masked, secrets_env
 from forgeml.rundir import RunDir, atomic_write, write_json
+from forgeml.tasks import HIGHER_IS_BETTER
 from forgeml.training.callbacks import Callback, LoopState
 from forgeml.training.launch import ONE_PROCESS, Dist
-from forgeml.training.metrics import HIGHER_IS_BETTER, TASK_METRICS
 from forgeml.training.stage import train
 from forgeml.tuning.objectives import model_cost
 from forgeml.tuning.space import check_space, grid, recipe_values, suggest, with_values
@@ -103,10 +103,10 @@ def check_tune(recipe: Recipe, world_size: int = 1) -> None:
         )
     task = MODELS.get(recipe.model.name).build.task
     for metric in cfg.objectives:
-        if metric not in (*TASK_METRICS[task], *MODEL_COST_METRICS):
+        if metric not in (*task.metrics, *MODEL_COST_METRICS):
             raise RecipeError(
-                f"tune.metric: {recipe.model.name} models ({task}) do not measure {metric!r}; "
-                f"use one of {', '.join((*TASK_METRICS[task], *MODEL_COST_METRICS))}"
+                f"tune.metric: {recipe.model.name} models ({task.name}) do not measure {metric!r}; "
+                f"use one of {', '.join((*task.metrics, *MODEL_COST_METRICS))}"
             )
     if cfg.sampler == "grid":
         grid(cfg.space)

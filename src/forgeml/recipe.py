@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from forgeml.errors import RecipeError
 from forgeml.models import MODELS
@@ -311,7 +312,7 @@ class TuneConfig(Section):
     )
     prune_from_eval: PositiveInt = Field(2, description="median: the first evaluation at which a trial may be pruned")
     hyperband_min_evals: PositiveInt = Field(
-        1, description="hyperband: evaluations a trial of the most aggressive bracket gets before its first rung"
+        3, description="hyperband: evaluations a trial of the most aggressive bracket gets before its first rung"
     )
     hyperband_reduction: Annotated[int, Field(ge=2)] = Field(
         3,
@@ -479,7 +480,13 @@ class ExplainConfig(Section):
     seed: int = 0
 
 
-ModelConfig = Annotated[Union[tuple(MODELS.configs())], Field(discriminator="name")]  # noqa: UP007
+def model_union(configs: tuple[type, ...]) -> Any:
+    """The model section: one of these configs, chosen by its ``name``."""
+    return Annotated[Union[configs], Field(discriminator="name")]  # noqa: UP007
+
+
+# The built-in families' configs; validate_recipe widens it to every registered family, plugins included.
+ModelConfig = model_union(tuple(MODELS.configs(discover=False)))
 
 
 class Recipe(Section):
@@ -682,7 +689,18 @@ def validate_sections(data: dict[str, Any], *models: type[BaseModel]) -> list[An
     return sections
 
 
+def use_registered_models() -> None:
+    """Make Recipe's model section accept the config of every family registered now: the built-ins
+    and those of the installed ``forgeml.models`` entry points, imported at the first call."""
+    configs = tuple(MODELS.configs())
+    if Recipe.model_fields["model"].annotation == model_union(configs).__origin__:
+        return
+    Recipe.model_fields["model"] = FieldInfo.from_annotation(model_union(configs))
+    Recipe.model_rebuild(force=True)
+
+
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    use_registered_models()
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

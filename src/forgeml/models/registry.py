@@ -23,7 +23,7 @@ from forgeml.errors import ForgeError, RunDirError
 from forgeml.registry import Registry
 from forgeml.tasks import Task
 
-MODELS: Registry[type[ModelFamily]] = Registry("model")
+MODELS: Registry[type[ModelFamily]] = Registry("model", group="forgeml.models")
 
 META_FILE = "forgeml.json"
 

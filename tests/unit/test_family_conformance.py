@@ -1,0 +1,59 @@
+"""Every registered model family passes forgeml.testing.check_family, with each capability it
+declares exercised."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forgeml.models import MODELS
+from forgeml.models.registry import Splits
+from forgeml.testing import check_family
+
+# Small settings where a family's defaults would be slow; any other family runs with its defaults.
+SMALL = {
+    "gpt": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+    "text-classifier": {"max_length": 32},
+    "mlp": {"hidden_sizes": [16, 8]},
+}
+# What each built-in must show beyond the checks every family runs.
+CAPABILITIES = {
+    "gpt": {"generate", "blocks", "tensor-parallel plan", "structured pruning", "distillation student",
+            "input embeddings", "flops per token"},
+    "text-classifier": {"predict", "blocks", "structured pruning", "distillation student", "input embeddings",
+                        "augmentation token_dropout", "augmentation random_mask"},
+    "mlp": {"predict", "structured pruning", "distillation student", "augmentation gaussian_noise",
+            "augmentation mixup_alpha"},
+}  # fmt: skip
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small"]
+
+
+def text_splits(classify: bool) -> Splits:
+    rng = np.random.default_rng(0)
+    frames = []
+    for n in (24, 8, 8):
+        labels = rng.integers(0, 2, n)
+        texts = [" ".join(rng.choice(WORDS, 12)) + (" good" if y else " bad") for y in labels]
+        frame = pd.DataFrame({"text": texts, "label": np.array(["neg", "pos"])[labels]})
+        frames.append(frame)
+    label = "label" if classify else None
+    return Splits(*frames, text_column="text", label_column=label, labels=["neg", "pos"] if classify else [])
+
+
+def feature_splits() -> Splits:
+    rng = np.random.default_rng(0)
+    frames = []
+    for n in (24, 8, 8):
+        x = rng.normal(size=(n, 3))
+        frames.append(pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "y": np.where(x[:, 0] > 0, "hi", "lo")}))
+    return Splits(*frames, feature_columns=["a", "b", "c"], label_column="y", labels=["hi", "lo"])
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_registered_family_conforms(name):
+    entry = MODELS.get(name)
+    family = entry.build
+    config = entry.config(name=name, **SMALL.get(name, {}))
+    splits = feature_splits() if family.inputs == "features" else text_splits(family.task.classifies)
+    passed = check_family(family, config, splits)
+    assert {"encoder round trip", "create", "training step", "save and load", "export axes"} <= set(passed)
+    assert CAPABILITIES.get(name, set()) <= set(passed), sorted(CAPABILITIES[name] - set(passed))

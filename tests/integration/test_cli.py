@@ -167,7 +167,8 @@ def test_generate_refuses_a_model_that_is_not_a_language_model(default_run):
     result = forgeml("generate", "runs/default", "--prompt", "def ", cwd=cwd)
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
-    assert "its model, text-classifier, does not generate text" in message and "generate needs a language model run" in message
+    assert "its model, text-classifier, does not generate text" in message
+    assert "generate needs a language model run" in message
     assert "Traceback" not in result.stderr
 
 

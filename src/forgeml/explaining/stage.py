@@ -118,6 +118,7 @@ def explain(
         raise ForgeError(f"explain covers classifiers; {run.path} holds a {family.name} model ({family.task.name})")
     if not cfg.methods:
         raise ForgeError("explain.methods is empty; name some, e.g. --method ig,lime, or all")
+    approach = approach_for(family)
     methods = chosen_methods(cfg, family)
     splits = load_splits(run, recipe.prepare.shards_url)
     given = inputs is not None
@@ -129,7 +130,7 @@ def explain(
     with progress:
         task = progress.add_task(", ".join(methods), total=len(inputs))
         advance = lambda: progress.advance(task)  # noqa: E731
-        outcome = approach_for(family).explain(family, splits, inputs, labels, methods, cfg, advance)
+        outcome = approach.explain(family, splits, inputs, labels, methods, cfg, advance)
         progress.update(task, description="surrogate tree")
         tree = fit_surrogate(family, splits, cfg)
     summary_methods = faithfulness.summarise(outcome.deletions)
@@ -147,14 +148,14 @@ def explain(
         "deletion": {
             "steps": cfg.deletion_steps,
             "random_orders": cfg.random_orders,
-            "baseline": approach_for(family).baseline,
+            "baseline": approach.baseline,
         },
         "surrogate": tree,
         "pictures": sorted(outcome.images),
         **({"global_importance": outcome.importance} if outcome.importance else {}),
     }
     folder = run.stage_dir("explain")
-    write_outputs(folder, summary, outcome, methods if approach_for(family).tokens_page else None)
+    write_outputs(folder, summary, outcome, methods if approach.tokens_page else None)
     return ExplainResult(folder, summary_methods, tree["fidelity"] if tree else None, outcome.records)
 
 

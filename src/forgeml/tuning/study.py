@@ -4,6 +4,7 @@ the results land in ``tune/``."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import io
 import os
@@ -282,17 +283,43 @@ def run_trials(
             raise
         return values[0] if len(values) == 1 else values
 
-    if total is not None:  # counts every trial, running ones included, so the workers stop together
-        callbacks = [*callbacks, optuna.study.MaxTrialsCallback(total, states=None)]
     with frozen_gc(), optuna_quiet():
-        study.optimize(
-            objective,
-            n_trials=cfg.trials if total is None else None,
-            timeout=cfg.timeout_s,
-            catch=(ForgeError,),
-            callbacks=callbacks,
-        )
+        if total is None:
+            study.optimize(
+                objective, n_trials=cfg.trials, timeout=cfg.timeout_s, catch=(ForgeError,), callbacks=callbacks
+            )
+        else:
+            share_trials(study, objective, total, run.stage_dir("tune") / f"{name}.lock", cfg.timeout_s, callbacks)
     env.broadcast(None)  # the study is over. (Had rank 0 failed, torchrun would have stopped the others.)
+
+
+def share_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], Any],
+    total: int,
+    lock: Path,
+    timeout_s: float | None,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
+) -> None:
+    """Trials until the study holds ``total``, drawn by this and the other workers of one machine.
+    Counting the trials and creating the next happen under one file lock, so two workers never both
+    take the last one; optuna's MaxTrialsCallback counts only after a trial, and a worker starting
+    late would add one more."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with lock.open("a") as handle:
+        while deadline is None or time.monotonic() < deadline:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                if len(study.get_trials(deepcopy=False)) >= total:
+                    return
+
+                def claimed(trial: optuna.Trial) -> Any:
+                    fcntl.flock(handle, fcntl.LOCK_UN)  # the trial is in the storage: the others count it
+                    return objective(trial)
+
+                study.optimize(claimed, n_trials=1, catch=(ForgeError,), callbacks=callbacks)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def follow_trials(recipe: Recipe, env: Dist) -> None:

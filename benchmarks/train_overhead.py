@@ -37,12 +37,12 @@ from figures import emit, record_option
 from forgeml.data.prepare import ENCODER_DIR, read_manifest, shard_location
 from forgeml.models import MODELS
 from forgeml.rundir import RunDir
+from forgeml.training.builder import loaders
 from forgeml.training.callbacks import Callback, MetricsLogger, ProgressBar
 from forgeml.training.loop import autocast_for, fit
 from forgeml.training.losses import NextTokenLoss
 from forgeml.training.memory import keep_freed_memory
 from forgeml.training.metrics import evaluate
-from forgeml.training.stage import loaders
 from forgeml.training.strategies import Strategy
 from forgeml.training.throughput import measured_matmul_flops, peak_flops
 
@@ -70,11 +70,11 @@ class StepClock(Callback):
         self.last = now(self.device)
 
 
-def run_forgeml(network, loader, cfg, logs: Path, evaluate, device: torch.device) -> list[float]:
+def run_forgeml(network, batches, cfg, logs: Path, evaluate, device: torch.device) -> list[float]:
     clock = StepClock(device)
     quiet = Console(file=io.StringIO())
     callbacks = [clock, ProgressBar(quiet), MetricsLogger(logs)]
-    fit(network, loader, cfg, NextTokenLoss(), Strategy.single(device), evaluate=evaluate, callbacks=callbacks)
+    fit(network, batches, cfg, NextTokenLoss(), Strategy.single(device), evaluate=evaluate, callbacks=callbacks)
     return clock.times
 
 
@@ -98,7 +98,7 @@ def run_by_hand(network, loader, cfg, evaluate, device: torch.device) -> list[fl
     use_bf16 = cfg.precision == "bf16"
     network.train()
     times, last = [], now(device)
-    batches = iter(loader)
+    batches = iter(loader)  # a plain DataLoader over the same stream
     gc.collect()
     gc.disable()  # forgeml's schedule, so both loops pay the collector alike
     try:
@@ -113,7 +113,8 @@ def run_by_hand(network, loader, cfg, evaluate, device: torch.device) -> list[fl
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            loss.item()  # as forgeml logs each step's loss
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss.item()  # a log line, as forgeml writes one every log_every steps
             stamp = now(device)
             times.append(stamp - last)
             last = stamp
@@ -174,15 +175,15 @@ def main() -> None:
                 family.network.load_state_dict(initial)
                 torch.manual_seed(cfg.seed)
                 # The same shard stream for both: (seed, epoch) fixes the order of the batches.
-                data = loaders(family, manifest, shard_location(run, manifest), cfg, single)[0]
+                batches, evals = loaders(family, manifest, shard_location(run, manifest), cfg, single)
                 autocast = autocast_for(cfg.precision, device)
-                validate = partial(evaluate, loader=data["val"], task="lm", labels=[], device=device, autocast=autocast)
+                validate = partial(
+                    evaluate, loader=evals["val"], task=family.task, labels=[], device=device, autocast=autocast
+                )
                 if who == "forgeml":
-                    measured = run_forgeml(
-                        family.network, data["train"], cfg, Path(tmp) / f"logs-{round_}", validate, device
-                    )
+                    measured = run_forgeml(family.network, batches, cfg, Path(tmp) / f"logs-{round_}", validate, device)
                 else:
-                    measured = run_by_hand(family.network, data["train"], cfg, validate, device)
+                    measured = run_by_hand(family.network, batches.loader, cfg, validate, device)
                 times[who] += measured[args.warmup_steps :]
                 finals[who] = torch.cat([p.detach().flatten() for p in family.network.parameters()])
             max_diff = max(max_diff, (finals["forgeml"] - finals["hand"]).abs().max().item())

@@ -89,7 +89,9 @@ def one_process_table(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, one_process_table, strategy):
-    done = forgeml_train(TABLE, tmp_path / "run", "--nproc", "2", "--strategy", strategy)
+    # Two micro-batches a step on each rank: gradients are averaged once, after the second.
+    accumulating = [*TABLE, "--set", "train.micro_batch_size=4"]
+    done = forgeml_train(accumulating, tmp_path / "run", "--nproc", "2", "--strategy", strategy)
     assert "train on 2 processes" in done.stdout + done.stderr
     assert_same_weights(one_process_table, tmp_path / "run")
 

@@ -2,6 +2,7 @@
 
 import math
 import uuid
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -14,10 +15,10 @@ from forgeml.errors import ForgeError
 from forgeml.models.mlp import MLP, MLPConfig
 from forgeml.models.registry import Splits
 from forgeml.recipe import TrainConfig
+from forgeml.training.builder import loaders
 from forgeml.training.callbacks import Callback
 from forgeml.training.loop import fit, warmup_cosine
 from forgeml.training.losses import ClassificationLoss, balanced_weights
-from forgeml.training.stage import loaders
 from forgeml.training.strategies import Strategy
 
 
@@ -58,17 +59,16 @@ def train_mlp(
     family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[16], dropout=dropout), splits, seed=0)
     manifest, folder = stored(splits, encoder)
     strategy = Strategy.single(torch.device("cpu"))
-    data, augment = loaders(family, manifest, folder, cfg, strategy)
+    batches, _ = loaders(family, manifest, folder, cfg, strategy)
     torch.manual_seed(cfg.seed)
     state = fit(
         family.network,
-        data["train"],
+        batches,
         cfg,
         loss or ClassificationLoss(),
         strategy,
         evaluate=evaluate,
         callbacks=list(callbacks),
-        augment=augment,
         checkpoints=checkpoints,
         resume=resume,
     )
@@ -289,10 +289,10 @@ def test_resume_with_early_stopping_matches_an_uninterrupted_run(tmp_path):
                           checkpoint_every=3)  # fmt: skip
         manifest, folder = stored(splits, encoder)
         strategy = Strategy.single(torch.device("cpu"))
-        data, augment = loaders(family, manifest, folder, cfg, strategy)
+        batches, _ = loaders(family, manifest, folder, cfg, strategy)
         torch.manual_seed(0)
-        state = fit(family.network, data["train"], cfg, ClassificationLoss(), strategy,
-                    evaluate=settings["evaluate"], callbacks=callbacks, augment=augment,
+        state = fit(family.network, batches, cfg, ClassificationLoss(), strategy,
+                    evaluate=settings["evaluate"], callbacks=callbacks,
                     checkpoints=checkpoints, resume=resume)  # fmt: skip
         return family, state
 
@@ -421,3 +421,34 @@ def test_prepare_rebalancing_choice_reaches_the_loss():
     explicit = TrainConfig(max_steps=1, class_weights=[1, 2, 3])
     assert CLASSIFICATION.loss(explicit, labels, counts, "class_weights").class_weights.tolist() == [1, 2, 3]
     assert CLASSIFICATION.loss(cfg, labels, counts, "none").class_weights is None
+
+
+def test_a_users_own_data_loader_trains_and_resumes_exactly(tmp_path):
+    """fit takes any re-iterable of Batch through Epochs; a sampler with set_epoch gives each epoch
+    its own order, and a run resumed from a checkpoint mid-epoch ends with the same weights."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from forgeml.training.checkpoint import Checkpoints
+    from forgeml.training.loop import Epochs
+
+    splits = table()
+    cfg = TrainConfig(max_steps=10, lr=1e-2, warmup_steps=0, seed=0, global_batch_size=16, checkpoint_every=3)
+
+    def run(checkpoints=None, resume=False, callbacks=()):
+        family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[16], dropout=0.2), splits, seed=0)
+        items = family.items(encoder.table(splits.train, "label", splits.labels))
+        sampler = DistributedSampler(items, num_replicas=1, rank=0, shuffle=True, seed=0)
+        collate = partial(family.collate, augment=None, generator=None)
+        batches = Epochs(DataLoader(items, batch_size=16, sampler=sampler, collate_fn=collate), batch_size=16)
+        torch.manual_seed(0)
+        state = fit(family.network, batches, cfg, ClassificationLoss(), Strategy.single(torch.device("cpu")),
+                    callbacks=list(callbacks), checkpoints=checkpoints, resume=resume)  # fmt: skip
+        return family, state
+
+    straight, state = run()
+    assert state.step == 10 and state.epoch == 10 / 8  # 128 rows: 8 steps an epoch
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoints, callbacks=[Crash(at=8)])  # after step 6's checkpoint, mid-epoch
+    resumed, _ = run(checkpoints, resume=True)
+    assert torch.equal(weights(straight), weights(resumed))

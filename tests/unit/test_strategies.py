@@ -36,3 +36,59 @@ def test_fsdp_tp_names_the_tensor_parallel_degrees_that_fit():
             GPT,
             GPTConfig(name="gpt", n_head=4, n_embd=4),
         )
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo group of one process, so DDP and FSDP2 wrap a module as they would in a job."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def accumulating(dp_degree: int = 2):
+    """A strategy that, like a rank of a data-parallel job, must average gradients across ranks."""
+    import torch
+
+    from forgeml.training.strategies import Strategy
+
+    return Strategy("ddp", torch.device("cpu"), Strategy.single(torch.device("cpu")).env, dp_degree=dp_degree)
+
+
+def test_ddp_averages_gradients_once_per_step_not_once_per_micro_batch(one_rank_group):
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(torch.nn.Linear(4, 2))
+    reductions = []
+
+    def count(state, bucket):
+        reductions.append(bucket.index())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    model.register_comm_hook(None, count)
+    strategy, x = accumulating(), torch.ones(3, 4)
+    for index in range(4):  # four micro-batches, one optimizer step
+        with strategy.gradient_sync(model, sync=index == 3):
+            model(x).sum().backward()
+    assert reductions == [0]  # one bucket, reduced once
+    torch.testing.assert_close(model.module.bias.grad, torch.full((2,), 12.0))  # all four accumulated
+
+
+def test_fsdp_holds_gradients_unreduced_until_the_last_micro_batch(one_rank_group):
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(torch.nn.Linear(4, 2), mesh=init_device_mesh("cpu", (1,)))
+    strategy, x = accumulating(), torch.ones(3, 4)
+    with strategy.gradient_sync(model, sync=False):
+        model(x).sum().backward()
+    assert model.bias.grad is None  # kept unsharded inside FSDP, nothing reduce-scattered yet
+    with strategy.gradient_sync(model, sync=True):
+        model(x).sum().backward()
+    torch.testing.assert_close(model.bias.grad.full_tensor(), torch.full((2,), 6.0))

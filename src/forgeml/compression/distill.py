@@ -18,14 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from forgeml.compression.variants import Variant, saved_torch_variant
-from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.models.registry import ModelFamily, load_family, logits_of
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
-from forgeml.training.launch import ONE_PROCESS
+from forgeml.training.builder import build_training
 from forgeml.training.loop import fit
-from forgeml.training.stage import loaders
-from forgeml.training.strategies import build_strategy, resolve_batch
 
 
 class WithTeacher(nn.Module):
@@ -78,18 +75,14 @@ def train_student(
     cfg = recipe.train.model_copy(update={"early_stopping": None, "checkpoint_every": None})
     if steps is not None:
         cfg = cfg.model_copy(update={"max_steps": steps, "max_epochs": None, "warmup_steps": 0})
-    strategy = build_strategy(cfg, ONE_PROCESS, student, student.config)
-    cfg = resolve_batch(cfg, 1, 1)
-    manifest = read_manifest(run)
-    data, augment = loaders(student, manifest, shard_location(run, manifest, recipe.prepare.shards_url), cfg, strategy)
-    rebalance = manifest["rebalance"]["method"]
-    loss = student.task.loss(cfg, student.labels, manifest["class_counts"].get("train", {}), rebalance)
+    training = build_training(recipe, run, student, cfg)
+    loss = training.loss_fn
     torch.manual_seed(cfg.seed)  # the same dropout masks for both students
     model: nn.Module = student.network
     if teacher is not None:
         model = WithTeacher(student.network, teacher.network)
         loss = DistillLoss(loss, recipe.compress.distill.alpha, recipe.compress.distill.temperature)
-    fit(model.to(strategy.device), data["train"], cfg, loss, strategy, augment=augment)
+    fit(model.to(training.strategy.device), training.batches, training.cfg, loss, training.strategy)
     student.network.cpu().eval()  # variants are saved and measured on the CPU
 
 

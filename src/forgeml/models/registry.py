@@ -98,6 +98,7 @@ class ModelFamily(ABC):
     encoding_fields: ClassVar[tuple[str, ...]] = ()  # model fields the prepared data depends on (not tunable)
     generates: ClassVar[bool] = False  # continues a prompt token by token (``stream``)
 
+    config: Any  # the recipe's model section it was built from
     network: nn.Module
     labels: list[str]
 

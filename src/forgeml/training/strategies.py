@@ -5,7 +5,8 @@ as torchtitan composes its parallelisms. The training loop never forks on the st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,23 @@ class Strategy:
         value = value.to(self.device).clone()
         dist.all_reduce(value, group=self.mesh["dp"].get_group())
         return value
+
+    @contextmanager
+    def gradient_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        """A backward pass whose gradients are averaged across data-parallel ranks only if ``sync``:
+        the micro-batches before a step's last keep theirs local (DDP's ``no_sync``, FSDP2's
+        ``set_requires_gradient_sync``), so the all-reduce or reduce-scatter runs once a step."""
+        if sync or self.dp_degree == 1:
+            yield
+        elif hasattr(model, "no_sync"):  # DistributedDataParallel
+            with model.no_sync():
+                yield
+        else:  # an FSDP2 module: it holds the unsharded gradients until the synchronised pass
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
 
     def clip_gradients(self, model: nn.Module, max_norm: float) -> None:
         """Clip the global gradient norm. Under tensor parallelism sharded (DTensor) and replicated

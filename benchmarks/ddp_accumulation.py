@@ -56,6 +56,7 @@ def main() -> None:
         "train.log_every=10",
         f"train.eval_every={args.steps}",
         "train.global_batch_size=16",
+        # The key's place in the earlier revision; this checkout reads it there too (with a warning).
         f"train.micro_batch_size={args.micro_batch}",
     ]
     overrides = [a for s in sets for a in ("--set", s)]

@@ -175,7 +175,9 @@ def main() -> None:
                 family.network.load_state_dict(initial)
                 torch.manual_seed(cfg.seed)
                 # The same shard stream for both: (seed, epoch) fixes the order of the batches.
-                batches, evals = loaders(family, manifest, shard_location(run, manifest), cfg, single)
+                batches, evals = loaders(
+                    family, manifest, shard_location(run, manifest), cfg, cfg.global_batch_size, single
+                )
                 autocast = autocast_for(cfg.precision, device)
                 validate = partial(
                     evaluate, loader=evals["val"], task=family.task, labels=[], device=device, autocast=autocast

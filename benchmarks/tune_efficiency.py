@@ -42,6 +42,7 @@ from rich.console import Console
 
 import forgeml
 from figures import emit, record_option
+from forgeml.tuning.config import HyperbandPruner
 
 
 def trial_epochs(trial_dir: Path) -> float:
@@ -99,10 +100,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=16, help="random search: trials, none pruned")
     parser.add_argument("--cap", type=int, default=64, help="TPE arms: at most this many trials")
     parser.add_argument("--epochs", type=int, default=20, help="every trial's training budget")
-    parser.add_argument("--startup-trials", type=int, default=4, help="settings arm: tune.startup_trials of TPE")
+    parser.add_argument("--startup-trials", type=int, default=4, help="settings arm: TPE's tune.sampler.startup_trials")
     parser.add_argument("--source", default="breast-cancer", help="data.source: a built-in table")
-    parser.add_argument("--min-evals", type=int, default=3, help="settings arm: tune.hyperband_min_evals")
-    parser.add_argument("--reduction", type=int, default=3, help="settings arm: tune.hyperband_reduction")
+    parser.add_argument("--min-evals", type=int, default=3, help="settings arm: tune.pruner.min_evals of Hyperband")
+    parser.add_argument("--reduction", type=int, default=3, help="settings arm: tune.pruner.reduction of Hyperband")
     parser.add_argument(
         "--patience", type=int, default=3, help="train.early_stopping.patience (best weights restored); 0: none"
     )
@@ -126,11 +127,8 @@ def main() -> None:
     )
     arms = {
         "settings": (
-            "tune.sampler=tpe",
-            "tune.pruner=hyperband",
-            f"tune.hyperband_min_evals={args.min_evals}",
-            f"tune.hyperband_reduction={args.reduction}",
-            f"tune.startup_trials={args.startup_trials}",
+            f"tune.sampler={{name: tpe, startup_trials: {args.startup_trials}}}",
+            f"tune.pruner={{name: hyperband, min_evals: {args.min_evals}, reduction: {args.reduction}}}",
         ),
         "hyperband_defaults": ("tune.sampler=tpe", "tune.pruner=hyperband"),
         "recipe_defaults": (),
@@ -200,11 +198,9 @@ def main() -> None:
             "cap": args.cap,
             "settings": f"min_evals {args.min_evals}, reduction {args.reduction}, startup_trials {args.startup_trials}",
             "defaults": {
-                "sampler": tune.sampler,
-                "pruner": tune.pruner,
-                "startup_trials": tune.startup_trials,
-                "hyperband_min_evals": tune.hyperband_min_evals,
-                "hyperband_reduction": tune.hyperband_reduction,
+                "sampler": tune.sampler.model_dump(),
+                "pruner": tune.pruner.model_dump(),
+                "hyperband": HyperbandPruner(name="hyperband").model_dump(),
             },
             "per_seed": per_seed,
             "median_random_epochs": random_median,

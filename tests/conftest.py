@@ -1,6 +1,81 @@
 import os
+import threading
+import time
 
-# The pretrained encoder is read from site-packages; nothing may reach for a hub.
+import psutil
+import pytest
+import tqdm
+
+# The pretrained encoder is read from site-packages; nothing may reach for a hub. The CLI sets
+# these too when it is called in-process, so they are set for every test alike.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# tqdm (transformers' loading bars) starts a process-wide monitor thread with its first bar, which
+# outlives any test; without it the bars work alike.
+tqdm.tqdm.monitor_interval = 0
+
+GRACE_S = 5.0  # a thread or process told to stop may take a moment to go
+
+
+def _children() -> dict[int, str]:
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found[child.pid] = " ".join(child.cmdline())[:200]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _threads() -> dict[int, str]:
+    return {t.ident: t.name for t in threading.enumerate() if t.is_alive() and t is not threading.main_thread()}
+
+
+def _outlived(before: dict, now) -> dict:
+    """What ``now()`` holds that ``before`` did not, once it has had ``GRACE_S`` to go away."""
+    deadline = time.monotonic() + GRACE_S
+    while (left := {k: v for k, v in now().items() if k not in before}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.fixture(autouse=True)
+def _leaves_environment_and_process_group_as_found():
+    """A test must leave os.environ as it found it, and no torch.distributed group joined."""
+    before = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    keys = (before.keys() | os.environ.keys()) - {"PYTEST_CURRENT_TEST"}  # pytest's own
+    changed = sorted(k for k in keys if before.get(k) != os.environ.get(k))
+    for key in changed:
+        if key in before:
+            os.environ[key] = before[key]
+        else:
+            del os.environ[key]
+    joined = dist.is_available() and dist.is_initialized()
+    if joined:
+        dist.destroy_process_group()
+    assert not changed, f"the test left environment variables changed: {changed}"
+    assert not joined, "the test left a torch.distributed process group joined"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _leaves_no_threads_or_child_processes():
+    """A test module (its module-scoped fixtures, such as a server, included) must stop every
+    thread and child process it started."""
+    threads, children = _threads(), _children()
+    yield
+    left_threads = _outlived(threads, _threads)
+    left_children = _outlived(children, _children)
+    for pid in left_children:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            continue
+    assert not left_children, f"the tests left child processes running: {left_children}"
+    assert not left_threads, f"the tests left threads running: {sorted(left_threads.values())}"

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from forgeml.compression.stage import CompressResult
-    from forgeml.explaining.stage import ExplainResult
+    from forgeml.compression.compress import CompressResult
+    from forgeml.explaining.explain import ExplainResult
     from forgeml.models.registry import ModelFamily
     from forgeml.recipe import Recipe
     from forgeml.training.launch import Dist
@@ -73,13 +73,25 @@ def train(
     recipe: Recipe | str | Path | dict[str, Any],
     run_dir: str | Path | None = None,
     *,
+    overrides: tuple[str, ...] = (),
     force: bool = False,
     allow_audit_failures: bool = False,
+    nproc: int | None = None,
+    max_restarts: int = 0,
 ) -> Any:
-    """Audit and prepare (if needed), then train; the model lands in ``run_dir/train/model``."""
-    from forgeml.pipeline import run_stages
+    """Audit and prepare (if needed), then train; the model lands in ``run_dir/train/model``.
 
-    spec = as_recipe(recipe)
+    With ``nproc``, the data is prepared here and ``nproc`` torchrun workers on this machine train
+    together with the recipe's ``parallel.strategy``, as ``forgeml train --nproc`` does (restarted
+    up to ``max_restarts`` times when one dies); the result is read back from the run."""
+    from forgeml.pipeline import default_run_dir, run_stages
+    from forgeml.training.launch import Launch, train_on_workers
+
+    spec = as_recipe(recipe, overrides)
+    if nproc is not None:
+        folder = Path(run_dir) if run_dir else default_run_dir(spec)
+        launch = Launch(nproc, max_restarts=max_restarts)
+        return train_on_workers(spec, folder, launch, force=force, allow_audit_failures=allow_audit_failures)
     return run_stages(spec, run_dir, until="train", force=force, allow_audit_failures=allow_audit_failures)["train"]
 
 
@@ -101,7 +113,7 @@ def tune(
     job's processes; rank 0 runs the study and returns the result, the other ranks None."""
     from rich.console import Console
 
-    from forgeml.data.audit_stage import gate
+    from forgeml.audit.stage import gate
     from forgeml.pipeline import default_run_dir, on_main, run_stages
     from forgeml.rundir import RunDir
     from forgeml.training.launch import Dist, process_group
@@ -113,8 +125,8 @@ def tune(
     check_tune(spec, env.world_size)  # a bad space or metric is refused before any data is prepared
     console = console or Console(stderr=True)
     folder = Path(run_dir) if run_dir else default_run_dir(spec)
-    device_type = resolve_device(spec.train.device, env.local_rank).type
-    with process_group(env, device_type, spec.train.collective_timeout_s):
+    device_type = resolve_device(spec.parallel.device, env.local_rank).type
+    with process_group(env, device_type, spec.parallel.collective_timeout_s):
         run_stages(spec, folder, until="prepare", console=console, env=env)
         run = RunDir(folder)
         if spec.audit.enabled:
@@ -131,7 +143,7 @@ def compress(
     """Compressed variants of the run's trained model, as its recipe's ``compress`` section (with
     ``overrides``, e.g. ``compress.methods=[quantize]``) asks, each measured against it; the
     results land in ``run_dir/compress`` (``variants.json``, ``pareto.png``, one folder a variant)."""
-    from forgeml.compression.stage import compress as run_compress
+    from forgeml.compression.compress import compress as run_compress
     from forgeml.rundir import RunDir
 
     return run_compress(_run_recipe(run_dir, overrides), RunDir(Path(run_dir)), console)
@@ -149,7 +161,7 @@ def explain(
     dicts of feature values, or the Path of a .txt, .csv or .jsonl file of them). Each method is
     scored by the deletion test; the results land in ``run_dir/explain`` (``summary.json``,
     ``attributions.json``, pictures)."""
-    from forgeml.explaining.stage import explain as run_explain
+    from forgeml.explaining.explain import explain as run_explain
     from forgeml.rundir import RunDir
 
     return run_explain(_run_recipe(run_dir, overrides), RunDir(Path(run_dir)), console, inputs)
@@ -174,9 +186,10 @@ def load(run_dir: str | Path) -> ModelFamily:
     """The trained model of a run (or a model folder), with its preprocessing, ready to predict."""
     from forgeml.errors import RunDirError
     from forgeml.models.registry import META_FILE, load_family
+    from forgeml.rundir import RunDir
 
     path = Path(run_dir)
-    folder = path if (path / META_FILE).exists() else path / "train" / "model"
+    folder = path if (path / META_FILE).exists() else path / RunDir.MODEL
     if not (folder / META_FILE).exists():
         raise RunDirError(f"{path} holds no trained model (no {folder / META_FILE}); train one with `forgeml run`")
     return load_family(folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -55,7 +56,9 @@ RdzvOpt = Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT 
 
 def results_table(run_dir: Path) -> Table | None:
     """Held-out metrics of a run, from train/eval.json."""
-    path = run_dir / "train" / "eval.json"
+    from forgeml.rundir import RunDir
+
+    path = run_dir / RunDir.EVAL
     if not path.exists():
         return None
     result = json.loads(path.read_text())
@@ -116,7 +119,7 @@ def train(
     node_rank: NodeRankOpt = 0,
     rdzv_endpoint: RdzvOpt = None,
     strategy: Annotated[
-        str | None, typer.Option("--strategy", help="single, ddp, fsdp, tp or fsdp+tp (train.strategy)")
+        str | None, typer.Option("--strategy", help="single, ddp, fsdp, tp or fsdp+tp (parallel.strategy)")
     ] = None,
     tp_degree: Annotated[int | None, typer.Option("--tp-degree", min=1, help="fsdp+tp: processes per layer")] = None,
     max_restarts: Annotated[
@@ -132,32 +135,33 @@ def train(
     """
     from forgeml import as_recipe
     from forgeml.pipeline import default_run_dir
-    from forgeml.training.launch import Dist, Launch, run_torchrun
-    from forgeml.training.strategies import check_launch
+    from forgeml.training.launch import Dist, Launch, WorkersFailed, train_on_workers
 
     overrides = resumed(set_, resume, force)
-    overrides += [f"train.strategy={strategy}"] if strategy else []
-    overrides += [f"train.tp_degree={tp_degree}"] if tp_degree else []
+    overrides += [f"parallel.strategy={strategy}"] if strategy else []
+    overrides += [f"parallel.tp_degree={tp_degree}"] if tp_degree else []
     if nproc is None:
         env = Dist.from_torchrun(os.environ)
         folder = stages(recipe, overrides, run_dir, "train", force, allow_audit_failures, env, force_train)
         if env.main:
             finish(folder)
         return
-    # Audit and prepare here, once; then the workers train (their rank 0 skips what is done). The
-    # nodes share the run folder, so only node 0 prepares: two nodes writing it at once would race,
-    # and the others' workers start only when node 0's join the rendezvous, after its prepare.
-    launch = Launch(nproc, nnodes, rdzv_endpoint, max_restarts)
     spec = as_recipe(recipe, tuple(overrides))
-    check_launch(spec, nproc * nnodes)
-    if node_rank == 0:
-        folder = stages(recipe, overrides, run_dir, "prepare", force, allow_audit_failures)
-    else:
-        folder = run_dir or default_run_dir(spec)
-    worker = ["train", recipe, "--run-dir", str(folder), *(a for o in overrides for a in ("--set", o))]
-    worker += ["--allow-audit-failures"] * allow_audit_failures + ["--force-train"] * force
-    if run_torchrun(launch, worker) != 0:  # the workers' rank 0 has printed the results
-        raise typer.Exit(1)
+    folder = run_dir or default_run_dir(spec)
+    launch = Launch(nproc, nnodes, rdzv_endpoint, max_restarts)
+    try:
+        train_on_workers(
+            spec,
+            folder,
+            launch,
+            node_rank=node_rank,
+            force=force,
+            allow_audit_failures=allow_audit_failures,
+            console=errors,
+        )
+    except WorkersFailed as exc:  # the workers' rank 0 has printed the results, the failed ones their errors
+        errors.print(f"forgeml: {exc}", highlight=False)
+        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -241,7 +245,7 @@ def tune(
 
     Writes RUN_DIR/tune/best.yaml (train it with `forgeml train`), trials.csv and plots of the search.
     With --nproc N (and --nnodes/--node-rank/--rdzv-endpoint) every trial trains on N processes
-    through torchrun, with the recipe's train.strategy; `torchrun ... -m forgeml tune RECIPE` works too.
+    through torchrun, with the recipe's parallel.strategy; `torchrun ... -m forgeml tune RECIPE` works too.
     """
     from forgeml import as_recipe
     from forgeml import tune as run_tune
@@ -300,7 +304,7 @@ def launch_tune(
     from forgeml.pipeline import default_run_dir, run_stages
     from forgeml.recipe import secrets_env
     from forgeml.rundir import atomic_write
-    from forgeml.training.launch import run_torchrun
+    from forgeml.training.launch import WorkersFailed, run_torchrun
     from forgeml.training.strategies import check_launch
     from forgeml.tuning.study import check_tune
 
@@ -313,10 +317,12 @@ def launch_tune(
     worker_spec = folder / "tune" / f"{spec.tune.study_name or spec.name}.torchrun.yaml"
     worker_spec.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(worker_spec, spec.to_yaml())
-    os.environ.update(secrets_env(spec))  # the masked file's secrets, for the workers torchrun starts here
     worker = ["tune", str(worker_spec), "--run-dir", str(folder), *["--allow-audit-failures"] * allow_audit_failures]
-    if run_torchrun(launch, worker) != 0:  # the workers' rank 0 has printed the results
-        raise typer.Exit(1)
+    try:  # the masked file's secrets reach the workers in their environment
+        run_torchrun(launch, worker, secrets_env(spec))
+    except WorkersFailed as exc:  # the workers' rank 0 has printed the results
+        errors.print(f"forgeml: {exc}", highlight=False)
+        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -335,8 +341,8 @@ def audit(
 
     Exits 1 when a check fails (thresholds: --set audit.fail_on.duplicate_fraction=0.1, ...).
     """
-    from forgeml.data.audit import audit as run_audit
-    from forgeml.data.audit import failed_checks
+    from forgeml.audit.checks import audit as run_audit
+    from forgeml.audit.checks import failed_checks
     from forgeml.data.sources import read_table, read_test_table, validate_table
     from forgeml.recipe import AuditConfig, DataConfig, PrepareConfig, apply_overrides, validate_sections
     from forgeml.reporting.html import write_audit_page
@@ -592,6 +598,16 @@ def generate(
     errors.print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s", highlight=False)
 
 
+def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A recipe's warning as one line naming what to change; others as Python shows them."""
+    from forgeml.recipe import RecipeWarning
+
+    if issubclass(category, RecipeWarning):
+        errors.print(f"[yellow]warning:[/yellow] recipe: {message}", highlight=False)
+    else:
+        errors.print(warnings.formatwarning(message, category, *args[:2]), end="", highlight=False, markup=False)
+
+
 def main(argv: list[str] | None = None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -602,7 +618,9 @@ def main(argv: list[str] | None = None) -> Any:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return app(args=args, prog_name="forgeml", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return app(args=args, prog_name="forgeml", standalone_mode=False)
     except ForgeError as exc:
         if debug:
             raise

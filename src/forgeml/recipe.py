@@ -6,6 +6,7 @@ import json
 import re
 import types
 import typing
+import warnings
 from difflib import get_close_matches
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,6 @@ from pydantic import (
     NonNegativeFloat,
     PositiveInt,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
@@ -26,6 +26,8 @@ from pydantic.fields import FieldInfo
 from forgeml.errors import RecipeError
 from forgeml.models import MODELS
 from forgeml.section import Section
+from forgeml.tuning.config import MOVED_KEYS as MOVED_TUNE_KEYS
+from forgeml.tuning.config import TuneConfig, search_defaults
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -134,34 +136,17 @@ class AugmentConfig(Section):
     mixup_alpha: NonNegativeFloat = Field(0.0, description="tables: Beta(alpha, alpha) mixup of rows and labels")
 
 
-# Train settings that change how the work is spread or watched, not what is learned.
-EXECUTION_FIELDS = {
-    "resume",
-    "strategy",
-    "tp_degree",
-    "activation_checkpointing",
-    "collective_timeout_s",
-    "num_threads",
-    "keep_freed_memory",
-    "gc_every",
-    "log_every",
-    "device",
-    "memory_budget_gb",
-}
+# Train fields that decide nothing about the weights (when to write a log line, collect garbage,
+# or whether to continue): a change of them keeps the run's checkpoints and its trained model.
+UNHASHED = {"hashed": False}
 
 
 class TrainConfig(Section):
+    """What is learned and how: optimisation, schedule, regularisation, evaluation, checkpoints."""
+
     max_steps: PositiveInt | None = None
     max_epochs: Annotated[float, Field(gt=0)] | None = None
     global_batch_size: PositiveInt = 32
-    micro_batch_size: PositiveInt | Literal["auto"] | None = Field(
-        None,
-        description="rows per forward pass on each rank; default: the global batch split over the data-parallel "
-        "ranks; auto: the largest that fits in memory (accumulation keeps the global batch)",
-    )
-    memory_budget_gb: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="CPU, micro_batch_size auto: memory per process; default: half the available, shared"
-    )
     lr: Annotated[float, Field(gt=0, le=1)] = 3e-4
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     weight_decay: NonNegativeFloat = 0.01
@@ -169,16 +154,6 @@ class TrainConfig(Section):
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp"] = Field(
-        "auto", description="how processes share the work; auto: single for one process, ddp for more"
-    )
-    tp_degree: PositiveInt = Field(2, description="fsdp+tp: processes that split each layer (tp uses all)")
-    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
-    collective_timeout_s: Annotated[float, Field(gt=0)] = Field(
-        600.0, description="a rank that does not join a collective within this ends the run with an error"
-    )
-    num_threads: PositiveInt | None = Field(None, description="CPU threads for torch; default: torch's choice")
     seed: int = 0
     eval_every: PositiveInt | None = Field(None, description="steps between evaluations; default: once per epoch")
     eval_batch_size: PositiveInt = 64
@@ -189,13 +164,13 @@ class TrainConfig(Section):
         description="auto: a train stage that stopped midway continues from its newest intact checkpoint; "
         "never: it starts over; require (--resume): it must continue, and it is an error when there is no "
         "interrupted training with a checkpoint to continue from",
+        json_schema_extra=UNHASHED,
     )
-    log_every: PositiveInt = 10
-    keep_freed_memory: bool = Field(
-        True, description="glibc: reuse freed memory instead of returning it to the OS each step (fewer page faults)"
-    )
+    log_every: PositiveInt = Field(10, json_schema_extra=UNHASHED)
     gc_every: PositiveInt | None = Field(
-        50, description="collect garbage every N steps instead of whenever Python decides; null: Python's own"
+        50,
+        description="collect garbage every N steps instead of whenever Python decides; null: Python's own",
+        json_schema_extra=UNHASHED,
     )
     early_stopping: EarlyStoppingConfig | None = None
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
@@ -205,173 +180,43 @@ class TrainConfig(Section):
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
-    def _check_batches(self) -> TrainConfig:
+    def _check_length(self) -> TrainConfig:
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set train.max_steps or train.max_epochs (or both: training stops at the first)")
-        micro = self.micro_batch_size or self.global_batch_size
-        if micro != "auto" and self.global_batch_size % micro:
-            raise ValueError(
-                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({micro})"
-            )
         return self
 
-    @property
-    def micro_batch(self) -> int:
-        return self.micro_batch_size or self.global_batch_size
-
-    @property
-    def accumulation(self) -> int:
-        return self.global_batch_size // self.micro_batch
+    def hashed_dump(self) -> dict[str, Any]:
+        """The fields that decide the trained weights: what a checkpoint and the stages after
+        training are keyed on (the parallel section is not, so a run resumes at another scale)."""
+        unhashed = {name for name, f in type(self).model_fields.items() if f.json_schema_extra == UNHASHED}
+        return self.model_dump(mode="json", exclude=unhashed)
 
 
-class FloatParam(Section):
-    """A float in [low, high]; with ``step``, only low, low + step, ... (finite: a grid can take it)."""
+class ParallelConfig(Section):
+    """How the work is spread over processes, devices and memory; nothing here changes what is
+    learned beyond floating-point order, so a run resumes under other settings."""
 
-    type: Literal["float"]
-    low: float
-    high: float
-    step: Annotated[float, Field(gt=0)] | None = None
-    log: bool = Field(False, description="sample on a log scale (low > 0)")
-
-    @model_validator(mode="after")
-    def _check_range(self) -> FloatParam:
-        _check_bounds(self.low, self.high, self.log)
-        if self.log and self.step is not None:
-            raise ValueError("a log scale takes no step")
-        return self
-
-
-class IntParam(Section):
-    """An integer in [low, high], every ``step``."""
-
-    type: Literal["int"]
-    low: int
-    high: int
-    step: PositiveInt = 1
-    log: bool = Field(False, description="sample on a log scale (low >= 1, step 1)")
-
-    @model_validator(mode="after")
-    def _check_range(self) -> IntParam:
-        _check_bounds(self.low, self.high, self.log)
-        if self.log and self.step != 1:
-            raise ValueError("a log scale takes no step")
-        return self
-
-
-class CategoricalParam(Section):
-    """One of ``choices``: any YAML values (numbers, strings, lists such as hidden sizes)."""
-
-    type: Literal["categorical"]
-    choices: list[Any] = Field(min_length=1)
-
-
-def _check_bounds(low: float, high: float, log: bool) -> None:
-    if low > high:
-        raise ValueError(f"low ({low}) must not exceed high ({high})")
-    if log and low <= 0:
-        raise ValueError(f"a log scale needs low > 0 (got {low})")
-
-
-Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]  # noqa: UP007
-
-
-# What a trial's trained model costs, measured after training, for multi-objective studies.
-MODEL_COST_METRICS = ("size_mb", "latency_ms")
-TuneMetric = Literal["loss", "accuracy", "macro_f1", "perplexity", "size_mb", "latency_ms"]
-
-
-class TuneConfig(Section):
-    """Hyperparameter search (``forgeml tune``): which recipe fields to search and how."""
-
-    space: dict[str, Param] = Field(
-        {}, description="recipe field path -> distribution, e.g. train.lr: {type: float, low: 1e-5, high: 1e-2}"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp"] = Field(
+        "auto", description="how processes share the work; auto: single for one process, ddp for more"
     )
-    metric: TuneMetric | list[TuneMetric] = Field(
-        "loss",
-        description="the validation metric to optimise; a list of two or more (e.g. [macro_f1, latency_ms]): a "
-        "multi-objective study (NSGA-II, no pruning) whose result is the Pareto front",
+    tp_degree: PositiveInt = Field(2, description="fsdp+tp: processes that split each layer (tp uses all)")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    micro_batch_size: PositiveInt | Literal["auto"] | None = Field(
+        None,
+        description="rows per forward pass on each rank; default: the global batch split over the data-parallel "
+        "ranks; auto: the largest that fits in memory (accumulation keeps the global batch)",
     )
-    direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="one metric: default maximize accuracy and macro_f1, minimize the others"
+    memory_budget_gb: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="CPU, micro_batch_size auto: memory per process; default: half the available, shared"
     )
-    trials: PositiveInt | None = Field(20, description="trials to run in this call; null: until timeout_s")
-    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="start no trial after this long")
-    sampler: Literal["grid", "random", "tpe", "gp", "nsga2"] = Field(
-        "tpe", description="nsga2 (genetic, multi-objective) is the default for a list of metrics"
+    collective_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        600.0, description="a rank that does not join a collective within this ends the run with an error"
     )
-    startup_trials: Annotated[int, Field(ge=0)] = Field(
-        4, description="tpe, gp: trials sampled at random before the model of the space takes over"
+    num_threads: PositiveInt | None = Field(None, description="CPU threads for torch; default: torch's choice")
+    keep_freed_memory: bool = Field(
+        True, description="glibc: reuse freed memory instead of returning it to the OS each step (fewer page faults)"
     )
-    population_size: Annotated[int, Field(ge=2)] = Field(
-        50, description="nsga2: trials per generation; each later generation is bred from the best of those before"
-    )
-    pruner: Literal["none", "median", "hyperband"] = "median"
-    prune_startup_trials: Annotated[int, Field(ge=0)] = Field(
-        3, description="median: trials that finish before any is pruned"
-    )
-    prune_from_eval: PositiveInt = Field(2, description="median: the first evaluation at which a trial may be pruned")
-    hyperband_min_evals: PositiveInt = Field(
-        3, description="hyperband: evaluations a trial of the most aggressive bracket gets before its first rung"
-    )
-    hyperband_reduction: Annotated[int, Field(ge=2)] = Field(
-        3,
-        description="hyperband: one trial in this many goes on at each rung; brackets = "
-        "1 + log_reduction(evaluations / hyperband_min_evals), and TPE learns from one bracket's trials only",
-    )
-    seed: int = 0
-    study_name: str | None = Field(None, description="default: the recipe's name")
-    storage: str | None = Field(None, description="SQLAlchemy URL; default: sqlite file tune/study.db in the run")
-    workers: PositiveInt = Field(
-        1, description="processes on this machine running trials of the study at once, the cores split among them"
-    )
-    heartbeat_s: PositiveInt = Field(
-        10, description="a running trial writes a heartbeat this often; silent for twice as long, it counts as dead"
-    )
-
-    @field_validator("study_name")
-    @classmethod
-    def _plain_name(cls, name: str | None) -> str | None:
-        """The name is the folder tune/trials/<name>, which a rerun deletes: it must stay one folder."""
-        if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):
-            raise ValueError("a study name is a folder's name: give a plain one, without / \\ or NUL, not . or ..")
-        return name
-
-    @model_validator(mode="after")
-    def _check_stop(self) -> TuneConfig:
-        if self.trials is None and self.timeout_s is None:
-            raise ValueError("set tune.trials or tune.timeout_s (or both): the search would never end")
-        if not isinstance(self.metric, list):
-            if self.metric in MODEL_COST_METRICS:
-                raise ValueError(
-                    f"metric {self.metric} only pairs with a validation metric, e.g. [macro_f1, {self.metric}]"
-                )
-            return self
-        if len(set(self.metric)) < 2:
-            raise ValueError("a list of metrics needs two or more different ones; give one metric as a plain value")
-        if set(self.metric) <= set(MODEL_COST_METRICS):
-            raise ValueError("a list of metrics needs a validation metric too, e.g. [macro_f1, size_mb]")
-        if self.direction is not None:
-            raise ValueError("direction: each metric of a list has its own (size and latency are minimised)")
-        if self.pruner != "none":
-            raise ValueError(
-                f"pruner {self.pruner}: pruning is not available in a multi-objective study; set pruner none"
-            )
-        if self.sampler not in ("nsga2", "random"):
-            raise ValueError(f"sampler {self.sampler}: a multi-objective study takes nsga2 or random")
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _multi_objective_defaults(cls, data: Any) -> Any:
-        """A list of metrics searches with NSGA-II and prunes nothing, unless the recipe says otherwise."""
-        if isinstance(data, dict) and isinstance(data.get("metric"), list):
-            return {"sampler": "nsga2", "pruner": "none", **data}
-        return data
-
-    @property
-    def objectives(self) -> list[str]:
-        return self.metric if isinstance(self.metric, list) else [self.metric]
 
 
 CompressMethod = Literal["quantize", "onnx", "compile", "prune", "distill"]
@@ -496,10 +341,36 @@ class Recipe(Section):
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig
     train: TrainConfig
+    parallel: ParallelConfig = ParallelConfig()
     tune: TuneConfig = TuneConfig()
     compress: CompressConfig = CompressConfig()
     serve: ServeConfig = ServeConfig()
     explain: ExplainConfig = ExplainConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        return migrate(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> Recipe:
+        """Checks that read two sections, so that a bad pair is refused when the recipe is read,
+        before any stage runs (those that depend on the number of processes: ``check_launch``)."""
+        micro = self.parallel.micro_batch_size
+        if isinstance(micro, int) and self.train.global_batch_size % micro:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"parallel.micro_batch_size ({micro})"
+            )
+        if self.parallel.strategy in ("tp", "fsdp+tp"):
+            family = MODELS.get(self.model.name).build
+            if not family.offers_tensor_parallel():
+                offered = ", ".join(name for name in MODELS.names() if MODELS.get(name).build.offers_tensor_parallel())
+                raise ValueError(
+                    f"parallel.strategy: {self.parallel.strategy} is offered for {offered or 'no'} models, not "
+                    f"{self.model.name}; use ddp or fsdp"
+                )
+        return self
 
     def to_yaml(self) -> str:
         """The recipe as YAML to write or show, its secrets masked (see ``mask_secrets``)."""
@@ -516,11 +387,6 @@ class Recipe(Section):
         """The values ``mask_secrets`` hides, each with its path of keys: what a process started on a
         masked copy of this recipe needs beside it (``secrets_env``)."""
         return _changed(self.model_dump(mode="json"), mask_secrets(self.model_dump(mode="json")), [])
-
-    def result_dump(self) -> dict[str, Any]:
-        """The train section minus how the work is spread (strategy, degrees, threads, logging):
-        what decides the trained weights, so a run resumes on another number of processes."""
-        return self.train.model_dump(mode="json", exclude=EXECUTION_FIELDS)
 
 
 # ---------------------------------------------------------------- secrets
@@ -671,6 +537,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
+class RecipeWarning(FutureWarning):
+    """A recipe that still loads but should be written differently (a key that has moved)."""
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """An older recipe's keys moved to where they live now, each with a warning naming both places;
+    a key given at both places is an error."""
+    data = dict(data)
+    train = data.get("train")
+    if isinstance(train, dict):
+        moved = [key for key in train if key in ParallelConfig.model_fields]
+        if moved:
+            train, parallel = dict(train), dict(data.get("parallel") or {})
+            for key in moved:
+                _move(train, parallel, key, f"train.{key}", f"parallel.{key}")
+            data["train"], data["parallel"] = train, parallel
+    tune = data.get("tune")
+    if isinstance(tune, dict) and any(old in tune for old, _, _ in MOVED_TUNE_KEYS):
+        tune = dict(tune)
+        for old, section, new in MOVED_TUNE_KEYS:
+            if old in tune:
+                chosen = tune.get(section, search_defaults(tune)[section])
+                chosen = dict(chosen) if isinstance(chosen, dict) else {"name": chosen}
+                _move(tune, chosen, old, f"tune.{old}", f"tune.{section}.{new}", new)
+                tune[section] = chosen
+        data["tune"] = tune
+    return data
+
+
+def _move(source: dict[str, Any], target: dict[str, Any], key: str, old: str, new: str, new_key: str = "") -> None:
+    new_key = new_key or key
+    if new_key in target:
+        raise RecipeError(f"{old} has moved to {new}, and both are given; keep {new} alone")
+    target[new_key] = source.pop(key)
+    warnings.warn(f"{old} has moved to {new}; taken as {new} this time, write it there", RecipeWarning, stacklevel=2)
+
+
 def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = resolve_recipe_path(recipe)
     return validate_recipe(apply_overrides(read_yaml(path), overrides), source=str(path))
@@ -741,6 +644,13 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
     return path, cls
 
 
+def _tags(loc: tuple[Any, ...]) -> list[str]:
+    """The names a discriminated union at ``loc`` accepts."""
+    _, parent = _walk(loc[:-1])
+    field = parent.model_fields.get(str(loc[-1])) if parent else None
+    return [tag for c in _unwrap(field.annotation) if (tag := _tag(c))] if field else []
+
+
 def _tag(cls: type[BaseModel]) -> str | None:
     field = cls.model_fields.get("name")
     args = typing.get_args(field.annotation) if field else ()
@@ -760,11 +670,15 @@ def describe_error(err: Any) -> str:
     where = ".".join(path) or "recipe"
     if kind == "missing":
         return f"{where}: required but missing"
+    what = path[-1] if path else "model"  # model, sampler, pruner: the union's section names its kind
     if kind == "union_tag_invalid":
-        return f"{where}.name: unknown model {ctx.get('tag')!r}; known models: {ctx.get('expected_tags')}"
+        return f"{where}.name: unknown {what} {ctx.get('tag')!r}; known {what}s: {ctx.get('expected_tags')}"
     if kind == "union_tag_not_found":
-        return f"{where}.name: required; known models: {', '.join(repr(n) for n in MODELS.names())}"
+        known = MODELS.names() if what == "model" else _tags(err["loc"])
+        return f"{where}.name: required; known {what}s: {', '.join(repr(n) for n in known)}"
     if kind == "literal_error":
         return f"{where}: {value!r} is not allowed; allowed values: {ctx.get('expected')}"
     message = err["msg"].removeprefix("Value error, ")
+    if not path:  # a check across sections names the fields itself
+        return message
     return f"{where}: {message} (got {value!r})" if not isinstance(value, dict) else f"{where}: {message}"

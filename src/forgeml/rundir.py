@@ -65,7 +65,20 @@ class StageRecord:
 
 
 class RunDir:
-    """``runs/<name>/``: recipe.yaml, run.json and one folder per stage."""
+    """``runs/<name>/``: recipe.yaml, run.json and one folder per stage. The files one stage
+    leaves for the next are named here, relative to the run folder."""
+
+    MANIFEST = "data/manifest.json"  # prepare: shards, their checksums, labels, what was cleaned
+    ENCODER = "data/encoder"  # prepare: the fitted tokenizer or feature scales
+    AUDIT_REPORT = "audit/report.json"
+    MODEL = "train/model"  # train: the exported model (config, weights, encoder)
+    EVAL = "train/eval.json"
+    METRICS = "train/metrics.jsonl"
+    TUNE_SUMMARY = "tune/summary.json"
+    VARIANTS = "compress/variants.json"
+    EXPLAIN_SUMMARY = "explain/summary.json"
+    RECIPE = "recipe.yaml"
+    WORKER_RECIPE = "train/torchrun.yaml"  # the recipe torchrun's workers read, its secrets masked
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -78,7 +91,7 @@ class RunDir:
 
     @property
     def recipe_path(self) -> Path:
-        return self.path / "recipe.yaml"
+        return self.path / self.RECIPE
 
     @property
     def record_path(self) -> Path:

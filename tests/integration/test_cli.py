@@ -207,7 +207,7 @@ def test_generate_refuses_a_model_that_is_not_a_language_model(default_run):
                 "--set",
                 "model.n_embd=64",
             ],
-            "set train.tp_degree to 2",
+            "set parallel.tp_degree to 2",
         ),
     ],
 )

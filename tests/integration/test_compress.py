@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import forgeml
+from forgeml.compression.load import load_variant
 from forgeml.compression.prune import prunable
-from forgeml.compression.variants import load_variant
 from forgeml.data.prepare import load_splits
 from forgeml.rundir import RunDir
 

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import forgeml
+
 pytestmark = pytest.mark.slow
 
 TABLE = [
@@ -90,9 +92,19 @@ def one_process_table(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, one_process_table, strategy):
     # Two micro-batches a step on each rank: gradients are averaged once, after the second.
-    accumulating = [*TABLE, "--set", "train.micro_batch_size=4"]
+    accumulating = [*TABLE, "--set", "parallel.micro_batch_size=4"]
     done = forgeml_train(accumulating, tmp_path / "run", "--nproc", "2", "--strategy", strategy)
     assert "train on 2 processes" in done.stdout + done.stderr
+    assert_same_weights(one_process_table, tmp_path / "run")
+
+
+def test_python_launches_the_workers_as_the_command_does(tmp_path, one_process_table):
+    """forgeml.train(recipe, nproc=2) from Python: prepared here, trained by two torchrun workers."""
+    overrides = tuple(arg for arg in TABLE[1:] if arg != "--set")
+    result = forgeml.train(TABLE[0], tmp_path / "run", overrides=(*overrides, "parallel.strategy=ddp"), nproc=2)
+    assert result.steps == 6 and result.model_dir == tmp_path / "run" / "train" / "model"
+    evaluation = json.loads((tmp_path / "run" / "train" / "eval.json").read_text())
+    assert (evaluation["strategy"], evaluation["world_size"]) == ("ddp", 2)
     assert_same_weights(one_process_table, tmp_path / "run")
 
 
@@ -115,7 +127,7 @@ def test_fsdp_by_tensor_parallel_gpt_matches_one_process(tmp_path):
 
 def test_activation_checkpointing_trains_to_the_same_weights(tmp_path):
     forgeml_train(SMALL_LM, tmp_path / "plain")
-    forgeml_train([*SMALL_LM, "--set", "train.activation_checkpointing=true"], tmp_path / "recomputed")
+    forgeml_train([*SMALL_LM, "--set", "parallel.activation_checkpointing=true"], tmp_path / "recomputed")
     assert_same_weights(tmp_path / "plain", tmp_path / "recomputed", tolerance=1e-6)
 
 
@@ -296,7 +308,7 @@ def test_a_lost_worker_is_restarted_and_the_group_resumes_exactly(tmp_path, unin
 
 
 def test_a_hung_rank_ends_the_job_with_an_error_naming_it(tmp_path):
-    args = [*SMALL_LM, "--set", "train.max_steps=100000", "--set", "train.collective_timeout_s=5"]
+    args = [*SMALL_LM, "--set", "train.max_steps=100000", "--set", "parallel.collective_timeout_s=5"]
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
     with launched(args, run_dir, "--nproc", "2", log=log) as job:
         wait_for(run_dir / "train" / "metrics.jsonl", job, log)  # training has begun
@@ -305,7 +317,7 @@ def test_a_hung_rank_ends_the_job_with_an_error_naming_it(tmp_path):
         # on SIGTERM before it kills it, so the job ends within about a minute.
         assert job.wait(timeout=300) != 0
     output = " ".join(log.read_text().split())  # the message as one line, however it was wrapped
-    assert "waited train.collective_timeout_s (5 s) for rank 1 to join a collective" in output, output
+    assert "waited parallel.collective_timeout_s (5 s) for rank 1 to join a collective" in output, output
 
 
 def test_workers_die_with_a_killed_launcher(tmp_path):

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import forgeml
-from forgeml.compression.variants import load_variant
+from forgeml.compression.load import load_variant
 from forgeml.data.prepare import load_splits
 from forgeml.recipe import ServeConfig
 from forgeml.rundir import RunDir

@@ -20,7 +20,6 @@ from forgeml.cli import main
 from forgeml.errors import RecipeError
 from forgeml.recipe import validate_recipe
 from forgeml.tuning.space import grid
-from forgeml.tuning.study import make_pruner
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ BASE = {
     "explain": {"methods": []},
     "tune": {
         "trials": 2,
-        "startup_trials": 1,
+        "sampler": {"name": "tpe", "startup_trials": 1},
         "space": {
             "train.lr": {"type": "categorical", "choices": [1e-3, 1e-2]},
             "model.dropout": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.1},
@@ -90,18 +89,18 @@ def test_each_sampler_runs_a_study(tmp_path, prepared, sampler):
 def test_median_pruner_prunes_hopeless_trials(tmp_path, prepared):
     # Learning rates down to 1e-6 barely move the loss in 8 steps: those trials fall below the median.
     space = {"train.lr": {"type": "float", "low": 1e-6, "high": 0.5, "log": True}}
-    tune_cfg = {"trials": 8, "space": space, "prune_startup_trials": 1, "prune_from_eval": 1}
+    tune_cfg = {"trials": 8, "space": space, "pruner": {"name": "median", "startup_trials": 1, "from_eval": 1}}
     path, run = setup(tmp_path, prepared, tune=tune_cfg, train={**BASE["train"], "eval_every": 1})
-    tune(path, run, "--sampler", "random", "--pruner", "median")
+    tune(path, run, "--sampler", "random")
     states = [t["state"] for t in rows(run)]
     assert "PRUNED" in states and "COMPLETE" in states
 
 
 def test_hyperband_prunes_trials_at_its_rungs(tmp_path, prepared):
     # 16 evaluations a trial, rungs at 1, 3 and 9 evaluations (min 1, reduction 3); a median rule
-    # would stop trials at any evaluation from prune_from_eval on.
+    # would stop trials at any evaluation from its from_eval on.
     space = {"train.lr": {"type": "float", "low": 1e-6, "high": 0.5, "log": True}}
-    tune_cfg = {"trials": 12, "space": space, "pruner": "hyperband", "hyperband_min_evals": 1}
+    tune_cfg = {"trials": 12, "space": space, "pruner": {"name": "hyperband", "min_evals": 1}}
     path, run = setup(tmp_path, prepared, tune=tune_cfg, train={**BASE["train"], "max_steps": 16, "eval_every": 1})
     tune(path, run, "--sampler", "random")
     pruned = [t for t in study_of(run).trials if t.state.name == "PRUNED"]
@@ -110,8 +109,9 @@ def test_hyperband_prunes_trials_at_its_rungs(tmp_path, prepared):
 
 
 def test_gp_sampler_proposes_trials_after_its_random_start(tmp_path, prepared):
-    path, run = setup(tmp_path, prepared, tune={**BASE["tune"], "trials": 4, "startup_trials": 2})
-    tune(path, run, "--sampler", "gp", "--pruner", "none")
+    gp = {**BASE["tune"], "trials": 4, "sampler": {"name": "gp", "startup_trials": 2}}
+    path, run = setup(tmp_path, prepared, tune=gp)
+    tune(path, run, "--pruner", "none")
     by_gp = [t.number for t in study_of(run).trials if "gp:relative_params:0" in t.system_attrs]
     assert by_gp == [2, 3]  # the first two are the random start
 
@@ -315,7 +315,7 @@ def test_a_list_of_metrics_is_a_multi_objective_study_with_a_pareto_front(tmp_pa
     # Wider models are larger: size competes with accuracy, so the front has more than one trial.
     space = {"model.hidden_sizes": {"type": "categorical", "choices": [[4], [64], [256, 64]]}}
     multi = {**BASE["tune"], "metric": ["accuracy", "size_mb", "latency_ms"], "trials": 4, "space": space}
-    multi["population_size"] = 2  # so that a second generation is bred from the first
+    multi["sampler"] = {"name": "nsga2", "population_size": 2}  # so that a second generation is bred from the first
     path, run = setup(tmp_path, prepared, tune=multi)
     tune(path, run)
     study = study_of(run)
@@ -333,7 +333,7 @@ def test_a_list_of_metrics_is_a_multi_objective_study_with_a_pareto_front(tmp_pa
 
 
 def test_pruning_is_refused_for_a_multi_objective_study(tmp_path, prepared, capsys):
-    multi = {**BASE["tune"], "metric": ["accuracy", "latency_ms"]}
+    multi = {**BASE["tune"], "metric": ["accuracy", "latency_ms"], "sampler": "nsga2"}
     path, run = setup(tmp_path, prepared, tune=multi)
     with pytest.raises(SystemExit) as exit_:
         tune(path, run, "--pruner", "median")
@@ -377,10 +377,10 @@ def test_torchrun_study_trains_each_trial_on_every_process(tmp_path, prepared):
     # A grid over two learning rates, the good one first (tune.seed 1): median pruning from the first
     # evaluation, after one finished trial, stops the second trial on both ranks at once.
     space = {"train.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
-    settings = {"space": space, "sampler": "grid", "pruner": "median", "prune_startup_trials": 1, "prune_from_eval": 1}
+    settings = {"space": space, "sampler": "grid", "pruner": {"name": "median", "startup_trials": 1, "from_eval": 1}}
     path, run = setup(tmp_path, prepared, tune={**BASE["tune"], **settings, "seed": 1})
     command = [sys.executable, "-m", "forgeml", "tune", str(path), "--run-dir", str(run), "--nproc", "2"]
-    command += ["--set", "train.strategy=ddp", "--set", f"serve.api_key={KEY}", "--storage", secret_storage(run)]
+    command += ["--set", "parallel.strategy=ddp", "--set", f"serve.api_key={KEY}", "--storage", secret_storage(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -404,8 +404,8 @@ def test_torchrun_study_refuses_workers(tmp_path, prepared, capsys):
 
 def test_hyperband_brackets_follow_the_recipe():
     recipe = validate_recipe(
-        {**BASE, "tune": {**BASE["tune"], "pruner": "hyperband", "hyperband_min_evals": 3, "hyperband_reduction": 4}}
+        {**BASE, "tune": {**BASE["tune"], "pruner": {"name": "hyperband", "min_evals": 3, "reduction": 4}}}
     )
-    pruner = make_pruner(recipe.tune)
+    pruner = recipe.tune.pruner.build()
     assert isinstance(pruner, optuna.pruners.HyperbandPruner)
     assert (pruner._min_resource, pruner._reduction_factor) == (3, 4)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.datasets import make_classification
 
-from forgeml.data.audit import audit, failed_checks, summary_lines
-from forgeml.data.sources import Table
+from forgeml.audit.checks import audit, failed_checks, summary_lines
+from forgeml.data.table import Table
 from forgeml.recipe import AuditConfig, FailOnConfig, PrepareConfig
 
 KEYS = {

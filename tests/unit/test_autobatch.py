@@ -131,11 +131,11 @@ TABLE = ("train.max_steps=5", "train.global_batch_size=16", "model.dropout=0", "
 
 def test_the_train_stage_uses_the_chosen_micro_batch_and_keeps_the_global_batch(tmp_path):
     # A budget that fits some but not all of the 16 rows: the run accumulates, with the same result.
-    auto = ("train.micro_batch_size=auto", "train.memory_budget_gb=0.00008")
+    auto = ("parallel.micro_batch_size=auto", "parallel.memory_budget_gb=0.00008")
     forgeml.train(forgeml.as_recipe("tabular", (*TABLE, *auto)), tmp_path / "auto")
     chosen = json.loads((tmp_path / "auto" / "train" / "eval.json").read_text())["micro_batch_size"]
     assert chosen in (1, 2, 4, 8)
-    forgeml.train(forgeml.as_recipe("tabular", (*TABLE, f"train.micro_batch_size={chosen}")), tmp_path / "fixed")
+    forgeml.train(forgeml.as_recipe("tabular", (*TABLE, f"parallel.micro_batch_size={chosen}")), tmp_path / "fixed")
     a, b = (load_file(tmp_path / run / "train" / "model" / "model.safetensors") for run in ("auto", "fixed"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

@@ -56,7 +56,7 @@ def test_only_audit_warnings_prepare_left_in_the_data_are_listed(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from forgeml.data.audit_stage import audit_stage
+    from forgeml.audit.stage import Audit
     from forgeml.data.prepare import prepare
     from forgeml.recipe import validate_recipe
     from forgeml.rundir import RunDir
@@ -83,7 +83,7 @@ def test_only_audit_warnings_prepare_left_in_the_data_are_listed(tmp_path):
         }
     )
     run = RunDir(tmp_path / "run")
-    report = audit_stage(recipe, run).report
+    report = Audit().run(recipe, run).report
     prepare(recipe, run)
     manifest = json.loads((run.path / "data" / "manifest.json").read_text())
     warned = {name for name, check in report["checks"].items() if check["status"] != "pass"}

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forgeml.errors import ForgeError
-from forgeml.explaining.stage import read_inputs
+from forgeml.explaining.explain import read_inputs
 from forgeml.models.inputs import number_or_none
 from forgeml.models.mlp import MLP, MLPConfig
 

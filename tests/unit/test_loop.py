@@ -53,13 +53,14 @@ def train_mlp(
     evaluate=None,
     checkpoints=None,
     resume=False,
+    micro_batch_size=None,
     **train,
 ):
     cfg = TrainConfig(**{"max_steps": 8, "lr": 1e-2, "warmup_steps": 0, "seed": 0, **train})
     family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[16], dropout=dropout), splits, seed=0)
     manifest, folder = stored(splits, encoder)
     strategy = Strategy.single(torch.device("cpu"))
-    batches, _ = loaders(family, manifest, folder, cfg, strategy)
+    batches, _ = loaders(family, manifest, folder, cfg, micro_batch_size or cfg.global_batch_size, strategy)
     torch.manual_seed(cfg.seed)
     state = fit(
         family.network,
@@ -289,7 +290,7 @@ def test_resume_with_early_stopping_matches_an_uninterrupted_run(tmp_path):
                           checkpoint_every=3)  # fmt: skip
         manifest, folder = stored(splits, encoder)
         strategy = Strategy.single(torch.device("cpu"))
-        batches, _ = loaders(family, manifest, folder, cfg, strategy)
+        batches, _ = loaders(family, manifest, folder, cfg, cfg.global_batch_size, strategy)
         torch.manual_seed(0)
         state = fit(family.network, batches, cfg, ClassificationLoss(), strategy,
                     evaluate=settings["evaluate"], callbacks=callbacks,

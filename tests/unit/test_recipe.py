@@ -1,12 +1,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from forgeml.errors import RecipeError
-from forgeml.recipe import Recipe, apply_overrides, builtin_recipes, load_recipe, validate_recipe
+from forgeml.recipe import Recipe, RecipeWarning, apply_overrides, builtin_recipes, load_recipe, validate_recipe
+from forgeml.training.strategies import Strategy, accumulation, resolve_batch
 
 BASE = {
     "data": {"source": "breast-cancer"},
@@ -74,8 +76,30 @@ def test_missing_sections_are_named():
 
 
 def test_batch_sizes_must_divide():
-    message = error_of(with_("train", global_batch_size=30, micro_batch_size=8))
-    assert "global_batch_size (30)" in message and "micro_batch_size (8)" in message
+    message = error_of({**with_("train", global_batch_size=30), "parallel": {"micro_batch_size": 8}})
+    assert "train.global_batch_size (30)" in message and "parallel.micro_batch_size (8)" in message
+
+
+def test_a_key_that_moved_to_parallel_is_read_from_its_old_place_with_a_warning():
+    with pytest.warns(RecipeWarning) as warned:
+        recipe = validate_recipe(with_("train", strategy="fsdp", micro_batch_size=8))
+    assert sorted(str(w.message).split(" has")[0] for w in warned) == ["train.micro_batch_size", "train.strategy"]
+    assert "train.strategy has moved to parallel.strategy" in str(warned[-1].message) + str(warned[0].message)
+    assert (recipe.parallel.strategy, recipe.parallel.micro_batch_size) == ("fsdp", 8)
+    assert "strategy" not in recipe.train.model_dump()
+
+
+def test_a_moved_key_given_at_both_places_is_an_error():
+    data = {**with_("train", device="cpu"), "parallel": {"device": "cpu"}}
+    with pytest.raises(RecipeError, match="train.device has moved to parallel.device, and both are given"):
+        validate_recipe(data)
+
+
+def test_the_parallel_section_is_not_part_of_what_decides_the_weights():
+    one = validate_recipe(with_("train", log_every=5))
+    other = validate_recipe({**with_("train", log_every=50, resume="never"), "parallel": {"strategy": "fsdp"}})
+    assert one.train.hashed_dump() == other.train.hashed_dump()
+    assert one.train.hashed_dump() != validate_recipe(with_("train", lr=0.5)).train.hashed_dump()
 
 
 def test_steps_or_epochs_required():
@@ -84,8 +108,9 @@ def test_steps_or_epochs_required():
 
 
 def test_accumulation_is_derived():
-    recipe = validate_recipe(with_("train", global_batch_size=32, micro_batch_size=8))
-    assert recipe.train.accumulation == 4 and recipe.train.micro_batch == 8
+    recipe = validate_recipe({**with_("train", global_batch_size=32), "parallel": {"micro_batch_size": 8}})
+    micro = resolve_batch(recipe.train, recipe.parallel, dp=1, tp=1)
+    assert micro == 8 and accumulation(32, micro, Strategy.single(torch.device("cpu"))) == 4
 
 
 def test_overrides_are_typed_like_yaml():
@@ -244,3 +269,34 @@ def test_a_study_name_that_is_not_a_plain_file_name_is_refused_naming_it(name):
 )
 def test_a_plain_study_name_is_taken(name):
     assert validate_recipe(with_("tune", study_name=name)).tune.study_name == name
+
+
+def test_changing_how_work_is_spread_leaves_the_train_stage_up_to_date():
+    from forgeml.pipeline import STAGES, config_slice
+
+    train = next(stage for stage in STAGES if stage.name == "train")
+    spread = {**BASE, "parallel": {"strategy": "fsdp", "micro_batch_size": 1, "num_threads": 1, "device": "cpu"}}
+    assert config_slice(validate_recipe(BASE), train.sections) == config_slice(validate_recipe(spread), train.sections)
+
+
+def test_a_sampler_or_pruner_is_its_name_or_a_mapping_of_its_name_and_options():
+    recipe = validate_recipe({**BASE, "tune": {"sampler": "gp", "pruner": {"name": "hyperband", "reduction": 4}}})
+    assert (recipe.tune.sampler.name, recipe.tune.sampler.startup_trials) == ("gp", 4)
+    assert (recipe.tune.pruner.min_evals, recipe.tune.pruner.reduction) == (3, 4)
+
+
+def test_an_option_of_another_sampler_or_an_unknown_sampler_is_named():
+    message = error_of({**BASE, "tune": {"sampler": {"name": "random", "population_size": 4}}})
+    assert "tune.sampler.population_size: unknown key; known keys: name" in message
+    message = error_of({**BASE, "tune": {"sampler": {"name": "cmaes"}}})
+    assert "tune.sampler.name: unknown sampler 'cmaes'; known samplers:" in message and "'nsga2'" in message
+    assert "tune.pruner.name: required; known pruners: 'none', 'median', 'hyperband'" in error_of(
+        {**BASE, "tune": {"pruner": {"min_evals": 2}}}
+    )
+
+
+def test_flat_tune_options_of_older_recipes_move_into_their_sampler_and_pruner():
+    old = {"startup_trials": 2, "prune_from_eval": 5, "pruner": "median"}
+    with pytest.warns(RecipeWarning, match="tune.prune_from_eval has moved to tune.pruner.from_eval"):
+        recipe = validate_recipe({**BASE, "tune": old})
+    assert (recipe.tune.sampler.name, recipe.tune.sampler.startup_trials, recipe.tune.pruner.from_eval) == ("tpe", 2, 5)

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forgeml.data.sources import Table, read_table, validate_table
+from forgeml.data.sources import read_table, validate_table
+from forgeml.data.table import Table
 from forgeml.errors import DataError
 from forgeml.recipe import DataConfig
 

@@ -1,6 +1,6 @@
 """A variant: a way to compute the trained model's logits, and the folder that holds it.
 
-Every variant folder has a ``variant.json`` saying how to load it, so ``load_variant`` (the
+Every variant folder has a ``variant.json`` saying how to load it, so ``load.load_variant`` (the
 server's entry point) needs nothing but the folder.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from forgeml.errors import RunDirError
 from forgeml.models.registry import ModelFamily, load_family, logits_of
 
 VARIANT_FILE = "variant.json"
@@ -100,29 +99,3 @@ def baseline(model_dir: Path, folder: Path) -> Variant:
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(model_dir, folder)
     return saved_torch_variant("baseline", "baseline", load_family(folder), folder)
-
-
-def load_variant(folder: Path, threads: int | None = None) -> Variant:
-    """A variant from its folder alone (``compress/<name>``)."""
-    from forgeml.compression.onnx import load_onnx
-    from forgeml.compression.prune import load_pruned
-    from forgeml.compression.quantize import load_torch_int8
-
-    path = folder / VARIANT_FILE
-    if not path.exists():
-        raise RunDirError(f"{folder} is not a compressed variant (no {VARIANT_FILE}); run `forgeml compress` first")
-    record = json.loads(path.read_text())
-    name, method, weights = record["name"], record["method"], record["weights"]
-    if record["backend"] == "onnxruntime":
-        family, logits = load_onnx(folder, weights[0], threads)
-        return Variant(name, method, "onnxruntime", family, logits, folder, weights)
-    if method == "quantize":
-        family = load_torch_int8(folder)
-    elif method == "prune":
-        family = load_pruned(folder)
-    elif method == "compile":  # the baseline's files, compiled when loaded
-        family = load_family(folder / record["source"])
-    else:
-        family = load_family(folder)
-    network = torch.compile(family.network, dynamic=True) if method == "compile" else family.network
-    return Variant(name, method, "torch", family, torch_logits(network), folder, weights)

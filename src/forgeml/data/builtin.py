@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import pandas as pd
 
+from forgeml.data.table import Table
 from forgeml.errors import DataError
 from forgeml.registry import Registry
 
 if TYPE_CHECKING:
-    from forgeml.data.sources import Table
     from forgeml.recipe import DataConfig
 
 Builder = Callable[["DataConfig"], "Table"]
@@ -61,8 +61,6 @@ def _table(
     features: list[str] | None = None,
     label: str | None = None,
 ) -> Table:
-    from forgeml.data.sources import Table  # sources imports this module to register the built-ins
-
     # The content is fixed by the name, the options and the Python (its standard library).
     key = json.dumps({"dataset": name, "params": params, "python": sys.version}, sort_keys=True)
     return Table(

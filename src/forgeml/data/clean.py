@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from forgeml.data.dedup import cross_matches, exact_groups, near_duplicates, normalize
-from forgeml.data.sources import Table
+from forgeml.data.table import Table
 from forgeml.recipe import AuditConfig, PrepareConfig
 
 

@@ -31,7 +31,8 @@ from forgeml.data.clean import (
     missing_count,
 )
 from forgeml.data.shards import read_split, schema_of, write_shards
-from forgeml.data.sources import Table, read_table, read_test_table, validate_table
+from forgeml.data.sources import read_table, read_test_table, validate_table
+from forgeml.data.table import Table
 from forgeml.errors import DataError
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits
@@ -247,7 +248,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         manifest["splits"][name] = {"rows": len(part), "shards": write_shards(part, out, name, cfg.shard_rows)}
         if classify:
             manifest["class_counts"][name] = splits[name][columns.label].value_counts().sort_index().to_dict()
-    write_json(run.stage_dir("data") / "manifest.json", manifest)
+    write_json(run.path / RunDir.MANIFEST, manifest)
     return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels_list, notes)
 
 
@@ -292,7 +293,7 @@ def shard_location(run: RunDir, manifest: dict[str, Any], shards_url: str | None
 
 
 def read_manifest(run: RunDir) -> dict[str, Any]:
-    path = run.stage_dir("data") / "manifest.json"
+    path = run.path / RunDir.MANIFEST
     if not path.exists():
         raise DataError(f"{path} is missing; run `forgeml prepare` (or `forgeml run`) first")
     return json.loads(path.read_text())

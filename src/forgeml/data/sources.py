@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
@@ -23,6 +22,7 @@ from fsspec.utils import infer_compression
 from pandas.api.types import is_numeric_dtype
 
 from forgeml.data.builtin import DATASETS, options_of
+from forgeml.data.table import Table
 from forgeml.errors import DataError
 from forgeml.recipe import refuse_masked
 
@@ -31,26 +31,6 @@ if TYPE_CHECKING:
 
 SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SHOWN_ROWS = 5  # rows named in a message before "and N more"
-
-
-@dataclass
-class Table:
-    """The rows of a source, and which columns hold the text, the features and the label."""
-
-    frame: pd.DataFrame  # rows in source order, RangeIndex
-    origin: str  # path/URL or built-in name, for messages
-    text_column: str | None
-    feature_columns: list[str] | None
-    label_column: str | None
-    lines: list[int] | None  # 1-based file line where each row starts (CSV, JSONL)
-    fingerprint: str  # sha256 hex of the content
-    skipped_lines: list[int] = field(default_factory=list)  # malformed rows left out (on_bad_rows: skip)
-
-    def where(self, row: int) -> str:
-        """Where a row (position in frame) is, for messages: "row 12 (line 14)"."""
-        if self.lines is None:
-            return f"row {row}"
-        return f"row {row} (line {self.lines[row]})"
 
 
 # ---------------------------------------------------------------- reading
@@ -101,6 +81,15 @@ def source_fingerprint(cfg: DataConfig) -> str:
         return hashlib.sha256(f"{cfg.source}\n{sys.version}".encode()).hexdigest()
     _require_path(cfg.source)
     return hashlib.sha256(_read_bytes(cfg.source)).hexdigest()
+
+
+def source_fingerprints(cfg: DataConfig) -> dict[str, str]:
+    """The fingerprints of the source and of the separate test set, if any: what the audit and
+    prepare stages read."""
+    hashes = {"source": source_fingerprint(cfg)}
+    if cfg.test_source:
+        hashes["test_source"] = source_fingerprint(cfg.model_copy(update={"source": cfg.test_source}))
+    return hashes
 
 
 def _require_path(source: str) -> None:

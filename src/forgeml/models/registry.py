@@ -21,6 +21,7 @@ from torch import nn
 
 from forgeml.errors import ForgeError, RunDirError
 from forgeml.registry import Registry
+from forgeml.rundir import RunDir
 from forgeml.tasks import Task
 
 MODELS: Registry[type[ModelFamily]] = Registry("model", group="forgeml.models")
@@ -164,6 +165,10 @@ class ModelFamily(ABC):
         return None
 
     @classmethod
+    def offers_tensor_parallel(cls) -> bool:
+        return cls.tensor_parallel_plan is not ModelFamily.tensor_parallel_plan
+
+    @classmethod
     def tensor_parallel_sizes(cls, config: Any) -> dict[str, int]:
         """What tensor parallelism splits evenly across its ranks (the recipe field or quantity that
         sets it -> its size), so a degree that does not divide one is refused before any mesh is built."""
@@ -258,7 +263,7 @@ def logits_of(output: Any) -> torch.Tensor:
 
 def trained_model_dir(run_dir: Path) -> Path:
     """``run_dir``'s trained model folder; an error saying how to train one when there is none."""
-    folder = run_dir / "train" / "model"
+    folder = run_dir / RunDir.MODEL
     if not (folder / META_FILE).exists():
         raise RunDirError(
             f"{run_dir} holds no trained model ({folder / META_FILE} is missing); "

@@ -22,7 +22,7 @@ from forgeml.explaining.pictures import TOKEN_CSS, token_rows
 from forgeml.recipe import hide_secrets, mask_secrets
 from forgeml.reporting import plots
 from forgeml.reporting.diagnosis import diagnose
-from forgeml.rundir import atomic_write
+from forgeml.rundir import RunDir, atomic_write
 from forgeml.tasks import TASKS
 
 REPORT_NAME = "report.html"
@@ -106,7 +106,7 @@ def _dict_or_none(value: Any) -> Mapping[str, Any] | None:
 
 def load_run(run_dir: Path) -> Run:
     try:
-        recipe = shown_recipe((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        recipe = shown_recipe((run_dir / RunDir.RECIPE).read_text(encoding="utf-8"))
     except OSError:
         recipe = None
     run_json = _dict_or_none(_read_json(run_dir / "run.json")) or {}
@@ -114,15 +114,15 @@ def load_run(run_dir: Path) -> Run:
         name=run_dir.resolve().name,
         recipe=recipe,
         stages=_dict_or_none(run_json.get("stages")) or {},
-        manifest=_dict_or_none(_read_json(run_dir / "data" / "manifest.json")),
-        metrics=_read_jsonl(run_dir / "train" / "metrics.jsonl"),
-        eval=_dict_or_none(_read_json(run_dir / "train" / "eval.json")),
-        audit=_dict_or_none(_read_json(run_dir / "audit" / "report.json")),
-        tuning=_dict_or_none(_read_json(run_dir / "tune" / "summary.json")),
+        manifest=_dict_or_none(_read_json(run_dir / RunDir.MANIFEST)),
+        metrics=_read_jsonl(run_dir / RunDir.METRICS),
+        eval=_dict_or_none(_read_json(run_dir / RunDir.EVAL)),
+        audit=_dict_or_none(_read_json(run_dir / RunDir.AUDIT_REPORT)),
+        tuning=_dict_or_none(_read_json(run_dir / RunDir.TUNE_SUMMARY)),
         tuning_plots={png.stem: png.read_bytes() for png in sorted((run_dir / "tune").glob("*.png"))},
-        variants=_list_or_none(_read_json(run_dir / "compress" / "variants.json")),
+        variants=_list_or_none(_read_json(run_dir / RunDir.VARIANTS)),
         pareto_png=_bytes_or_none(run_dir / "compress" / "pareto.png"),
-        explanation=_dict_or_none(_read_json(run_dir / "explain" / "summary.json")),
+        explanation=_dict_or_none(_read_json(run_dir / RunDir.EXPLAIN_SUMMARY)),
         attributions=_list_or_none(_read_json(run_dir / "explain" / "attributions.json")),
         explain_pictures={png.name: png.read_bytes() for png in sorted((run_dir / "explain").glob("*.png"))},
         benchmarks={

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from forgeml.compression.variants import CHECK_FILE, VARIANT_FILE, Variant, load_variant, recommended, torch_variant
+from forgeml.compression.load import load_variant
+from forgeml.compression.variants import CHECK_FILE, VARIANT_FILE, Variant, recommended, torch_variant
 from forgeml.errors import ForgeError
 from forgeml.models.registry import load_family, trained_model_dir
 

@@ -141,7 +141,7 @@ def find_micro_batch(
         torch.cuda.reset_peak_memory_stats(device)  # report training's peak, not the probe's
         if chosen is None:
             raise ForgeError(
-                "train.micro_batch_size: auto found no micro-batch that fits on the GPU, not even 1 row with "
+                "parallel.micro_batch_size: auto found no micro-batch that fits on the GPU, not even 1 row with "
                 "the whole model on one device; use strategy fsdp with an explicit micro_batch_size, or a "
                 "smaller model"
             )
@@ -160,7 +160,7 @@ def find_micro_batch(
         if need(size) <= budget_bytes:
             return size
     raise ForgeError(
-        f"train.micro_batch_size: auto needs about {need(1) / 2**20:.3g} MiB for one row, "
-        f"more than the memory budget of {budget_bytes / 2**20:.3g} MiB; raise train.memory_budget_gb or use a "
+        f"parallel.micro_batch_size: auto needs about {need(1) / 2**20:.3g} MiB for one row, "
+        f"more than the memory budget of {budget_bytes / 2**20:.3g} MiB; raise parallel.memory_budget_gb or use a "
         "smaller model"
     )

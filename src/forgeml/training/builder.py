@@ -30,7 +30,8 @@ from forgeml.training.strategies import Strategy, accumulation, build_strategy, 
 class Training:
     """The inputs of one training of ``family`` on a run's prepared data."""
 
-    cfg: TrainConfig  # with its micro-batch settled
+    cfg: TrainConfig
+    micro_batch: int  # rows a forward pass on each rank, settled for this job
     strategy: Strategy
     family: ModelFamily
     manifest: dict[str, Any]
@@ -54,27 +55,33 @@ def build_training(
 ) -> Training:
     """``family`` trained with ``cfg`` (the recipe's train section unless given) on ``run``'s
     prepared data, as this process of ``env`` takes part in it."""
-    cfg = cfg or recipe.train
+    cfg, parallel = cfg or recipe.train, recipe.parallel
     manifest = read_manifest(run)
-    strategy = build_strategy(cfg, env, type(family), family.config)
-    cfg = resolve_batch(cfg, strategy.dp_degree, strategy.tp_degree)
+    strategy = build_strategy(parallel, cfg.precision, env, type(family), family.config)
+    micro_batch = resolve_batch(cfg, parallel, strategy.dp_degree, strategy.tp_degree)
     counts = manifest["class_counts"].get("train", {})
     loss_fn = family.task.loss(cfg, family.labels, counts, manifest["rebalance"]["method"])
     autocast = autocast_for(cfg.precision, strategy.device)
     location = shard_location(run, manifest, recipe.prepare.shards_url)
-    if cfg.micro_batch_size == "auto":
-        cfg = auto_micro_batch(cfg, family, manifest, location, loss_fn, strategy, autocast)
+    if micro_batch is None:
+        budget = parallel.memory_budget_gb * 2**30 if parallel.memory_budget_gb else None
+        micro_batch = auto_micro_batch(cfg, family, manifest, location, loss_fn, strategy, autocast, budget)
         if env.main:
-            passes = accumulation(cfg, strategy)
+            passes = accumulation(cfg.global_batch_size, micro_batch, strategy)
             (console or Console(stderr=True)).print(
-                f"micro_batch_size auto: {cfg.micro_batch} rows a pass, {passes} passes a step on each rank"
+                f"micro_batch_size auto: {micro_batch} rows a pass, {passes} passes a step on each rank"
             )
-    batches, evals = loaders(family, manifest, location, cfg, strategy)
-    return Training(cfg, strategy, family, manifest, loss_fn, autocast, batches, evals)
+    batches, evals = loaders(family, manifest, location, cfg, micro_batch, strategy)
+    return Training(cfg, micro_batch, strategy, family, manifest, loss_fn, autocast, batches, evals)
 
 
 def loaders(
-    family: ModelFamily, manifest: dict[str, Any], location: str, cfg: TrainConfig, strategy: Strategy
+    family: ModelFamily,
+    manifest: dict[str, Any],
+    location: str,
+    cfg: TrainConfig,
+    micro_batch: int,
+    strategy: Strategy,
 ) -> tuple[EpochBatches, dict[str, DataLoader]]:
     """The training split streamed from its shards ((seed, epoch) order, this data-parallel rank's
     share, augmented); the evaluation splits whole and in order (every rank evaluates all of them,
@@ -87,11 +94,11 @@ def loaders(
         seed=cfg.seed,
         rank=strategy.dp_rank,
         world_size=strategy.dp_degree,
-        batch_size=cfg.micro_batch,
+        batch_size=micro_batch,
     )
     train = DataLoader(
         stream,
-        batch_size=cfg.micro_batch,
+        batch_size=micro_batch,
         drop_last=True,
         collate_fn=partial(family.collate, augment=cfg.augment, generator=augment),
         generator=torch.Generator(),  # iter() draws a seed: not from the global RNG
@@ -116,11 +123,11 @@ def auto_micro_batch(
     loss_fn: Any,
     strategy: Strategy,
     autocast: Any,
-) -> TrainConfig:
-    """``cfg`` with ``micro_batch_size: auto`` replaced by the largest micro-batch that fits on every
-    rank, probed on rows of the first training shard."""
+    budget: float | None,
+) -> int:
+    """The largest micro-batch that fits on every rank (``micro_batch_size: auto``), probed on rows
+    of the first training shard, within ``budget`` bytes a process on CPU."""
     items = family.items(read_shard(location, manifest["splits"]["train"]["shards"][0]))
-    budget = cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb else None
     if budget is None:  # half of what is free now, shared by this machine's processes
         budget = available_memory_bytes() / (2 * strategy.env.local_world_size)
     mine = find_micro_batch(
@@ -133,4 +140,4 @@ def auto_micro_batch(
         autocast,
         int(budget),
     )
-    return cfg.model_copy(update={"micro_batch_size": min(strategy.env.gather(mine))})
+    return min(strategy.env.gather(mine))

@@ -16,12 +16,19 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from forgeml.errors import ForgeError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from forgeml.recipe import Recipe
+    from forgeml.training.stage import TrainResult
 
 
 @dataclass(frozen=True)
@@ -105,9 +112,9 @@ def process_group(env: Dist, device_type: str, timeout_s: float) -> Iterator[Dis
         hung = silent_ranks(store, env, min(timeout_s, 60.0)) if store is not None else []
         who = f"rank {', '.join(map(str, hung))}" if hung else "another rank"
         raise ForgeError(
-            f"rank {env.rank} waited train.collective_timeout_s ({timeout_s:g} s) for {who} to join a collective; "
+            f"rank {env.rank} waited parallel.collective_timeout_s ({timeout_s:g} s) for {who} to join a collective; "
             "check what that rank is doing (stuck, or far slower than the others), "
-            "or raise train.collective_timeout_s if it is only slow"
+            "or raise parallel.collective_timeout_s if it is only slow"
         ) from exc
     finally:
         dist.destroy_process_group()
@@ -171,22 +178,71 @@ class Launch:
         return [*args, "-m", "forgeml", *worker_args]
 
 
-def run_torchrun(launch: Launch, worker_args: list[str]) -> int:
-    """Run torchrun in this process (its own API, no shell); returns 0, or 1 when the job failed."""
+class WorkersFailed(ForgeError):
+    """A worker of a torchrun job failed; its own messages are above."""
+
+
+@contextlib.contextmanager
+def environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``extra`` for the processes started inside (torchrun hands its workers
+    this process's environment), as it was afterwards."""
+    before = dict(os.environ)
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+def run_torchrun(launch: Launch, worker_args: list[str], extra_env: Mapping[str, str] = {}) -> None:  # noqa: B006 - read only
+    """Run torchrun in this process (its own API, no shell), its workers given ``extra_env``;
+    WorkersFailed when the job failed."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(launch.torchrun_args(worker_args))
     # torchrun would give every worker one thread; keep the threads split over the processes.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc)))
+    extra = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc)))}
     if launch.max_restarts:
         # torchrun keeps its rendezvous store across restarts, and the workers' process group reuses it, so a
         # restarted group can read the last attempt's addresses and fail to connect (pytorch#135712, #167288).
         # Without sharing, rank 0 holds a fresh store for each attempt.
-        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
-        run(args)
+        with environment({**extra, **extra_env}):
+            run(args)
     except ChildFailedError as exc:
-        print(f"forgeml: training failed on {len(exc.failures)} worker(s); see the messages above", file=sys.stderr)
-        return 1
-    return 0
+        raise WorkersFailed(f"training failed on {len(exc.failures)} worker(s); see the messages above") from exc
+
+
+def train_on_workers(
+    recipe: Recipe,
+    run_dir: Path,
+    launch: Launch,
+    *,
+    node_rank: int = 0,
+    force: bool = False,
+    allow_audit_failures: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """``forgeml train --nproc``: audit and prepare here, once (on node 0 alone: the nodes share
+    the run folder, and the other nodes' workers start only when node 0's join the rendezvous),
+    then torchrun's workers train ``recipe`` together into ``run_dir``."""
+    from forgeml.pipeline import run_stages  # the pipeline launches nothing: no cycle at import
+    from forgeml.recipe import secrets_env
+    from forgeml.rundir import RunDir, atomic_write
+    from forgeml.training.stage import TrainResult
+    from forgeml.training.strategies import check_launch
+
+    check_launch(recipe, launch.nproc * launch.nnodes)
+    if node_rank == 0:
+        run_stages(recipe, run_dir, until="prepare", force=force, console=console)
+    # The workers read the recipe as settled here (overrides included); its secrets, masked in the
+    # file, reach them in their environment.
+    spec = Path(run_dir) / RunDir.WORKER_RECIPE
+    atomic_write(spec, recipe.to_yaml())
+    worker = ["train", str(spec), "--run-dir", str(run_dir)]
+    worker += ["--allow-audit-failures"] * allow_audit_failures + ["--force-train"] * force
+    run_torchrun(launch, worker, secrets_env(recipe))
+    return TrainResult.read(RunDir(run_dir))

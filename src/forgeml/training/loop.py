@@ -374,7 +374,12 @@ def fit(
     end, and ``resume`` continues from the newest. With ``flops_per_token`` (the model's training
     FLOPs per token), the state carries MFU against the peak of every device in the job.
     """
-    accumulate = accumulation(cfg, strategy)
+    if cfg.global_batch_size % (batches.batch_size * strategy.dp_degree):
+        raise ForgeError(
+            f"train.global_batch_size ({cfg.global_batch_size}) must be a multiple of the batches' size "
+            f"({batches.batch_size}) x the data-parallel degree ({strategy.dp_degree})"
+        )
+    accumulate = accumulation(cfg.global_batch_size, batches.batch_size, strategy)
     steps_per_epoch = batches.per_epoch // accumulate
     if steps_per_epoch == 0:
         raise ForgeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,12 +12,14 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from forgeml.audit.stage import gate
 from forgeml.data.prepare import ENCODER_DIR, read_manifest
-from forgeml.errors import ForgeError
+from forgeml.errors import ForgeError, RunDirError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
 from forgeml.recipe import Recipe, TrainConfig
 from forgeml.rundir import RunDir, sha256_json, write_json
+from forgeml.stage import Context, Stage, file_hashes
 from forgeml.training.builder import build_training
 from forgeml.training.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
 from forgeml.training.checkpoint import Checkpoints
@@ -37,6 +40,18 @@ class TrainResult:
     def __str__(self) -> str:
         stop = f", stopped early; best weights from step {self.best_step}" if self.stopped_early else ""
         return f"{self.steps} steps{stop}"
+
+    @classmethod
+    def read(cls, run: RunDir) -> TrainResult:
+        """The result a finished train stage recorded in ``train/eval.json`` (for a launcher whose
+        workers trained)."""
+        path = run.path / RunDir.EVAL
+        if not path.exists():
+            raise RunDirError(f"{path} is missing: the train stage did not finish")
+        done = json.loads(path.read_text())
+        return cls(
+            done["steps"], done["best_step"], done["stopped_early"], done["val"], done["test"], run.path / RunDir.MODEL
+        )
 
 
 def save_model(family: ModelFamily, destination: Path) -> None:
@@ -85,9 +100,9 @@ def train(
     cfg = recipe.train
     family_cls = MODELS.get(recipe.model.name).build
     check_options(cfg, family_cls)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    if cfg.keep_freed_memory:
+    if recipe.parallel.num_threads:
+        torch.set_num_threads(recipe.parallel.num_threads)
+    if recipe.parallel.keep_freed_memory:
         keep_freed_memory()
     manifest = read_manifest(run)
     encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
@@ -109,7 +124,7 @@ def train(
     callbacks += extra_callbacks
 
     # Checkpoints belong to one training: the same prepared data and the same settings.
-    tag = sha256_json([recipe.section_dump("data", "prepare", "model"), recipe.result_dump(), manifest])
+    tag = sha256_json([recipe.section_dump("data", "prepare", "model"), recipe.train.hashed_dump(), manifest])
     checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last, env)
     if cfg.resume == "require" and not (resume and checkpoints.complete()):
         hint = "" if cfg.checkpoint_every else "; set train.checkpoint_every for training to save checkpoints"
@@ -150,7 +165,7 @@ def train(
                 "stopped_early": state.stopped_early,
                 "world_size": env.world_size,
                 "strategy": strategy.name,
-                "micro_batch_size": cfg.micro_batch,
+                "micro_batch_size": training.micro_batch,
                 "throughput": {
                     "samples_per_s": state.samples_per_s,
                     "tokens_per_s": state.tokens_per_s,
@@ -163,3 +178,25 @@ def train(
         )
     env.barrier()
     return result
+
+
+class Train(Stage):
+    name = "train"
+    sections = ("data", "prepare", "model", "train")
+    every_rank = True
+
+    def check(self, recipe: Recipe) -> None:
+        check_options(recipe.train, MODELS.get(recipe.model.name).build)
+
+    def inputs(self, recipe: Recipe, run: RunDir) -> dict[str, str]:
+        return file_hashes(RunDir.MANIFEST)(run)
+
+    def before(self, recipe: Recipe, run: RunDir, context: Context) -> None:
+        if recipe.audit.enabled:
+            gate(run, context.allow_audit_failures, context.console)
+
+    def resumable(self, recipe: Recipe) -> bool:
+        return recipe.train.resume != "never"
+
+    def run(self, recipe: Recipe, run: RunDir, context: Context) -> TrainResult:
+        return train(recipe, run, context.console, context.resume, context.env)

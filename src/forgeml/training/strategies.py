@@ -17,13 +17,13 @@ from torch import nn
 from forgeml.errors import ForgeError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
-from forgeml.recipe import Recipe, TrainConfig
+from forgeml.recipe import ParallelConfig, Recipe, TrainConfig
 from forgeml.training.launch import ONE_PROCESS, Dist
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ForgeError("train.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ForgeError("parallel.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -139,38 +139,39 @@ class Strategy:
         return whole
 
 
-def build_strategy(cfg: TrainConfig, env: Dist, family: type[ModelFamily] | ModelFamily, model_config: Any) -> Strategy:
+def build_strategy(
+    parallel: ParallelConfig, precision: str, env: Dist, family: type[ModelFamily] | ModelFamily, model_config: Any
+) -> Strategy:
     """The recipe's strategy for this job, with its device mesh."""
-    device = resolve_device(cfg.device, env.local_rank)
-    name, dp, tp = degrees(cfg, env.world_size, family, model_config)
+    device = resolve_device(parallel.device, env.local_rank)
+    name, dp, tp = degrees(parallel, env.world_size, family, model_config)
     mesh = None
     if env.world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    return Strategy(name, device, env, dp, tp, mesh, cfg.activation_checkpointing, cfg.precision)
+    return Strategy(name, device, env, dp, tp, mesh, parallel.activation_checkpointing, precision)
 
 
 def degrees(
-    cfg: TrainConfig, world_size: int, family: type[ModelFamily] | ModelFamily, model_config: Any
+    parallel: ParallelConfig, world_size: int, family: type[ModelFamily] | ModelFamily, model_config: Any
 ) -> tuple[str, int, int]:
     """(strategy, data-parallel degree, tensor-parallel degree) for ``world_size`` processes;
-    a strategy the model does not offer, or degrees that do not fit it or the model, are an error."""
-    name = cfg.strategy
+    degrees that do not fit the processes or the model are an error (a strategy the model does
+    not offer is refused when the recipe is read)."""
+    name = parallel.strategy
     if name == "auto":
         name = "ddp" if world_size > 1 else "single"
-    if name in ("tp", "fsdp+tp") and family.tensor_parallel_plan is ModelFamily.tensor_parallel_plan:
-        raise ForgeError(f"train.strategy: {name} is offered for gpt models, not {family.name}; use ddp or fsdp")
     if world_size == 1:  # nothing to split or average: a recipe written for a cluster runs as it is on one process
         return "single", 1, 1
     if name == "single" and world_size > 1:
         raise ForgeError(
-            f"train.strategy: single runs one process, but {world_size} were started; use ddp, fsdp, tp or fsdp+tp"
+            f"parallel.strategy: single runs one process, but {world_size} were started; use ddp, fsdp, tp or fsdp+tp"
         )
-    tp = {"tp": world_size, "fsdp+tp": cfg.tp_degree}.get(name, 1)  # tp: all processes split the model
+    tp = {"tp": world_size, "fsdp+tp": parallel.tp_degree}.get(name, 1)  # tp: all processes split the model
     if world_size % tp:
         raise ForgeError(
-            f"train.tp_degree: {world_size} processes = data-parallel degree x tensor-parallel degree, "
+            f"parallel.tp_degree: {world_size} processes = data-parallel degree x tensor-parallel degree, "
             f"but {world_size} is not a multiple of {tp}; choose a tp_degree that divides {world_size}"
         )
     for what, size in family.tensor_parallel_sizes(model_config).items() if tp > 1 else ():
@@ -179,41 +180,41 @@ def degrees(
                 hint = f"start a number of processes that divides {size}"
             else:
                 fits = [str(d) for d in range(2, size + 1) if size % d == 0 and world_size % d == 0]
-                hint = f"set train.tp_degree to {' or '.join(fits)}" if fits else "use fsdp"
+                hint = f"set parallel.tp_degree to {' or '.join(fits)}" if fits else "use fsdp"
             raise ForgeError(
-                f"train.strategy: {name} splits {what} ({size}) across {tp} tensor-parallel ranks, but {size} "
+                f"parallel.strategy: {name} splits {what} ({size}) across {tp} tensor-parallel ranks, but {size} "
                 f"is not a multiple of {tp}; {hint}, or change {what}"
             )
     return name, world_size // tp, tp
 
 
 def check_launch(recipe: Recipe, world_size: int) -> None:
-    """What the workers would refuse, refused before any of them starts."""
-    _, dp, tp = degrees(recipe.train, world_size, MODELS.get(recipe.model.name).build, recipe.model)
-    resolve_batch(recipe.train, dp, tp)
+    """What the workers would refuse, refused before any of them starts (or any stage runs)."""
+    _, dp, tp = degrees(recipe.parallel, world_size, MODELS.get(recipe.model.name).build, recipe.model)
+    resolve_batch(recipe.train, recipe.parallel, dp, tp)
 
 
-def resolve_batch(cfg: TrainConfig, dp: int, tp: int) -> TrainConfig:
-    """``cfg`` with its micro-batch settled: global batch = micro-batch x accumulation x
-    data-parallel degree, all whole numbers; without micro_batch_size, the global batch is split
-    evenly over the data-parallel ranks; ``auto`` is left for training to settle."""
-    if cfg.micro_batch_size == "auto":  # settled when training starts (autobatch), from this share
+def resolve_batch(cfg: TrainConfig, parallel: ParallelConfig, dp: int, tp: int) -> int | None:
+    """The micro-batch (rows a forward pass on each rank): global batch = micro-batch x
+    accumulation x data-parallel degree, all whole numbers; without micro_batch_size, the global
+    batch split evenly over the data-parallel ranks; None for ``auto``, which training settles."""
+    if parallel.micro_batch_size == "auto":  # settled when training starts (autobatch), from this share
         if cfg.global_batch_size % dp:
             raise ForgeError(
                 f"train.global_batch_size ({cfg.global_batch_size}) must be a multiple of the data-parallel "
                 f"degree ({dp} = {dp * tp} processes / tp_degree {tp}); change one of them"
             )
-        return cfg
-    micro = cfg.micro_batch_size or max(1, cfg.global_batch_size // dp)
+        return None
+    micro = parallel.micro_batch_size or max(1, cfg.global_batch_size // dp)
     if cfg.global_batch_size % (micro * dp):
         raise ForgeError(
-            f"train.global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size "
+            f"train.global_batch_size ({cfg.global_batch_size}) must be a multiple of parallel.micro_batch_size "
             f"({micro}) x data-parallel degree ({dp} = {dp * tp} processes / tp_degree {tp}) = {micro * dp}; "
             "change one of them"
         )
-    return cfg.model_copy(update={"micro_batch_size": micro})
+    return micro
 
 
-def accumulation(cfg: TrainConfig, strategy: Strategy) -> int:
+def accumulation(global_batch_size: int, micro_batch: int, strategy: Strategy) -> int:
     """Micro-batches per optimizer step on each rank, so the global batch means the same at any scale."""
-    return cfg.global_batch_size // (cfg.micro_batch * strategy.dp_degree)
+    return global_batch_size // (micro_batch * strategy.dp_degree)

@@ -11,7 +11,8 @@ import optuna
 
 from forgeml.errors import RecipeError
 from forgeml.models import MODELS
-from forgeml.recipe import CategoricalParam, FloatParam, IntParam, Param, Recipe, validate_recipe
+from forgeml.recipe import Recipe, validate_recipe
+from forgeml.tuning.config import CategoricalParam, FloatParam, IntParam, Param
 
 # Fields the prepared data depends on: every trial trains on the run's one prepared data stage, so
 # a space over them would train on data that does not match the trial's recipe.

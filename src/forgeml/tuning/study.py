@@ -29,12 +29,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgeml.errors import ForgeError, RecipeError
 from forgeml.models import MODELS
-from forgeml.recipe import MODEL_COST_METRICS, Recipe, TuneConfig, hide_secrets, refuse_masked, secrets_env
+from forgeml.recipe import Recipe, hide_secrets, refuse_masked, secrets_env
 from forgeml.rundir import RunDir, atomic_write, write_json
 from forgeml.tasks import HIGHER_IS_BETTER
 from forgeml.training.callbacks import Callback, LoopState
 from forgeml.training.launch import ONE_PROCESS, Dist
 from forgeml.training.stage import train
+from forgeml.tuning.config import MODEL_COST_METRICS, TuneConfig
 from forgeml.tuning.objectives import model_cost
 from forgeml.tuning.space import check_space, grid, recipe_values, suggest, with_values
 
@@ -109,33 +110,8 @@ def check_tune(recipe: Recipe, world_size: int = 1) -> None:
                 f"tune.metric: {recipe.model.name} models ({task.name}) do not measure {metric!r}; "
                 f"use one of {', '.join((*task.metrics, *MODEL_COST_METRICS))}"
             )
-    if cfg.sampler == "grid":
+    if cfg.sampler.name == "grid":
         grid(cfg.space)
-
-
-def make_sampler(cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
-    if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler(grid(cfg.space), seed=seed)
-    if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed)
-    if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
-    with quiet_experimental():
-        return optuna.samplers.GPSampler(n_startup_trials=cfg.startup_trials, seed=seed)
-
-
-def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.prune_startup_trials, n_warmup_steps=cfg.prune_from_eval
-        )
-    if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=cfg.hyperband_min_evals, max_resource="auto", reduction_factor=cfg.hyperband_reduction
-        )
-    return optuna.pruners.NopPruner()
 
 
 @contextmanager
@@ -243,8 +219,8 @@ def open_study(recipe: Recipe, run: RunDir, console: Console) -> tuple[optuna.St
     with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
     # A continued study draws from a sampler seeded afresh: the same seed would repeat the first trials.
-    study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
-    study.pruner = make_pruner(cfg)
+    study.sampler = cfg.sampler.build(cfg.space, cfg.seed + len(study.trials))
+    study.pruner = cfg.pruner.build()
     return study, storage, hide_secrets(url)
 
 
@@ -270,7 +246,7 @@ def run_trials(
             atomic_write(trial_run.recipe_path, spec.to_yaml())
             env.broadcast((spec, trial_run))  # the other ranks train it with this one
             # Pruning follows one metric: a multi-objective study has none (the recipe refuses a pruner).
-            reports = [] if cfg.pruner == "none" else [ReportToTrial(trial, cfg.objectives[0], env)]
+            reports = [] if cfg.pruner.name == "none" else [ReportToTrial(trial, cfg.objectives[0], env)]
             result = train(spec, trial_run, quiet_console(), env=env, extra_callbacks=reports)
             values = [
                 model_cost(metric, trial_run, spec.prepare.shards_url)
@@ -329,7 +305,7 @@ def follow_trials(recipe: Recipe, env: Dist) -> None:
     with frozen_gc():
         while (order := env.broadcast(None)) is not None:
             spec, trial_run = order
-            reports = [] if recipe.tune.pruner == "none" else [ReportToTrial(None, metric, env)]
+            reports = [] if recipe.tune.pruner.name == "none" else [ReportToTrial(None, metric, env)]
             with suppress(optuna.TrialPruned, ForgeError):  # rank 0 meets the same end and records it
                 train(spec, trial_run, quiet_console(), env=env, extra_callbacks=reports)
 

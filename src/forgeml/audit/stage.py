@@ -8,14 +8,16 @@ from typing import Any
 
 from rich.console import Console
 
-from forgeml.data.audit import audit, failed_checks, summary_lines
-from forgeml.data.sources import Table, read_table, read_test_table, validate_table
+from forgeml.audit.checks import audit, failed_checks, summary_lines
+from forgeml.data.sources import read_table, read_test_table, source_fingerprints, validate_table
+from forgeml.data.table import Table
 from forgeml.errors import ForgeError
 from forgeml.models import MODELS
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir, write_json
+from forgeml.stage import Context, Stage
 
-REPORT = "audit/report.json"
+REPORT = RunDir.AUDIT_REPORT
 
 
 class AuditFailed(ForgeError):
@@ -43,11 +45,21 @@ def read_for_audit(recipe: Recipe) -> tuple[Table, Table | None]:
     return table, test
 
 
-def audit_stage(recipe: Recipe, run: RunDir) -> AuditResult:
-    table, test = read_for_audit(recipe)
-    report = audit(table, recipe.audit, recipe.prepare, test)
-    write_json(run.path / REPORT, report)
-    return AuditResult(report)
+class Audit(Stage):
+    name = "audit"
+    sections = ("data", "audit", "prepare", "model.name")
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.audit.enabled
+
+    def inputs(self, recipe: Recipe, run: RunDir) -> dict[str, str]:
+        return source_fingerprints(recipe.data)
+
+    def run(self, recipe: Recipe, run: RunDir, context: Context | None = None) -> AuditResult:
+        table, test = read_for_audit(recipe)
+        report = audit(table, recipe.audit, recipe.prepare, test)
+        write_json(run.path / REPORT, report)
+        return AuditResult(report)
 
 
 def gate(run: RunDir, allow_failures: bool, console: Console) -> None:

@@ -19,7 +19,7 @@ from pandas.api.types import is_bool_dtype, is_integer_dtype, is_numeric_dtype
 
 from forgeml.data.clean import Columns, label_conflicts, row_keys, texts
 from forgeml.data.dedup import cross_matches, exact_groups, near_duplicates
-from forgeml.data.sources import Table
+from forgeml.data.table import Table
 from forgeml.recipe import AuditConfig, PrepareConfig
 
 SNIPPET_CHARS = 120  # characters of a text (or of a row's feature values) shown in an example

@@ -1,0 +1,22 @@
+"""The prepare stage: clean, split, rebalance and store the data as shards (``data/``)."""
+
+from __future__ import annotations
+
+from forgeml.data.prepare import PrepareResult, prepare
+from forgeml.data.sources import source_fingerprints
+from forgeml.recipe import Recipe
+from forgeml.rundir import RunDir
+from forgeml.stage import Context, Stage
+
+
+class Prepare(Stage):
+    name = "prepare"
+    # The audit's normalisation and near-duplicate settings decide which rows are duplicates; the
+    # model section decides the encoder (tokenizer, feature scales) fitted here.
+    sections = ("data", "prepare", "audit.normalize", "audit.near_duplicates", "model")
+
+    def inputs(self, recipe: Recipe, run: RunDir) -> dict[str, str]:
+        return source_fingerprints(recipe.data)
+
+    def run(self, recipe: Recipe, run: RunDir, context: Context | None = None) -> PrepareResult:
+        return prepare(recipe, run)

@@ -1,0 +1,27 @@
+"""A source's rows as forgeml reads them (files and built-in datasets alike)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+
+@dataclass
+class Table:
+    """The rows of a source, and which columns hold the text, the features and the label."""
+
+    frame: pd.DataFrame  # rows in source order, RangeIndex
+    origin: str  # path/URL or built-in name, for messages
+    text_column: str | None
+    feature_columns: list[str] | None
+    label_column: str | None
+    lines: list[int] | None  # 1-based file line where each row starts (CSV, JSONL)
+    fingerprint: str  # sha256 hex of the content
+    skipped_lines: list[int] = field(default_factory=list)  # malformed rows left out (on_bad_rows: skip)
+
+    def where(self, row: int) -> str:
+        """Where a row (position in frame) is, for messages: "row 12 (line 14)"."""
+        if self.lines is None:
+            return f"row {row}"
+        return f"row {row} (line {self.lines[row]})"

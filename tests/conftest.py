@@ -4,6 +4,8 @@ import time
 
 import psutil
 import pytest
+import sklearn  # noqa: F401 - see below
+import torch._dynamo  # noqa: F401 - see below
 import tqdm
 
 # The pretrained encoder is read from site-packages; nothing may reach for a hub. The CLI sets
@@ -16,6 +18,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # tqdm (transformers' loading bars) starts a process-wide monitor thread with its first bar, which
 # outlives any test; without it the bars work alike.
 tqdm.tqdm.monitor_interval = 0
+
+# scikit-learn (KMP_*) and torch's compiler (TORCHINDUCTOR_CACHE_DIR) set environment variables
+# when first imported; imported above, before any test, they are not counted as a test's leak.
 
 GRACE_S = 5.0  # a thread or process told to stop may take a moment to go
 

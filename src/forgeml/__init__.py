@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from forgeml.explaining.explain import ExplainResult
     from forgeml.models.registry import ModelFamily
     from forgeml.recipe import Recipe
-    from forgeml.training.launch import Dist
+    from forgeml.training.processes import Dist
     from forgeml.tuning.study import TuneResult
 
 __version__ = "0.1.0"
@@ -116,7 +116,7 @@ def tune(
     from forgeml.audit.stage import gate
     from forgeml.pipeline import default_run_dir, on_main, run_stages
     from forgeml.rundir import RunDir
-    from forgeml.training.launch import Dist, process_group
+    from forgeml.training.processes import Dist, process_group
     from forgeml.training.strategies import resolve_device
     from forgeml.tuning.study import check_tune, run_study
 

@@ -18,7 +18,8 @@ from forgeml.errors import ForgeError
 
 if TYPE_CHECKING:
     from forgeml.recipe import Recipe
-    from forgeml.training.launch import Dist, Launch
+    from forgeml.training.launch import Launch
+    from forgeml.training.processes import Dist
 
 app = typer.Typer(
     help="forgeml: audit, prepare, train, tune, compress, serve and explain a model from one recipe. "
@@ -135,7 +136,8 @@ def train(
     """
     from forgeml import as_recipe
     from forgeml.pipeline import default_run_dir
-    from forgeml.training.launch import Dist, Launch, WorkersFailed, train_on_workers
+    from forgeml.training.launch import Launch, WorkersFailed, train_on_workers
+    from forgeml.training.processes import Dist
 
     overrides = resumed(set_, resume, force)
     overrides += [f"parallel.strategy={strategy}"] if strategy else []
@@ -197,7 +199,7 @@ def stages(
 ) -> Path:
     from forgeml import as_recipe
     from forgeml.pipeline import default_run_dir, run_stages
-    from forgeml.training.launch import ONE_PROCESS
+    from forgeml.training.processes import ONE_PROCESS
 
     spec = as_recipe(recipe, tuple(set_ or ()))
     folder = run_dir or default_run_dir(spec)
@@ -302,9 +304,7 @@ def launch_tune(
     """`forgeml tune --nproc`: prepare here (node 0 only, as for train), then torchrun runs the
     study with every trial training on all its processes."""
     from forgeml.pipeline import default_run_dir, run_stages
-    from forgeml.recipe import secrets_env
-    from forgeml.rundir import atomic_write
-    from forgeml.training.launch import WorkersFailed, run_torchrun
+    from forgeml.training.launch import WorkersFailed, run_workers
     from forgeml.training.strategies import check_launch
     from forgeml.tuning.study import check_tune
 
@@ -313,13 +313,8 @@ def launch_tune(
     folder = run_dir or default_run_dir(spec)
     if node_rank == 0:
         run_stages(spec, folder, until="prepare", console=errors)
-    # The workers read the recipe as settled here (--set and the options included).
-    worker_spec = folder / "tune" / f"{spec.tune.study_name or spec.name}.torchrun.yaml"
-    worker_spec.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(worker_spec, spec.to_yaml())
-    worker = ["tune", str(worker_spec), "--run-dir", str(folder), *["--allow-audit-failures"] * allow_audit_failures]
-    try:  # the masked file's secrets reach the workers in their environment
-        run_torchrun(launch, worker, secrets_env(spec))
+    try:
+        run_workers(spec, "tune", folder, launch, ["--allow-audit-failures"] * allow_audit_failures)
     except WorkersFailed as exc:  # the workers' rank 0 has printed the results
         errors.print(f"forgeml: {exc}", highlight=False)
         raise typer.Exit(1) from exc
@@ -343,8 +338,10 @@ def audit(
     """
     from forgeml.audit.checks import audit as run_audit
     from forgeml.audit.checks import failed_checks
+    from forgeml.audit.config import AuditConfig
+    from forgeml.data.config import DataConfig, PrepareConfig
     from forgeml.data.sources import read_table, read_test_table, validate_table
-    from forgeml.recipe import AuditConfig, DataConfig, PrepareConfig, apply_overrides, validate_sections
+    from forgeml.recipe import apply_overrides, validate_sections
     from forgeml.reporting.html import write_audit_page
     from forgeml.rundir import write_json
 

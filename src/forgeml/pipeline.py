@@ -24,7 +24,7 @@ from forgeml.recipe import Recipe, hide_secrets, mask_secrets
 from forgeml.reporting.stage import Report
 from forgeml.rundir import RunDir, sha256_json
 from forgeml.stage import Context, Stage
-from forgeml.training.launch import ONE_PROCESS, Dist, process_group
+from forgeml.training.processes import ONE_PROCESS, Dist, process_group
 from forgeml.training.stage import Train
 from forgeml.training.strategies import check_launch, resolve_device
 from forgeml.tuning.stage import Tune

@@ -78,7 +78,6 @@ class RunDir:
     VARIANTS = "compress/variants.json"
     EXPLAIN_SUMMARY = "explain/summary.json"
     RECIPE = "recipe.yaml"
-    WORKER_RECIPE = "train/torchrun.yaml"  # the recipe torchrun's workers read, its secrets masked
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

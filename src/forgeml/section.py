@@ -1,6 +1,10 @@
 """Base class of every recipe section: typed, and strict about unknown keys."""
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Section(BaseModel):

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir, sha256_file
-from forgeml.training.launch import ONE_PROCESS, Dist
+from forgeml.training.processes import ONE_PROCESS, Dist
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from forgeml.errors import ForgeError
 from forgeml.training.losses import ClassificationLoss, NextTokenLoss, balanced_weights
 
 if TYPE_CHECKING:
-    from forgeml.recipe import TrainConfig
+    from forgeml.training.config import TrainConfig
 
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
 

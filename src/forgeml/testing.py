@@ -25,7 +25,7 @@ from torch import nn
 
 from forgeml.errors import ForgeError
 from forgeml.models.registry import Batch, ModelFamily, Splits, load_family, logits_of
-from forgeml.recipe import AugmentConfig, TrainConfig
+from forgeml.training.config import AugmentConfig, TrainConfig
 
 ROWS = 8  # rows of each split a check reads
 

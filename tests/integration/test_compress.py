@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import forgeml
+import tiny
 from forgeml.compression.load import load_variant
 from forgeml.compression.prune import prunable
 from forgeml.data.prepare import load_splits
@@ -22,30 +23,14 @@ FIELDS = {
     "max_abs_diff", "label_agreement", "pareto", "recommended", "operators", "integer_operators",
 }  # fmt: skip
 QUICK = {"latency_runs": 20, "throughput_batches": 2, "calibration_rows": 32, "prune": {"finetune_steps": 5}}
-TABLE = {
-    "name": "tiny",
-    "data": {"source": "breast-cancer"},
-    "audit": {"enabled": False},
-    "model": {"name": "mlp", "hidden_sizes": [32, 16]},
-    "train": {"max_steps": 30, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
-    "compress": {"methods": ["distill", "prune", "quantize", "onnx", "compile"], **QUICK},
-    "explain": {"methods": []},
-}
-TEXT = {
-    "name": "tiny-text",
-    "data": {"source": "stdlib-docstrings", "top_k_labels": 3, "max_rows": 160},
-    "audit": {"enabled": False},
-    "model": {"name": "text-classifier", "max_length": 32, "freeze_layers": 4},
-    "train": {"max_steps": 6, "global_batch_size": 16, "lr": 5e-4, "seed": 0},
-}
-
-LM = {
-    "name": "tiny-lm",
-    "data": {"source": "stdlib-code", "max_rows": 12},
-    "audit": {"enabled": False},
-    "model": {"name": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0},
-    "train": {"max_steps": 10, "global_batch_size": 8, "lr": 3e-3, "seed": 0},
-}
+TABLE = tiny.recipe(
+    tiny.TABLE,
+    "tiny",
+    compress={"methods": ["distill", "prune", "quantize", "onnx", "compile"], **QUICK},
+    explain={"methods": []},
+)
+TEXT = tiny.recipe(tiny.TEXT, "tiny-text")
+LM = tiny.recipe(tiny.LM, "tiny-lm")
 
 
 @pytest.fixture(scope="module")

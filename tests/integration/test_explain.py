@@ -12,26 +12,13 @@ from pathlib import Path
 import pytest
 
 import forgeml
+import tiny
 
 pytestmark = pytest.mark.slow
 
 QUICK = {"n": 8, "lime_samples": 200, "shap_evals": 100, "shap_background": 40, "ig_steps": 16}
-TABLE = {
-    "name": "explain-table",
-    "data": {"source": "breast-cancer"},
-    "audit": {"enabled": False},
-    "model": {"name": "mlp", "hidden_sizes": [32, 16]},
-    "train": {"max_steps": 60, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
-    "explain": QUICK,
-}
-TEXT = {
-    "name": "explain-text",
-    "data": {"source": "stdlib-docstrings", "top_k_labels": 3, "max_rows": 160},
-    "audit": {"enabled": False},
-    "model": {"name": "text-classifier", "max_length": 32, "freeze_layers": 4},
-    "train": {"max_steps": 6, "global_batch_size": 16, "lr": 5e-4, "seed": 0},
-    "explain": {**QUICK, "n": 3, "lime_samples": 40, "ig_steps": 8},
-}
+TABLE = tiny.recipe(tiny.TABLE, "explain-table", train={"max_steps": 60}, explain=QUICK)
+TEXT = tiny.recipe(tiny.TEXT, "explain-text", explain={**QUICK, "n": 3, "lime_samples": 40, "ig_steps": 8})
 
 
 def forgeml_cli(*args: str) -> subprocess.CompletedProcess:

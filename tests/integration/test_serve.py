@@ -19,38 +19,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import forgeml
+import tiny
 from forgeml.compression.load import load_variant
 from forgeml.data.prepare import load_splits
-from forgeml.recipe import ServeConfig
 from forgeml.rundir import RunDir
 from forgeml.serving.app import create_app
 from forgeml.serving.backends import Served, open_model
+from forgeml.serving.config import ServeConfig
 
 pytestmark = pytest.mark.slow
 
-TABLE = {
-    "name": "serve-table",
-    "data": {"source": "breast-cancer"},
-    "audit": {"enabled": False},
-    "model": {"name": "mlp", "hidden_sizes": [16]},
-    "train": {"max_steps": 20, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
-    "compress": {"methods": ["onnx"], "latency_runs": 10, "throughput_batches": 1, "calibration_rows": 16},
-    "explain": {"methods": []},
-}
-TEXT = {
-    "name": "serve-text",
-    "data": {"source": "stdlib-docstrings", "top_k_labels": 3, "max_rows": 120},
-    "audit": {"enabled": False},
-    "model": {"name": "text-classifier", "max_length": 32, "freeze_layers": 6},
-    "train": {"max_steps": 2, "global_batch_size": 16, "seed": 0},
-}
-LM = {
-    "name": "serve-lm",
-    "data": {"source": "stdlib-code", "max_rows": 12},
-    "audit": {"enabled": False},
-    "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0},
-    "train": {"max_steps": 5, "global_batch_size": 8, "lr": 3e-3, "seed": 0},
-}
+TABLE = tiny.recipe(
+    tiny.TABLE,
+    "serve-table",
+    model={"hidden_sizes": [16]},
+    train={"max_steps": 20},
+    compress={"methods": ["onnx"], "latency_runs": 10, "throughput_batches": 1, "calibration_rows": 16},
+    explain={"methods": []},
+)
+TEXT = tiny.recipe(
+    tiny.TEXT, "serve-text", data={"max_rows": 120}, model={"freeze_layers": 6}, train={"max_steps": 2, "lr": 3e-4}
+)
+LM = tiny.recipe(tiny.LM, "serve-lm", model={"n_layer": 1, "block_size": 32}, train={"max_steps": 5})
 
 
 def free_port() -> int:

@@ -8,8 +8,9 @@ import pytest
 from sklearn.datasets import make_classification
 
 from forgeml.audit.checks import audit, failed_checks, summary_lines
+from forgeml.audit.config import AuditConfig, FailOnConfig
+from forgeml.data.config import PrepareConfig
 from forgeml.data.table import Table
-from forgeml.recipe import AuditConfig, FailOnConfig, PrepareConfig
 
 KEYS = {
     "n_rows",

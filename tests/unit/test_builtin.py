@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from forgeml.data.builtin import DATASETS, options_of
+from forgeml.data.config import DataConfig
 from forgeml.data.sources import read_table, validate_table
 from forgeml.errors import DataError
-from forgeml.recipe import DataConfig
 
 
 def cfg(source: str, **values) -> DataConfig:

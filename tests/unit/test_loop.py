@@ -14,9 +14,9 @@ from forgeml.data.shards import write_shards
 from forgeml.errors import ForgeError
 from forgeml.models.mlp import MLP, MLPConfig
 from forgeml.models.registry import Splits
-from forgeml.recipe import TrainConfig
 from forgeml.training.builder import loaders
 from forgeml.training.callbacks import Callback
+from forgeml.training.config import TrainConfig
 from forgeml.training.loop import fit, warmup_cosine
 from forgeml.training.losses import ClassificationLoss, balanced_weights
 from forgeml.training.strategies import Strategy
@@ -203,7 +203,7 @@ def test_balanced_weights_match_sklearn():
 
 
 def test_mixup_and_noise_augment_training_batches_only():
-    from forgeml.recipe import AugmentConfig
+    from forgeml.training.config import AugmentConfig
 
     splits = table()
     family, encoder = MLP.fit(MLPConfig(name="mlp", hidden_sizes=[8]), splits, seed=0)
@@ -219,7 +219,7 @@ def test_mixup_and_noise_augment_training_batches_only():
 def test_noise_augmentation_works_when_the_network_is_on_another_device():
     """Training moves the network (and its scale buffer) to the GPU while batches are built on the
     CPU; torch's lazy device stands in for the GPU on a CPU-only machine."""
-    from forgeml.recipe import AugmentConfig
+    from forgeml.training.config import AugmentConfig
 
     lazy = pytest.importorskip("torch._lazy.ts_backend", reason="torch built without the lazy backend")
     lazy.init()
@@ -242,8 +242,8 @@ class Crash(Callback):
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
-    from forgeml.recipe import AugmentConfig
     from forgeml.training.checkpoint import Checkpoints
+    from forgeml.training.config import AugmentConfig
 
     splits = table()
     # Dropout, noise and mixup draw random numbers: the resumed run must draw the same ones.

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forgeml.data.config import DataConfig
 from forgeml.data.sources import read_table, validate_table
 from forgeml.data.table import Table
 from forgeml.errors import DataError
-from forgeml.recipe import DataConfig
 
 
 def cfg(source: str, **values) -> DataConfig:

@@ -5,7 +5,8 @@ import pytest
 from forgeml.errors import ForgeError
 from forgeml.models.gpt import GPT, GPTConfig
 from forgeml.models.mlp import MLP, MLPConfig
-from forgeml.recipe import ParallelConfig, RecipeError, validate_recipe
+from forgeml.recipe import RecipeError, validate_recipe
+from forgeml.training.config import ParallelConfig
 from forgeml.training.strategies import degrees
 
 GPT4 = GPTConfig(name="gpt", n_head=4, n_embd=128)

@@ -9,7 +9,7 @@ import forgeml
 from forgeml.errors import ForgeError
 from forgeml.models.registry import Splits
 from forgeml.models.text_classifier import LoraConfig, TextClassifier, TextClassifierConfig
-from forgeml.recipe import AugmentConfig
+from forgeml.training.config import AugmentConfig
 
 TEXTS = ["Return the base name of a path.", "Send the message to the server.", "Parse a date string."] * 4
 

@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_integer_dtype, is_numeric_dtype
 
+from forgeml.audit.config import AuditConfig
 from forgeml.data.clean import Columns, label_conflicts, row_keys, texts
+from forgeml.data.config import PrepareConfig
 from forgeml.data.dedup import cross_matches, exact_groups, near_duplicates
 from forgeml.data.table import Table
-from forgeml.recipe import AuditConfig, PrepareConfig
 
 SNIPPET_CHARS = 120  # characters of a text (or of a row's feature values) shown in an example
 SHORT_STRING = 64  # a string column whose values are all at most this long may hold IDs; longer ones are prose

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from forgeml.compression.config import CompressConfig
 from forgeml.compression.measure import Inputs, agreement, pareto, quality, recommend, speed
 from forgeml.compression.operators import check_promise, integer_operators, operators
 from forgeml.compression.variants import VARIANT_FILE, Variant, baseline, torch_logits
@@ -21,7 +22,7 @@ from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.data.shards import read_shard
 from forgeml.errors import ForgeError
 from forgeml.models.registry import ModelFamily, trained_model_dir
-from forgeml.recipe import CompressConfig, Recipe
+from forgeml.recipe import Recipe
 from forgeml.reporting.plots import accuracy_latency
 from forgeml.rundir import RunDir, write_json
 

@@ -1,11 +1,8 @@
-"""Measuring variants side by side: held-out quality, agreement with the source model, size, and
-speed at batch 1 and 32, all in one process with a fixed thread count. Speed is timed in rounds
-that visit every variant in turn (a few calls each), after a warm-up, so a slow spell of the
-machine falls on all of them alike rather than on whichever ran then."""
+"""Measuring variants side by side: held-out quality, agreement with the source model, and speed at
+batch 1 and 32 (``forgeml.measure``'s rounds), all in one process with a fixed thread count."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,9 +11,7 @@ import numpy as np
 import torch
 
 from forgeml.compression.variants import Variant
-
-WARMUP = 5
-BLOCK = 5  # calls in a row per variant and round
+from forgeml.measure import percentile_ms, timed_rounds
 
 
 @dataclass
@@ -47,40 +42,19 @@ def agreement(probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     }
 
 
-def timed_rounds(variants: list[Variant], items: list[dict[str, torch.Tensor]], calls: int) -> list[list[float]]:
-    """Seconds of ``calls`` calls per variant, items cycling. Rounds visit every variant in turn
-    for BLOCK calls each, the first of which is not timed: switching between runtimes (PyTorch's
-    OpenMP threads, ONNX Runtime's pool) costs the first call a wake-up that would otherwise be
-    charged to whichever variant came next. WARMUP untimed calls each come first."""
-    for variant in variants:
-        for item in items[:WARMUP]:
-            variant.logits(item)
-    seconds: list[list[float]] = [[] for _ in variants]
-    call = 0
-    while call < calls:
-        timed = min(BLOCK - 1, calls - call)
-        for index, variant in enumerate(variants):
-            variant.logits(items[call % len(items)])
-            for k in range(call, call + timed):
-                started = time.perf_counter()
-                variant.logits(items[k % len(items)])
-                seconds[index].append(time.perf_counter() - started)
-        call += timed
-    return seconds
-
-
 def speed(
     variants: list[Variant], inputs: Inputs, latency_runs: int, throughput_batches: int, progress: Callable[[], None]
 ) -> list[dict[str, float]]:
-    latency = timed_rounds(variants, inputs.singles, latency_runs)
+    calls = [variant.logits for variant in variants]
+    latency = timed_rounds(calls, inputs.singles, latency_runs)
     progress()
-    batched = timed_rounds(variants, inputs.thirty_twos, throughput_batches)
+    batched = timed_rounds(calls, inputs.thirty_twos, throughput_batches)
     progress()
     rows = sum(len(next(iter(b.values()))) for b in inputs.thirty_twos) / len(inputs.thirty_twos)
     return [
         {
-            "p50_ms": float(np.percentile(single, 50) * 1000),
-            "p99_ms": float(np.percentile(single, 99) * 1000),
+            "p50_ms": percentile_ms(single, 50),
+            "p99_ms": percentile_ms(single, 99),
             "throughput_batch32": float(rows / np.mean(batch)),
         }
         for single, batch in zip(latency, batched, strict=True)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from forgeml.measure import size_bytes
 from forgeml.models.registry import ModelFamily, load_family, logits_of
 
 VARIANT_FILE = "variant.json"
@@ -34,7 +35,7 @@ class Variant:
     weights: list[str]  # the files, relative to folder, whose bytes are the variant's size
 
     def size_bytes(self) -> int:
-        return sum((self.folder / name).stat().st_size for name in self.weights)
+        return size_bytes(self.folder / name for name in self.weights)
 
     def record_check(self, inputs: dict[str, torch.Tensor]) -> None:
         """Keep ``inputs`` and this variant's probabilities on them, so whoever loads the folder

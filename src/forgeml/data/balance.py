@@ -20,13 +20,14 @@ def imbalance_ratio(labels: pd.Series) -> float:
     return float(counts.max() / counts.min()) if len(counts) else 1.0
 
 
-def choose(method: str, ratio: float, inputs: str) -> tuple[str, str]:
-    """The method to use and why. ``auto`` decides from the imbalance ratio and the kind of input."""
+def choose(method: str, ratio: float, rows_interpolate: bool) -> tuple[str, str]:
+    """The method to use and why. ``auto`` decides from the imbalance ratio and whether a synthetic
+    row between two rows is a row (numeric features: yes; texts: no)."""
     if method != "auto":
         return method, "set in the recipe (prepare.rebalance)"
     if ratio < MILD:
         return "none", f"imbalance ratio {ratio:.1f} is below {MILD:g}"
-    if inputs == "features":
+    if rows_interpolate:
         return "smote", f"imbalance ratio {ratio:.1f} with numeric features: synthetic minority rows (SMOTE)"
     return "class_weights", f"imbalance ratio {ratio:.1f} with text: balanced class weights in the loss"
 

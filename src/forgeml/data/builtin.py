@@ -27,7 +27,7 @@ from forgeml.errors import DataError
 from forgeml.registry import Registry
 
 if TYPE_CHECKING:
-    from forgeml.recipe import DataConfig
+    from forgeml.data.config import DataConfig
 
 Builder = Callable[["DataConfig"], "Table"]
 DATASETS: Registry[Builder] = Registry("dataset")

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from forgeml.audit.config import AuditConfig
+from forgeml.data.config import PrepareConfig
 from forgeml.data.dedup import cross_matches, exact_groups, near_duplicates, normalize
 from forgeml.data.table import Table
-from forgeml.recipe import AuditConfig, PrepareConfig
 
 
 @dataclass(frozen=True)

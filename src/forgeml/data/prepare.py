@@ -30,13 +30,14 @@ from forgeml.data.clean import (
     leaked_rows,
     missing_count,
 )
+from forgeml.data.config import PrepareConfig
 from forgeml.data.shards import read_split, schema_of, write_shards
 from forgeml.data.sources import read_table, read_test_table, validate_table
 from forgeml.data.table import Table
 from forgeml.errors import DataError
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits
-from forgeml.recipe import PrepareConfig, Recipe, hide_secrets, refuse_masked
+from forgeml.recipe import Recipe, hide_secrets, refuse_masked
 from forgeml.rundir import RunDir, sha256_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -137,9 +138,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     if group is not None and group not in table.frame.columns:
         raise DataError(f"{table.origin}: group column {group!r} not found; columns: {', '.join(table.frame.columns)}")
     columns = Columns(
-        table.text_column if family.inputs == "text" else None,
-        list(table.feature_columns or []) if family.inputs == "features" else [],
-        table.label_column if classify else None,
+        *family.input_columns(table.text_column, table.feature_columns), table.label_column if classify else None
     )
     if cfg.rebalance != "none" and not classify:
         raise DataError("prepare.rebalance applies to classification; set it to none for language models")
@@ -205,7 +204,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
 
     rebalance = {"method": "none", "reason": "not a classification task"}
     if classify:
-        method, reason = choose(cfg.rebalance, imbalance_ratio(splits["train"][columns.label]), family.inputs)
+        method, reason = choose(cfg.rebalance, imbalance_ratio(splits["train"][columns.label]), family.rows_interpolate)
         before = len(splits["train"])
         splits["train"] = resample(splits["train"], columns.label, columns.features, method, cfg.seed)
         rebalance = {"method": method, "reason": reason}

@@ -27,7 +27,7 @@ from forgeml.errors import DataError
 from forgeml.recipe import refuse_masked
 
 if TYPE_CHECKING:
-    from forgeml.recipe import DataConfig
+    from forgeml.data.config import DataConfig
 
 SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SHOWN_ROWS = 5  # rows named in a message before "and N more"

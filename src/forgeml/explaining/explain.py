@@ -26,8 +26,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from forgeml.data.prepare import load_splits
 from forgeml.errors import ForgeError
 from forgeml.explaining import faithfulness, pictures, surrogate
+from forgeml.explaining.config import ExplainConfig
 from forgeml.models.registry import ModelFamily, Splits, load_family, trained_model_dir
-from forgeml.recipe import ExplainConfig, Recipe
+from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir, atomic_write, write_json
 
 PREDICT_BATCH = 64

@@ -19,6 +19,11 @@ class TextInputs(ModelFamily):
 
     inputs = "text"
     input_files: ClassVar[tuple[str, ...]] = (".txt", ".csv", ".jsonl")
+    rows_interpolate = False  # a point between two texts is no text: rebalance by class weights, not SMOTE
+
+    @classmethod
+    def input_columns(cls, text_column: str | None, feature_columns: list[str] | None) -> tuple[str | None, list[str]]:
+        return text_column, []
 
     def dynamic_axes(self, names: list[str]) -> dict[str, dict[int, str]]:
         return {name: {0: "batch", 1: "sequence"} for name in names}
@@ -67,7 +72,12 @@ class FeatureInputs(ModelFamily):
 
     inputs = "features"
     input_files: ClassVar[tuple[str, ...]] = (".csv", ".jsonl")
+    rows_interpolate = True  # synthetic rows between neighbours are rows: SMOTE applies
     features: list[str]
+
+    @classmethod
+    def input_columns(cls, text_column: str | None, feature_columns: list[str] | None) -> tuple[str | None, list[str]]:
+        return None, list(feature_columns or [])
 
     def split_inputs(self, frame: pd.DataFrame, splits: Splits) -> list[dict[str, float]]:
         return frame[list(self.features)].to_dict("records")

@@ -98,6 +98,7 @@ class ModelFamily(ABC):
     augmentations: ClassVar[frozenset[str]] = frozenset()  # the train.augment options its collate applies
     encoding_fields: ClassVar[tuple[str, ...]] = ()  # model fields the prepared data depends on (not tunable)
     generates: ClassVar[bool] = False  # continues a prompt token by token (``stream``)
+    rows_interpolate: ClassVar[bool] = False  # a row between two training rows is a row (SMOTE may rebalance)
 
     config: Any  # the recipe's model section it was built from
     network: nn.Module
@@ -122,6 +123,12 @@ class ModelFamily(ABC):
         """An encoder fitted on ``splits.train`` and a fresh network: prepare and create, in memory."""
         encoder = cls.fit_encoder(config, splits)
         return cls.create(config, encoder, splits.labels, seed), encoder
+
+    @classmethod
+    def input_columns(cls, text_column: str | None, feature_columns: list[str] | None) -> tuple[str | None, list[str]]:
+        """(text column, feature columns) of a source's that the model reads (``TextInputs`` and
+        ``FeatureInputs`` say)."""
+        raise NotImplementedError(f"{cls.__name__}: mix in TextInputs or FeatureInputs, or define input_columns")
 
     @abstractmethod
     def items(self, table: pa.Table) -> Sequence[Any]:

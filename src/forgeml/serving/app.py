@@ -21,9 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import iterate_in_threadpool
 
-from forgeml.recipe import ServeConfig
 from forgeml.serving.backends import Served
 from forgeml.serving.batcher import Batcher, QueueFull
+from forgeml.serving.config import ServeConfig
 
 OPEN = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")  # no key needed
 ROUTES = {"/v1/predict", "/v1/generate", *OPEN}  # metric labels; any other path counts as "other"

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from forgeml.errors import ForgeError
-from forgeml.recipe import ServeConfig, refuse_masked
+from forgeml.recipe import refuse_masked
 from forgeml.serving.app import create_app
 from forgeml.serving.backends import open_model
+from forgeml.serving.config import ServeConfig
 
 
 def run_server(run_dir: Path, cfg: ServeConfig) -> None:

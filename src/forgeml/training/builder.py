@@ -17,12 +17,13 @@ from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.data.shards import ShardStream, read_shard
 from forgeml.errors import ForgeError
 from forgeml.models.registry import ModelFamily
-from forgeml.recipe import Recipe, TrainConfig
+from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
 from forgeml.training.autobatch import available_memory_bytes, find_micro_batch
-from forgeml.training.launch import ONE_PROCESS, Dist
+from forgeml.training.config import TrainConfig
 from forgeml.training.loop import EpochBatches, autocast_for
 from forgeml.training.metrics import evaluate
+from forgeml.training.processes import ONE_PROCESS, Dist
 from forgeml.training.strategies import Strategy, accumulation, build_strategy, resolve_batch
 
 

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from forgeml.errors import RunDirError
 from forgeml.rundir import sha256_file, write_json
-from forgeml.training.launch import ONE_PROCESS, Dist
+from forgeml.training.processes import ONE_PROCESS, Dist
 
 META = "checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 from forgeml.data.shards import ShardStream
 from forgeml.errors import ForgeError
 from forgeml.models.registry import Batch, logits_of
-from forgeml.recipe import TrainConfig
 from forgeml.training.callbacks import Callback, LoopState, model_weights
 from forgeml.training.checkpoint import Checkpoints
+from forgeml.training.config import TrainConfig
 from forgeml.training.strategies import Strategy, accumulation
 from forgeml.training.throughput import peak_flops, peak_memory_bytes
 

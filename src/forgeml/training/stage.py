@@ -17,15 +17,16 @@ from forgeml.data.prepare import ENCODER_DIR, read_manifest
 from forgeml.errors import ForgeError, RunDirError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
-from forgeml.recipe import Recipe, TrainConfig
+from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir, sha256_json, write_json
 from forgeml.stage import Context, Stage, file_hashes
 from forgeml.training.builder import build_training
 from forgeml.training.callbacks import Callback, EarlyStopping, MetricsLogger, ProgressBar
 from forgeml.training.checkpoint import Checkpoints
-from forgeml.training.launch import ONE_PROCESS, Dist
+from forgeml.training.config import TrainConfig
 from forgeml.training.loop import fit
 from forgeml.training.memory import keep_freed_memory
+from forgeml.training.processes import ONE_PROCESS, Dist
 
 
 @dataclass

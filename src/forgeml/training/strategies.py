@@ -17,8 +17,9 @@ from torch import nn
 from forgeml.errors import ForgeError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
-from forgeml.recipe import ParallelConfig, Recipe, TrainConfig
-from forgeml.training.launch import ONE_PROCESS, Dist
+from forgeml.recipe import Recipe
+from forgeml.training.config import ParallelConfig, TrainConfig
+from forgeml.training.processes import ONE_PROCESS, Dist
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:

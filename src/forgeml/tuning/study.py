@@ -33,7 +33,7 @@ from forgeml.recipe import Recipe, hide_secrets, refuse_masked, secrets_env
 from forgeml.rundir import RunDir, atomic_write, write_json
 from forgeml.tasks import HIGHER_IS_BETTER
 from forgeml.training.callbacks import Callback, LoopState
-from forgeml.training.launch import ONE_PROCESS, Dist
+from forgeml.training.processes import ONE_PROCESS, Dist
 from forgeml.training.stage import train
 from forgeml.tuning.config import MODEL_COST_METRICS, TuneConfig
 from forgeml.tuning.objectives import model_cost

@@ -13,7 +13,7 @@ TABLE = {
     "train": {"max_steps": 30, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
 }
 TEXT = {
-    "data": {"source": "stdlib-docstrings", "top_k_labels": 3, "max_rows": 160},
+    "data": {"source": {"name": "stdlib-docstrings", "top_k_labels": 3}, "max_rows": 160},
     "audit": {"enabled": False},
     "model": {"name": "text-classifier", "max_length": 32, "freeze_layers": 4},
     "train": {"max_steps": 6, "global_batch_size": 16, "lr": 5e-4, "seed": 0},

@@ -17,6 +17,7 @@ import yaml
 from pydantic import (
     BaseModel,
     Field,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -24,7 +25,7 @@ from pydantic.fields import FieldInfo
 
 from forgeml.audit.config import AuditConfig
 from forgeml.compression.config import CompressConfig
-from forgeml.data.config import DataConfig, PrepareConfig
+from forgeml.data.config import DataConfig, PrepareConfig, as_dataset, datasets_taking
 from forgeml.errors import RecipeError
 from forgeml.explaining.config import ExplainConfig
 from forgeml.models import MODELS
@@ -239,6 +240,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             child = node.setdefault(part, {})
             if child is None:
                 child = node[part] = {}
+            elif isinstance(child, str):  # a name standing for its options (sampler: tpe, source: digits)
+                child = node[part] = {"name": child}
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
                 raise RecipeError(f"--set {item!r}: {where} is a value ({child!r}), not a section")
@@ -255,6 +258,8 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """An older recipe's keys moved to where they live now, each with a warning naming both places;
     a key given at both places is an error."""
     data = dict(data)
+    if isinstance(data.get("data"), dict):
+        data["data"] = _migrate_dataset_options(data["data"])
     train = data.get("train")
     if isinstance(train, dict):
         moved = [key for key in train if key in ParallelConfig.model_fields]
@@ -273,6 +278,24 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
                 _move(tune, chosen, old, f"tune.{old}", f"tune.{section}.{new}", new)
                 tune[section] = chosen
         data["tune"] = tune
+    return data
+
+
+def _migrate_dataset_options(data: dict[str, Any]) -> dict[str, Any]:
+    """A built-in dataset's options, once keys of the data section, into data.source."""
+    moved = [key for key in data if key != "name" and datasets_taking(key)]
+    if not moved:
+        return data
+    data, source = dict(data), as_dataset(data.get("source"))
+    name = source.get("name") if isinstance(source, dict) else source
+    for key in moved:
+        if name not in datasets_taking(key):
+            raise RecipeError(
+                f"data.{key} applies only to {', '.join(datasets_taking(key))}, not to {name!r}; remove it"
+            )
+        source = dict(source)
+        _move(data, source, key, f"data.{key}", f"data.source.{key}")
+    data["source"] = source
     return data
 
 
@@ -349,9 +372,26 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
         tagged = {_tag(c): c for c in candidates if _tag(c)}
         if items and items[0] in tagged:  # a discriminated union puts the tag in the location
             cls = tagged[items.pop(0)]
+        elif items and items[0] in _plain_tags(cls.model_fields[key].annotation):
+            items.pop(0)
+            cls = None
         else:
             cls = candidates[0] if len(candidates) == 1 else None
     return path, cls
+
+
+def _plain_tags(annotation: Any) -> set[str]:
+    """The tags of a union's members that are no models (a path beside built-in datasets)."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else ()
+    return {
+        meta.tag
+        for member in members
+        if typing.get_origin(member) is Annotated and not _unwrap(member)
+        for meta in member.__metadata__
+        if isinstance(meta, Tag)
+    }
 
 
 def _tags(loc: tuple[Any, ...]) -> list[str]:
@@ -367,6 +407,9 @@ def _tag(cls: type[BaseModel]) -> str | None:
     return args[0] if field and typing.get_origin(field.annotation) is Literal else None
 
 
+UNION_KINDS = {"source": "built-in dataset"}  # a union field whose name does not say what it chooses
+
+
 def describe_error(err: Any) -> str:
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
@@ -380,12 +423,13 @@ def describe_error(err: Any) -> str:
     where = ".".join(path) or "recipe"
     if kind == "missing":
         return f"{where}: required but missing"
-    what = path[-1] if path else "model"  # model, sampler, pruner: the union's section names its kind
-    if kind == "union_tag_invalid":
-        return f"{where}.name: unknown {what} {ctx.get('tag')!r}; known {what}s: {ctx.get('expected_tags')}"
-    if kind == "union_tag_not_found":
-        known = MODELS.names() if what == "model" else _tags(err["loc"])
-        return f"{where}.name: required; known {what}s: {', '.join(repr(n) for n in known)}"
+    # model, sampler, pruner: the union's section names its kind
+    what = UNION_KINDS.get(path[-1], path[-1]) if path else "model"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        known = ", ".join(repr(n) for n in _tags(err["loc"]))
+        if kind == "union_tag_invalid":
+            return f"{where}.name: unknown {what} {ctx.get('tag')!r}; known {what}s: {known}"
+        return f"{where}.name: required; known {what}s: {known}"
     if kind == "literal_error":
         return f"{where}: {value!r} is not allowed; allowed values: {ctx.get('expected')}"
     message = err["msg"].removeprefix("Value error, ")

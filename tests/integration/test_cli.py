@@ -14,7 +14,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 TINY_DEFAULT = [
-    "--set", "data.top_k_labels=3",
+    "--set", "data.source.top_k_labels=3",
     "--set", "data.max_rows=300",
     "--set", "model.max_length=32",
     "--set", "train.max_steps=6",

@@ -4,15 +4,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
-from forgeml.data.builtin import DATASETS, options_of
+from forgeml.data.builtin import DATASETS
 from forgeml.data.config import DataConfig
 from forgeml.data.sources import read_table, validate_table
-from forgeml.errors import DataError
 
 
-def cfg(source: str, **values) -> DataConfig:
-    return DataConfig(source=source, **values)
+def cfg(name: str, seed: int = 0, **options) -> DataConfig:
+    return DataConfig(source={"name": name, **options} if options else name, seed=seed)
+
+
+def options_of(name: str) -> set[str]:
+    return set(DATASETS.get(name).config.model_fields) - {"name"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def test_registered_names_and_options():
     ]
     assert options_of("stdlib-docstrings") == {"top_k_labels"}
     assert options_of("synthetic-imbalanced") == {"n_samples", "n_features", "n_classes", "class_ratio"}
-    assert options_of("digits") == frozenset()
+    assert options_of("digits") == set()
 
 
 # ---------------------------------------------------------------- standard library
@@ -146,5 +150,5 @@ def test_synthetic_is_deterministic_per_seed():
 
 
 def test_synthetic_too_few_features_for_the_classes():
-    with pytest.raises(DataError, match=r"data.n_features=2 is too small for data.n_classes=5: use at least 4"):
+    with pytest.raises(ValidationError, match=r"n_features=2 is too small for n_classes=5: use at least 4"):
         read_table(cfg("synthetic-imbalanced", n_features=2, n_classes=5))

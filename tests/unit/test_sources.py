@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forgeml.data.config import DataConfig
+from forgeml.data.config import DataConfig, StdlibDocstrings
 from forgeml.data.sources import read_table, validate_table
 from forgeml.data.table import Table
-from forgeml.errors import DataError
+from forgeml.errors import DataError, RecipeError
+from forgeml.recipe import RecipeWarning, apply_overrides, validate_recipe
 
 
 def cfg(source: str, **values) -> DataConfig:
@@ -179,11 +180,40 @@ def test_unknown_builtin_suggests_a_close_name():
     ],
 )
 def test_builtin_options_elsewhere_are_rejected(tmp_path, source, option, users):
+    """Options once given beside data.source (they now live inside it) still name who takes them."""
     if source == "data.csv":
         source = write(tmp_path / "data.csv", "a\n1\n")
     [(name, value)] = option.items()
-    message = read_error(cfg(source, **{name: value}))
-    assert message.startswith(f"data.{name} applies only to {users}, not to {source!r}")
+    recipe = {"data": {"source": source, name: value}, "model": {"name": "mlp"}, "train": {"max_steps": 1}}
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(recipe)
+    assert str(info.value).startswith(f"data.{name} applies only to {users}, not to {source!r}")
+
+
+def test_builtin_options_given_beside_the_source_move_into_it():
+    recipe = {"data": {"source": "stdlib-docstrings", "top_k_labels": 3}, "model": {"name": "mlp"}}
+    with pytest.warns(RecipeWarning, match="data.top_k_labels has moved to data.source.top_k_labels"):
+        data = validate_recipe({**recipe, "train": {"max_steps": 1}}).data
+    assert data.source == StdlibDocstrings(name="stdlib-docstrings", top_k_labels=3)
+
+
+def test_a_builtin_option_outside_its_dataset_names_the_keys_it_takes():
+    recipe = {
+        "data": {"source": {"name": "digits", "n_samples": 3}},
+        "model": {"name": "mlp"},
+        "train": {"max_steps": 1},
+    }
+    with pytest.raises(RecipeError, match=r"data.source.n_samples: unknown key"):
+        validate_recipe(recipe)
+    recipe["data"]["source"] = {"name": "digitz"}
+    with pytest.raises(RecipeError, match=r"data.source.name: unknown built-in dataset 'digitz'; known built-in "):
+        validate_recipe(recipe)
+
+
+def test_a_builtin_name_opens_into_its_options_under_set():
+    data = {"data": {"source": "synthetic-imbalanced"}, "model": {"name": "mlp"}, "train": {"max_steps": 1}}
+    recipe = validate_recipe(apply_overrides(data, ["data.source.n_samples=300"]))
+    assert (recipe.data.source.name, recipe.data.source.n_samples) == ("synthetic-imbalanced", 300)
 
 
 def test_recipe_columns_override_the_builtin_defaults():

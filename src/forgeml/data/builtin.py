@@ -1,7 +1,7 @@
 """Built-in datasets, named by data.source: built locally (no download), deterministic for a seed.
 
-Adding one is one decorated function returning a Table; ``@accepts(...)`` declares the data.*
-options it reads, so that read_table can reject the others instead of ignoring them.
+Adding one is its options' config in ``data/config.py`` (in ``DATASET_CONFIGS``) and one function,
+registered with that config, that builds a Table from those options and the data seed.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import os
 import sys
 import sysconfig
@@ -17,39 +16,28 @@ import tokenize
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from forgeml.data.config import (
+    BreastCancer,
+    BuiltinDataset,
+    Digits,
+    StdlibCode,
+    StdlibDocstrings,
+    SyntheticImbalanced,
+    Wine,
+)
 from forgeml.data.table import Table
-from forgeml.errors import DataError
 from forgeml.registry import Registry
 
-if TYPE_CHECKING:
-    from forgeml.data.config import DataConfig
-
-Builder = Callable[["DataConfig"], "Table"]
+Builder = Callable[[Any, int], Table]  # (the dataset's options, the data seed) -> its rows
 DATASETS: Registry[Builder] = Registry("dataset")
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 # Folders of the standard library that hold tests or no importable modules.
 SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__"}
-
-
-def accepts(*options: str) -> Callable[[F], F]:
-    """Declare the data.* options a built-in reads (e.g. "top_k_labels")."""
-
-    def mark(build: F) -> F:
-        build.options = frozenset(options)  # type: ignore[attr-defined]
-        return build
-
-    return mark
-
-
-def options_of(name: str) -> frozenset[str]:
-    return getattr(DATASETS.get(name).build, "options", frozenset())
 
 
 def _table(
@@ -116,19 +104,18 @@ def _top_labels(frame: pd.DataFrame, k: int) -> pd.DataFrame:
     return frame[frame["label"].isin(ranked[:k])].reset_index(drop=True)
 
 
-@DATASETS.register("stdlib-docstrings")
-@accepts("top_k_labels")
-def stdlib_docstrings(cfg: DataConfig) -> Table:
+@DATASETS.register("stdlib-docstrings", StdlibDocstrings)
+def stdlib_docstrings(options: StdlibDocstrings, seed: int) -> Table:
     """Text classification: which standard-library package a docstring comes from."""
     rows = [row for path, source in _stdlib_sources() for row in _docstrings(path, source)]
     frame = pd.DataFrame(rows, columns=["text", "label", "module"])
-    if cfg.top_k_labels is not None:
-        frame = _top_labels(frame, cfg.top_k_labels)
-    return _table("stdlib-docstrings", frame, {"top_k_labels": cfg.top_k_labels}, text="text", label="label")
+    if options.top_k_labels is not None:
+        frame = _top_labels(frame, options.top_k_labels)
+    return _table("stdlib-docstrings", frame, {"top_k_labels": options.top_k_labels}, text="text", label="label")
 
 
-@DATASETS.register("stdlib-code")
-def stdlib_code(cfg: DataConfig) -> Table:
+@DATASETS.register("stdlib-code", StdlibCode)
+def stdlib_code(options: StdlibCode, seed: int) -> Table:
     """Language modelling: the standard library's Python sources, one row per file."""
     paths, sources = zip(*_stdlib_sources(), strict=True)
     frame = pd.DataFrame({"text": sources, "path": paths})
@@ -148,61 +135,52 @@ def _sklearn_table(name: str, load: Callable[..., Any]) -> Table:
 # sklearn is slow to import: only these built-ins need it.
 
 
-@DATASETS.register("breast-cancer")
-def breast_cancer(cfg: DataConfig) -> Table:
+@DATASETS.register("breast-cancer", BreastCancer)
+def breast_cancer(options: BreastCancer, seed: int) -> Table:
     from sklearn.datasets import load_breast_cancer
 
     return _sklearn_table("breast-cancer", load_breast_cancer)
 
 
-@DATASETS.register("digits")
-def digits(cfg: DataConfig) -> Table:
+@DATASETS.register("digits", Digits)
+def digits(options: Digits, seed: int) -> Table:
     from sklearn.datasets import load_digits
 
     return _sklearn_table("digits", load_digits)
 
 
-@DATASETS.register("wine")
-def wine(cfg: DataConfig) -> Table:
+@DATASETS.register("wine", Wine)
+def wine(options: Wine, seed: int) -> Table:
     from sklearn.datasets import load_wine
 
     return _sklearn_table("wine", load_wine)
 
 
-@DATASETS.register("synthetic-imbalanced")
-@accepts("n_samples", "n_features", "n_classes", "class_ratio")
-def synthetic_imbalanced(cfg: DataConfig) -> Table:
+@DATASETS.register("synthetic-imbalanced", SyntheticImbalanced)
+def synthetic_imbalanced(options: SyntheticImbalanced, seed: int) -> Table:
     """Features from make_classification; the largest class is class_ratio times the smallest."""
     from sklearn.datasets import make_classification
 
-    params = {
-        "n_samples": 2000 if cfg.n_samples is None else cfg.n_samples,
-        "n_features": 20 if cfg.n_features is None else cfg.n_features,
-        "n_classes": 2 if cfg.n_classes is None else cfg.n_classes,
-        "class_ratio": 10.0 if cfg.class_ratio is None else cfg.class_ratio,
-        "seed": cfg.seed,
-    }
-    n_features, n_classes = params["n_features"], params["n_classes"]
-    # Two clusters per class sit on corners of a hypercube of the informative features.
-    needed = math.ceil(math.log2(2 * n_classes))
-    if n_features < needed:
-        raise DataError(
-            f"data.n_features={n_features} is too small for data.n_classes={n_classes}: use at least {needed}"
-        )
-    informative = max(needed, n_features // 2)
+    params = {**options.model_dump(exclude={"name"}), "seed": seed}
+    n_features, n_classes = options.n_features, options.n_classes
+    informative = max(options.features_needed, n_features // 2)
     # Geometric weights: class i has class_ratio ** (-i / (k - 1)) of the largest class's rows.
-    weights = params["class_ratio"] ** -(np.arange(n_classes) / (n_classes - 1))
+    weights = options.class_ratio ** -(np.arange(n_classes) / (n_classes - 1))
     x, y = make_classification(
-        n_samples=params["n_samples"],
+        n_samples=options.n_samples,
         n_features=n_features,
         n_informative=informative,
         n_redundant=min(2, n_features - informative),
         n_classes=n_classes,
         weights=(weights / weights.sum()).tolist(),
         flip_y=0.0,  # no label noise, so the class ratio is what was asked
-        random_state=cfg.seed,
+        random_state=seed,
     )
     features = [f"f{i}" for i in range(n_features)]
     frame = pd.DataFrame(x, columns=features)
     frame["label"] = [f"class_{c}" for c in y]
     return _table("synthetic-imbalanced", frame, params, features=features, label="label")
+
+
+def build_dataset(options: BuiltinDataset, seed: int) -> Table:
+    return DATASETS.get(options.name).build(options, seed)

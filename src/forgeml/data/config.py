@@ -2,17 +2,100 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+import typing
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, PositiveInt
+from pydantic import Discriminator, Field, PositiveInt, Tag, field_validator, model_validator
 
 from forgeml.section import Section
+
+# ---------------------------------------------------------------- the built-in datasets' options
+
+
+class StdlibDocstrings(Section):
+    name: Literal["stdlib-docstrings"]
+    top_k_labels: PositiveInt | None = Field(None, description="keep the k largest packages")
+
+
+class StdlibCode(Section):
+    name: Literal["stdlib-code"]
+
+
+class BreastCancer(Section):
+    name: Literal["breast-cancer"]
+
+
+class Digits(Section):
+    name: Literal["digits"]
+
+
+class Wine(Section):
+    name: Literal["wine"]
+
+
+class SyntheticImbalanced(Section):
+    name: Literal["synthetic-imbalanced"]
+    n_samples: PositiveInt = Field(2000, description="number of rows")
+    n_features: PositiveInt = Field(20, description="number of features")
+    n_classes: Annotated[int, Field(ge=2)] = 2
+    class_ratio: Annotated[float, Field(ge=1.0)] = Field(10.0, description="size of the largest class / the smallest")
+
+    @property
+    def features_needed(self) -> int:
+        """Two clusters per class sit on corners of a hypercube of the informative features."""
+        return math.ceil(math.log2(2 * self.n_classes))
+
+    @model_validator(mode="after")
+    def _enough_features(self) -> SyntheticImbalanced:
+        if self.n_features < self.features_needed:
+            raise ValueError(
+                f"n_features={self.n_features} is too small for n_classes={self.n_classes}: "
+                f"use at least {self.features_needed}"
+            )
+        return self
+
+
+DATASET_CONFIGS = (StdlibDocstrings, StdlibCode, BreastCancer, Digits, Wine, SyntheticImbalanced)
+BuiltinDataset = Union[DATASET_CONFIGS]  # noqa: UP007 - a union of a tuple of classes
+DATASET_NAMES = tuple(typing.get_args(c.model_fields["name"].annotation)[0] for c in DATASET_CONFIGS)
+FILE = "file"  # the tag of a source that is a path or URL
+
+
+def datasets_taking(option: str) -> list[str]:
+    """The built-in datasets with this option."""
+    return [n for c, n in zip(DATASET_CONFIGS, DATASET_NAMES, strict=True) if option in c.model_fields]
+
+
+def _source_kind(value: Any) -> str | None:
+    """A mapping is a built-in with options, chosen by its name; a string is a built-in's name (its
+    options at their defaults) or else a file."""
+    if isinstance(value, dict):
+        return value.get("name")
+    if isinstance(value, DATASET_CONFIGS):
+        return value.name
+    return value if isinstance(value, str) and value in DATASET_NAMES else FILE
+
+
+def as_dataset(value: Any) -> Any:
+    """A built-in's name as the mapping of its options; anything else as it is."""
+    return {"name": value} if isinstance(value, str) and value in DATASET_NAMES else value
+
+
+_TAGGED = tuple(Annotated[c, Tag(n)] for c, n in zip(DATASET_CONFIGS, DATASET_NAMES, strict=True))
+Source = Annotated[Union[(*_TAGGED, Annotated[str, Tag(FILE)])], Discriminator(_source_kind)]  # noqa: UP007
+
+
+# ---------------------------------------------------------------- the sections
 
 
 class DataConfig(Section):
     """Where the rows come from and which columns matter."""
 
-    source: str = Field(description="a built-in dataset name, or a CSV/Parquet/JSONL path or fsspec URL")
+    source: Source = Field(
+        description="a CSV/Parquet/JSONL path or fsspec URL, or a built-in dataset: its name, or "
+        "{name: NAME, OPTION: VALUE, ...} with its options"
+    )
     format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
     text_column: str | None = None
     feature_columns: list[str] | None = None
@@ -22,14 +105,21 @@ class DataConfig(Section):
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="malformed CSV/JSONL rows: stop, or skip")
     max_rows: PositiveInt | None = Field(None, description="keep a seeded random sample of this many rows")
     seed: int = 0
-    # Options of the built-in datasets.
-    top_k_labels: PositiveInt | None = Field(None, description="stdlib-docstrings: keep the k largest packages")
-    n_samples: PositiveInt | None = Field(None, description="synthetic-imbalanced: number of rows")
-    n_features: PositiveInt | None = Field(None, description="synthetic-imbalanced: number of features")
-    n_classes: Annotated[int, Field(ge=2)] | None = Field(None, description="synthetic-imbalanced: classes")
-    class_ratio: Annotated[float, Field(ge=1.0)] | None = Field(
-        None, description="synthetic-imbalanced: size of the largest class / the smallest"
-    )
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _name_is_a_dataset(cls, value: Any) -> Any:
+        return as_dataset(value)
+
+    @property
+    def dataset(self) -> BuiltinDataset | None:
+        """The built-in dataset the rows come from, or None for a file."""
+        return None if isinstance(self.source, str) else self.source
+
+    @property
+    def source_name(self) -> str:
+        """The source as a user names it: the path or URL, or the built-in's name."""
+        return self.source if isinstance(self.source, str) else self.source.name
 
 
 class PrepareConfig(Section):

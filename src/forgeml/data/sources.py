@@ -21,7 +21,7 @@ import pyarrow as pa
 from fsspec.utils import infer_compression
 from pandas.api.types import is_numeric_dtype
 
-from forgeml.data.builtin import DATASETS, options_of
+from forgeml.data.builtin import DATASETS, build_dataset
 from forgeml.data.table import Table
 from forgeml.errors import DataError
 from forgeml.recipe import refuse_masked
@@ -38,9 +38,7 @@ SHOWN_ROWS = 5  # rows named in a message before "and N more"
 
 def read_table(cfg: DataConfig) -> Table:
     """The rows of cfg.source, with the recipe's column choices and max_rows sample applied."""
-    builtin = cfg.source in DATASETS
-    _check_options(cfg, options_of(cfg.source) if builtin else frozenset())
-    table = DATASETS.get(cfg.source).build(cfg) if builtin else _read_file(cfg)
+    table = _read_file(cfg) if cfg.dataset is None else build_dataset(cfg.dataset, cfg.seed)
     # The recipe's column choices win over a built-in's defaults.
     table.text_column = cfg.text_column or table.text_column
     table.feature_columns = cfg.feature_columns or table.feature_columns
@@ -55,7 +53,7 @@ def read_test_table(
 ) -> Table:
     """The separate test set (cfg.test_source), read and checked like the main source, with its columns.
     It may hold a single class: a small test set need not cover every one."""
-    test = read_table(cfg.model_copy(update={"source": cfg.test_source, "max_rows": None}))
+    test = read_table(_test_config(cfg))
     test.text_column, test.feature_columns, test.label_column = (
         like.text_column,
         like.feature_columns,
@@ -65,20 +63,11 @@ def read_test_table(
     return test
 
 
-def _check_options(cfg: DataConfig, accepted: frozenset[str]) -> None:
-    """Reject a built-in option the source does not read, rather than silently ignore it."""
-    for name in DATASETS.names():
-        for option in sorted(options_of(name) - accepted):
-            if getattr(cfg, option) is not None:
-                users = [n for n in DATASETS.names() if option in options_of(n)]
-                raise DataError(f"data.{option} applies only to {', '.join(users)}, not to {cfg.source!r}; remove it")
-
-
 def source_fingerprint(cfg: DataConfig) -> str:
     """What the source's content depends on beyond the recipe, without parsing it: the file's bytes,
     or for a built-in the Python whose standard library (and bundled tables) it reads."""
-    if cfg.source in DATASETS:
-        return hashlib.sha256(f"{cfg.source}\n{sys.version}".encode()).hexdigest()
+    if cfg.dataset is not None:
+        return hashlib.sha256(f"{cfg.dataset.name}\n{sys.version}".encode()).hexdigest()
     _require_path(cfg.source)
     return hashlib.sha256(_read_bytes(cfg.source)).hexdigest()
 
@@ -88,8 +77,13 @@ def source_fingerprints(cfg: DataConfig) -> dict[str, str]:
     prepare stages read."""
     hashes = {"source": source_fingerprint(cfg)}
     if cfg.test_source:
-        hashes["test_source"] = source_fingerprint(cfg.model_copy(update={"source": cfg.test_source}))
+        hashes["test_source"] = source_fingerprint(_test_config(cfg))
     return hashes
+
+
+def _test_config(cfg: DataConfig) -> DataConfig:
+    """The data section that reads the separate test set (a file, or a built-in's name)."""
+    return type(cfg).model_validate({**cfg.model_dump(), "source": cfg.test_source, "max_rows": None})
 
 
 def _require_path(source: str) -> None:

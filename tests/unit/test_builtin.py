@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from forgeml.data.builtin import DATASETS
-from forgeml.data.config import DataConfig
+from forgeml.data.config import DATASET_CONFIGS, DataConfig
 from forgeml.data.sources import read_table, validate_table
 
 
@@ -41,6 +41,8 @@ def test_registered_names_and_options():
     assert options_of("stdlib-docstrings") == {"top_k_labels"}
     assert options_of("synthetic-imbalanced") == {"n_samples", "n_features", "n_classes", "class_ratio"}
     assert options_of("digits") == set()
+    # Every registered builder is chosen by the recipe's union of dataset configs, and only those.
+    assert {DATASETS.get(name).config for name in DATASETS.names()} == set(DATASET_CONFIGS)
 
 
 # ---------------------------------------------------------------- standard library

@@ -116,11 +116,6 @@ class DataConfig(Section):
         """The built-in dataset the rows come from, or None for a file."""
         return None if isinstance(self.source, str) else self.source
 
-    @property
-    def source_name(self) -> str:
-        """The source as a user names it: the path or URL, or the built-in's name."""
-        return self.source if isinstance(self.source, str) else self.source.name
-
 
 class PrepareConfig(Section):
     """Cleaning, splitting, rebalancing and storing the data."""

@@ -36,13 +36,20 @@ def _children() -> dict[int, str]:
     return found
 
 
+def _compile_pool_threads() -> set[threading.Thread]:
+    """The workers of torch.compile's kernel-compiling pool: made once per process and kept for
+    later compiles by design (``AsyncCompile.pool`` is cached), so not a test's leak."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    return set(AsyncCompile.pool()._threads) if AsyncCompile.pool.cache_info().currsize else set()
+
+
 def _threads() -> dict[int, str]:
-    # A ThreadPoolExecutor that a library keeps for the process (test_compress leaves two idle workers)
-    # is not counted as a leak: such pools are never shut down by design.
+    kept = _compile_pool_threads()
     return {
         t.ident: t.name
         for t in threading.enumerate()
-        if t.is_alive() and t is not threading.main_thread() and not t.name.startswith("ThreadPoolExecutor-")
+        if t.is_alive() and t is not threading.main_thread() and t not in kept
     }
 
 

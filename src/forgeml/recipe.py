@@ -240,8 +240,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             child = node.setdefault(part, {})
             if child is None:
                 child = node[part] = {}
-            elif isinstance(child, str):  # a name standing for its options (sampler: tpe, source: digits)
-                child = node[part] = {"name": child}
+            elif isinstance(child, str) and child in _tags(tuple(parts[: i + 1])):
+                child = node[part] = {"name": child}  # a name standing for its options (sampler: tpe)
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
                 raise RecipeError(f"--set {item!r}: {where} is a value ({child!r}), not a section")
@@ -293,7 +293,8 @@ def _migrate_dataset_options(data: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(
                 f"data.{key} applies only to {', '.join(datasets_taking(key))}, not to {name!r}; remove it"
             )
-        source = dict(source)
+    source = dict(source)
+    for key in moved:
         _move(data, source, key, f"data.{key}", f"data.source.{key}")
     data["source"] = source
     return data

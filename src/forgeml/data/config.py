@@ -68,13 +68,11 @@ def datasets_taking(option: str) -> list[str]:
 
 
 def _source_kind(value: Any) -> str | None:
-    """A mapping is a built-in with options, chosen by its name; a string is a built-in's name (its
-    options at their defaults) or else a file."""
+    """A mapping (or a dataset config) is a built-in with options, chosen by its name; anything
+    else is a file (DataConfig has turned a built-in's name into a mapping before)."""
     if isinstance(value, dict):
         return value.get("name")
-    if isinstance(value, DATASET_CONFIGS):
-        return value.name
-    return value if isinstance(value, str) and value in DATASET_NAMES else FILE
+    return value.name if isinstance(value, DATASET_CONFIGS) else FILE
 
 
 def as_dataset(value: Any) -> Any:

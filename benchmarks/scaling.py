@@ -33,8 +33,8 @@ import torch
 
 import forgeml
 from figures import emit, record_option
-from forgeml.data.prepare import ENCODER_DIR
 from forgeml.models import MODELS
+from forgeml.rundir import RunDir
 from forgeml.training.throughput import measured_matmul_flops, peak_flops
 
 RECIPE = "lm"
@@ -96,7 +96,7 @@ def main() -> None:
             return path
 
         family_cls = MODELS.get(recipe.model.name).build
-        encoder = family_cls.load_encoder(recipe.model, prepared / "data" / ENCODER_DIR)
+        encoder = family_cls.load_encoder(recipe.model, prepared / RunDir.ENCODER)
         flops_per_token = family_cls.create(recipe.model, encoder, [], seed=0).flops_per_token()
         runs: dict[str, list[dict]] = {name: [] for name in ("single", "ddp", "fsdp", "tp")}
         for repeat in range(args.repeats):  # configurations interleaved, so drift hits them alike

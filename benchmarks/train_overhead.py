@@ -34,7 +34,7 @@ from rich.console import Console
 
 import forgeml
 from figures import emit, record_option
-from forgeml.data.prepare import ENCODER_DIR, read_manifest, shard_location
+from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.models import MODELS
 from forgeml.rundir import RunDir
 from forgeml.training.builder import loaders
@@ -73,7 +73,7 @@ class StepClock(Callback):
 def run_forgeml(network, batches, cfg, logs: Path, evaluate, device: torch.device) -> list[float]:
     clock = StepClock(device)
     quiet = Console(file=io.StringIO())
-    callbacks = [clock, ProgressBar(quiet), MetricsLogger(logs)]
+    callbacks = [clock, ProgressBar(quiet), MetricsLogger(logs / "metrics.jsonl", logs / "tensorboard")]
     fit(network, batches, cfg, NextTokenLoss(), Strategy.single(device), evaluate=evaluate, callbacks=callbacks)
     return clock.times
 
@@ -159,7 +159,7 @@ def main() -> None:
         run = RunDir(Path(tmp) / "run")
         forgeml.prepare(recipe, run.path)
         family_cls = MODELS.get(recipe.model.name).build
-        encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
+        encoder = family_cls.load_encoder(recipe.model, run / RunDir.ENCODER)
         family = family_cls.create(recipe.model, encoder, [], seed=cfg.seed)
         family.network.to(device)
         manifest = read_manifest(run)

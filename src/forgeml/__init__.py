@@ -37,11 +37,12 @@ def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: tuple[str
 def _run_recipe(run_dir: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:
     """The recipe a run directory was made with, with ``overrides``."""
     from forgeml.errors import RunDirError
+    from forgeml.rundir import RunDir
 
-    folder = Path(run_dir)
-    if not (folder / "recipe.yaml").exists():
-        raise RunDirError(f"{folder} is not a run directory (no recipe.yaml); train a model first with `forgeml run`")
-    return as_recipe(folder / "recipe.yaml", overrides)
+    path = Path(run_dir) / RunDir.RECIPE
+    if not path.exists():
+        raise RunDirError(f"{run_dir} is not a run directory (no {path}); train a model first with `forgeml run`")
+    return as_recipe(path, overrides)
 
 
 def run(

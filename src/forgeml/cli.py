@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from forgeml.errors import ForgeError
+from forgeml.rundir import RunDir
 
 if TYPE_CHECKING:
     from forgeml.recipe import Recipe
@@ -57,8 +58,6 @@ RdzvOpt = Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT 
 
 def results_table(run_dir: Path) -> Table | None:
     """Held-out metrics of a run, from train/eval.json."""
-    from forgeml.rundir import RunDir
-
     path = run_dir / RunDir.EVAL
     if not path.exists():
         return None
@@ -80,16 +79,16 @@ def finish(run_dir: Path) -> None:
     table = results_table(run_dir)
     if table is not None:
         console.print(table)
-    report = run_dir / "report.html"
+    report = run_dir / RunDir.REPORT
     if report.exists():
         console.print(f"report: {report}")
-    console.print(f"model:  {run_dir / 'train' / 'model'}")
+    console.print(f"model:  {run_dir / RunDir.MODEL}")
     from forgeml.compression.variants import recommended
 
-    best = recommended(run_dir / "compress")
+    best = recommended(run_dir)
     if best is not None:
         console.print(
-            f"recommended variant: {run_dir / 'compress' / best['name']} "
+            f"recommended variant: {run_dir / RunDir.COMPRESS / best['name']} "
             f"(accuracy {best['accuracy']:.3f}, {best['p50_ms']:.2f} ms at batch 1, {best['size_bytes'] / 1e6:.3g} MB)"
         )
 

@@ -68,16 +68,34 @@ class RunDir:
     """``runs/<name>/``: recipe.yaml, run.json and one folder per stage. The files one stage
     leaves for the next are named here, relative to the run folder."""
 
+    RECIPE = "recipe.yaml"  # the settled recipe every stage ran with
+    RECORD = "run.json"  # each stage's status, config hash and input hashes
+    REPORT = "report.html"
+    AUDIT_REPORT = "audit/report.json"
+    DATA = "data"  # prepare: the shards, unless prepare.shards_url puts them elsewhere
     MANIFEST = "data/manifest.json"  # prepare: shards, their checksums, labels, what was cleaned
     ENCODER = "data/encoder"  # prepare: the fitted tokenizer or feature scales
-    AUDIT_REPORT = "audit/report.json"
     MODEL = "train/model"  # train: the exported model (config, weights, encoder)
     EVAL = "train/eval.json"
     METRICS = "train/metrics.jsonl"
+    TENSORBOARD = "train/tensorboard"
+    CHECKPOINTS = "train/checkpoints"
+    TUNE = "tune"  # the study's locks and worker recipes
+    TRIALS = "tune/trials"  # one run folder per trial: tune/trials/<study>/<number>
+    TRIALS_TABLE = "tune/trials.csv"
+    TUNED_RECIPE = "tune/best.yaml"
     TUNE_SUMMARY = "tune/summary.json"
+    TUNE_PLOTS = "tune/*.png"
+    COMPRESS = "compress"  # one folder per variant
+    BASELINE = "compress/baseline"
     VARIANTS = "compress/variants.json"
+    PARETO = "compress/pareto.png"
+    EXPLAIN = "explain"
+    ATTRIBUTIONS = "explain/attributions.json"
+    TOKENS_PAGE = "explain/tokens.html"
     EXPLAIN_SUMMARY = "explain/summary.json"
-    RECIPE = "recipe.yaml"
+    EXPLAIN_PICTURES = "explain/*.png"
+    BENCHMARKS = "benchmarks/*.json"  # figures a benchmark recorded into this run (--record)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -85,8 +103,13 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.path / stage
+    def __truediv__(self, name: str) -> Path:
+        """``run / RunDir.MODEL``: a path named above, in this run."""
+        return self.path / name
+
+    def glob(self, pattern: str) -> list[Path]:
+        """``run.glob(RunDir.TUNE_PLOTS)``: the files a pattern named above matches, sorted."""
+        return sorted(self.path.glob(pattern))
 
     @property
     def recipe_path(self) -> Path:
@@ -94,7 +117,7 @@ class RunDir:
 
     @property
     def record_path(self) -> Path:
-        return self.path / "run.json"
+        return self.path / self.RECORD
 
     # -- stage records
 

@@ -213,7 +213,9 @@ def test_kv_cache_logits_match_the_full_forward() -> None:
     cache = net.new_cache(batch=2)
     with torch.no_grad():
         steps = [net(x[:, :5], cache)] + [net(x[:, i : i + 1], cache) for i in range(5, 16)]
-        torch.testing.assert_close(torch.cat(steps, dim=1), net(x), rtol=1e-5, atol=1e-5)
+        # Logits reach about 10; float32 rounding of the cached (one query) and the full attention
+        # kernels differs by up to about 2e-5 on some CPUs, a wrong cache by far more.
+        torch.testing.assert_close(torch.cat(steps, dim=1), net(x), rtol=1e-4, atol=1e-4)
         assert cache[0].length == 16
         with pytest.raises(ValueError, match=r"17 tokens .* block_size \(16\)"):
             net(x[:, :1], cache)

@@ -58,14 +58,14 @@ class Audit(Stage):
     def run(self, recipe: Recipe, run: RunDir, context: Context | None = None) -> AuditResult:
         table, test = read_for_audit(recipe)
         report = audit(table, recipe.audit, recipe.prepare, test)
-        write_json(run.path / REPORT, report)
+        write_json(run / REPORT, report)
         return AuditResult(report)
 
 
 def gate(run: RunDir, allow_failures: bool, console: Console) -> None:
     """Raise AuditFailed when a check failed and failures are not allowed; otherwise name each
     failed check on ``console`` as training goes on."""
-    path = run.path / REPORT
+    path = run / REPORT
     if not path.exists():
         return
     report = json.loads(path.read_text())
@@ -73,7 +73,7 @@ def gate(run: RunDir, allow_failures: bool, console: Console) -> None:
     if failed and not allow_failures:
         lines = "\n".join(f"  {line}" for line in summary_lines(report) if line.split(":")[0] in failed)
         raise AuditFailed(
-            f"the data audit failed, so training will not start ({run.path / REPORT}):\n{lines}\n"
+            f"the data audit failed, so training will not start ({run / REPORT}):\n{lines}\n"
             "Two ways on: fix the data with the prepare stage (e.g. prepare.deduplicate: near, "
             "prepare.drop_leaked: true, prepare.rebalance: auto, prepare.impute: median), "
             "or pass --allow-audit-failures to train anyway."

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from forgeml.compression.config import CompressConfig
 from forgeml.compression.measure import Inputs, agreement, pareto, quality, recommend, speed
 from forgeml.compression.operators import check_promise, integer_operators, operators
-from forgeml.compression.variants import VARIANT_FILE, Variant, baseline, torch_logits
+from forgeml.compression.variants import METRICS_FILE, VARIANT_FILE, Variant, baseline, torch_logits
 from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.data.shards import read_shard
 from forgeml.errors import ForgeError
@@ -105,7 +105,7 @@ def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inp
 
     cfg = recipe.compress
 
-    root = run.stage_dir("compress")
+    root = run / RunDir.COMPRESS
     if method == "distill":
         yield from distill_variants(source, recipe, run, root)
     elif method == "prune":
@@ -138,9 +138,9 @@ def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> Com
 
 def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Console) -> CompressResult:
     cfg = recipe.compress
-    folder = run.stage_dir("compress")
+    folder = run / RunDir.COMPRESS
     folder.mkdir(parents=True, exist_ok=True)
-    source = baseline(model_dir, folder / "baseline")
+    source = baseline(model_dir, run / RunDir.BASELINE)
     inputs = measurement_inputs(source.family, run, cfg, recipe.prepare.shards_url)
     progress = Progress(
         TextColumn("[bold]compress {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -188,11 +188,11 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
         row["recommended"] = index == chosen
     check = {name: value[:CHECK_ROWS] for name, value in inputs.batches[0].items()}
     for variant, row in zip(variants, rows, strict=True):
-        write_json(variant.folder / "metrics.json", row)
+        write_json(variant.folder / METRICS_FILE, row)
         variant.record_check(check)
-    write_json(folder / "variants.json", rows)
+    write_json(run / RunDir.VARIANTS, rows)
     stale = {p.name for p in folder.iterdir() if (p / VARIANT_FILE).exists()} - {v.name for v in variants}
     for name in stale:  # variants of an earlier call that this one did not build
         shutil.rmtree(folder / name)
-    (folder / "pareto.png").write_bytes(accuracy_latency(rows))
+    (run / RunDir.PARETO).write_bytes(accuracy_latency(rows))
     return CompressResult(rows, rows[chosen]["name"], folder)

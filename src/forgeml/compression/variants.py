@@ -18,9 +18,11 @@ from safetensors.torch import save_file
 
 from forgeml.measure import size_bytes
 from forgeml.models.registry import ModelFamily, load_family, logits_of
+from forgeml.rundir import RunDir
 
 VARIANT_FILE = "variant.json"
 CHECK_FILE = "check.safetensors"  # a few test inputs and the probabilities measured on them
+METRICS_FILE = "metrics.json"  # its row of the run's variants table
 Logits = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -79,9 +81,9 @@ def tied_parameters(network: torch.nn.Module) -> set[str]:
     return every - dict(network.named_parameters()).keys()
 
 
-def recommended(compress_dir: Path) -> dict[str, Any] | None:
-    """The row of ``variants.json`` that compress recommended; None where it has not run."""
-    table = compress_dir / "variants.json"
+def recommended(run_dir: Path) -> dict[str, Any] | None:
+    """The row of the run's variants table that compress recommended; None where it has not run."""
+    table = run_dir / RunDir.VARIANTS
     if not table.exists():
         return None
     return next(row for row in json.loads(table.read_text()) if row["recommended"])
@@ -90,7 +92,7 @@ def recommended(compress_dir: Path) -> dict[str, Any] | None:
 def preprocessing_copy(source: Variant, folder: Path) -> Path:
     """``folder`` (emptied) with the source's preprocessing files (tokenizer, config, labels), no weights."""
     shutil.rmtree(folder, ignore_errors=True)
-    ignore = shutil.ignore_patterns("*.safetensors", "*.onnx", VARIANT_FILE, "metrics.json")
+    ignore = shutil.ignore_patterns("*.safetensors", "*.onnx", VARIANT_FILE, METRICS_FILE)
     shutil.copytree(source.folder, folder, ignore=ignore)
     return folder
 

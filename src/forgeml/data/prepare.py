@@ -41,7 +41,6 @@ from forgeml.recipe import Recipe, hide_secrets, refuse_masked
 from forgeml.rundir import RunDir, sha256_json, write_json
 
 SPLITS = ("train", "val", "test")
-ENCODER_DIR = "encoder"  # the fitted encoder (tokenizer, feature scales), beside the shards
 ROW_ID = "_row"  # position of the row in the source, kept so findings can point back to it
 
 
@@ -213,14 +212,14 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
             notes.append(f"rebalance: {method} ({reason}){resized}")
             actions.append({"check": "imbalance_ratio", "action": method, "rows": len(splits["train"]) - before})
 
-    out = claim_location(cfg.shards_url, run) if cfg.shards_url else str(run.stage_dir("data"))
+    out = claim_location(cfg.shards_url, run) if cfg.shards_url else str(run / RunDir.DATA)
     labels_list = sorted(frame[columns.label].unique()) if classify else []
     # Tokenise (or scale) once: the stored rows carry what the network reads.
     raw = Splits(
         splits["train"], splits["val"], splits["test"], columns.text, columns.features, columns.label, labels_list
     )
     encoder = family.fit_encoder(recipe.model, raw)
-    encoder.save(run.stage_dir("data") / ENCODER_DIR)
+    encoder.save(run / RunDir.ENCODER)
     stored = {name: encoder.rows(part, columns.label, labels_list) for name, part in splits.items()}
     manifest: dict[str, Any] = {
         "source": hide_secrets(table.origin),
@@ -247,7 +246,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         manifest["splits"][name] = {"rows": len(part), "shards": write_shards(part, out, name, cfg.shard_rows)}
         if classify:
             manifest["class_counts"][name] = splits[name][columns.label].value_counts().sort_index().to_dict()
-    write_json(run.path / RunDir.MANIFEST, manifest)
+    write_json(run / RunDir.MANIFEST, manifest)
     return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels_list, notes)
 
 
@@ -285,14 +284,14 @@ def shard_location(run: RunDir, manifest: dict[str, Any], shards_url: str | None
     manifest holds the URL with its password masked; the recipe's ``shards_url`` gives it whole."""
     location = manifest.get("location")
     if not location:
-        return str(run.stage_dir("data"))
+        return str(run / RunDir.DATA)
     url = shards_url if shards_url and hide_secrets(shards_url) == location else location
     refuse_masked("prepare.shards_url", url, HINT)
     return url
 
 
 def read_manifest(run: RunDir) -> dict[str, Any]:
-    path = run.path / RunDir.MANIFEST
+    path = run / RunDir.MANIFEST
     if not path.exists():
         raise DataError(f"{path} is missing; run `forgeml prepare` (or `forgeml run`) first")
     return json.loads(path.read_text())

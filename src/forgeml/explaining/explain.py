@@ -155,8 +155,8 @@ def explain(
         "pictures": sorted(outcome.images),
         **({"global_importance": outcome.importance} if outcome.importance else {}),
     }
-    folder = run.stage_dir("explain")
-    write_outputs(folder, summary, outcome, methods if approach.tokens_page else None)
+    write_outputs(run, summary, outcome, methods if approach.tokens_page else None)
+    folder = run / RunDir.EXPLAIN
     return ExplainResult(folder, summary_methods, tree["fidelity"] if tree else None, outcome.records)
 
 
@@ -179,17 +179,17 @@ def chosen_inputs(
     return family.split_inputs(sample, splits), sample[splits.label_column].tolist()
 
 
-def write_outputs(folder: Path, summary: dict[str, Any], outcome: Outcome, text_methods: list[str] | None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.png"):  # pictures of an earlier call that this one does not draw
+def write_outputs(run: RunDir, summary: dict[str, Any], outcome: Outcome, text_methods: list[str] | None) -> None:
+    (run / RunDir.EXPLAIN).mkdir(parents=True, exist_ok=True)
+    for stale in run.glob(RunDir.EXPLAIN_PICTURES):  # pictures of an earlier call that this one does not draw
         if stale.name not in outcome.images:
             stale.unlink()
     for name, png in outcome.images.items():
-        atomic_write(folder / name, png)
+        atomic_write(run / RunDir.EXPLAIN / name, png)
     if text_methods is not None:
-        atomic_write(folder / "tokens.html", pictures.tokens_page(outcome.records, text_methods))
-    write_json(folder / "attributions.json", outcome.records)
-    write_json(folder / "summary.json", summary)  # last: the report and the pipeline read it
+        atomic_write(run / RunDir.TOKENS_PAGE, pictures.tokens_page(outcome.records, text_methods))
+    write_json(run / RunDir.ATTRIBUTIONS, outcome.records)
+    write_json(run / RunDir.EXPLAIN_SUMMARY, summary)  # last: the report and the pipeline read it
 
 
 @dataclass

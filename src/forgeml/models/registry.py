@@ -274,7 +274,7 @@ def trained_model_dir(run_dir: Path) -> Path:
     if not (folder / META_FILE).exists():
         raise RunDirError(
             f"{run_dir} holds no trained model ({folder / META_FILE} is missing); "
-            f"train it first: forgeml train {run_dir / 'recipe.yaml'} --run-dir {run_dir}"
+            f"train it first: forgeml train {run_dir / RunDir.RECIPE} --run-dir {run_dir}"
         )
     return folder
 

@@ -25,8 +25,6 @@ from forgeml.reporting.diagnosis import diagnose
 from forgeml.rundir import RunDir, atomic_write
 from forgeml.tasks import TASKS
 
-REPORT_NAME = "report.html"
-
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
        margin: 0; background: #fafafa; line-height: 1.45; }
@@ -109,7 +107,7 @@ def load_run(run_dir: Path) -> Run:
         recipe = shown_recipe((run_dir / RunDir.RECIPE).read_text(encoding="utf-8"))
     except OSError:
         recipe = None
-    run_json = _dict_or_none(_read_json(run_dir / "run.json")) or {}
+    run_json = _dict_or_none(_read_json(run_dir / RunDir.RECORD)) or {}
     return Run(
         name=run_dir.resolve().name,
         recipe=recipe,
@@ -119,15 +117,15 @@ def load_run(run_dir: Path) -> Run:
         eval=_dict_or_none(_read_json(run_dir / RunDir.EVAL)),
         audit=_dict_or_none(_read_json(run_dir / RunDir.AUDIT_REPORT)),
         tuning=_dict_or_none(_read_json(run_dir / RunDir.TUNE_SUMMARY)),
-        tuning_plots={png.stem: png.read_bytes() for png in sorted((run_dir / "tune").glob("*.png"))},
+        tuning_plots={png.stem: png.read_bytes() for png in RunDir(run_dir).glob(RunDir.TUNE_PLOTS)},
         variants=_list_or_none(_read_json(run_dir / RunDir.VARIANTS)),
-        pareto_png=_bytes_or_none(run_dir / "compress" / "pareto.png"),
+        pareto_png=_bytes_or_none(run_dir / RunDir.PARETO),
         explanation=_dict_or_none(_read_json(run_dir / RunDir.EXPLAIN_SUMMARY)),
-        attributions=_list_or_none(_read_json(run_dir / "explain" / "attributions.json")),
-        explain_pictures={png.name: png.read_bytes() for png in sorted((run_dir / "explain").glob("*.png"))},
+        attributions=_list_or_none(_read_json(run_dir / RunDir.ATTRIBUTIONS)),
+        explain_pictures={png.name: png.read_bytes() for png in RunDir(run_dir).glob(RunDir.EXPLAIN_PICTURES)},
         benchmarks={
             path.stem: line
-            for path in sorted((run_dir / "benchmarks").glob("*.json"))
+            for path in RunDir(run_dir).glob(RunDir.BENCHMARKS)
             if (line := _dict_or_none(_read_json(path))) is not None
         },
     )
@@ -589,7 +587,7 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist; pass the folder a run wrote")
-    path = run_dir / REPORT_NAME
+    path = run_dir / RunDir.REPORT
     atomic_write(path, render(load_run(run_dir)))
     return path
 

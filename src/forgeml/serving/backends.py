@@ -18,6 +18,7 @@ from forgeml.compression.load import load_variant
 from forgeml.compression.variants import CHECK_FILE, VARIANT_FILE, Variant, recommended, torch_variant
 from forgeml.errors import ForgeError
 from forgeml.models.registry import load_family, trained_model_dir
+from forgeml.rundir import RunDir
 
 CHECK_TOLERANCE = 1e-3  # probabilities; the same files on the same kind of CPU agree far closer
 
@@ -36,7 +37,7 @@ class Served:
 
 
 def variant_names(run_dir: Path) -> list[str]:
-    folder = run_dir / "compress"
+    folder = run_dir / RunDir.COMPRESS
     return sorted(p.name for p in folder.iterdir() if (p / VARIANT_FILE).exists()) if folder.is_dir() else []
 
 
@@ -44,7 +45,7 @@ def resolve(run_dir: Path, name: str) -> str:
     """``recommended`` -> the variant compress recommended, or ``trained`` where none was built."""
     if name != "recommended":
         return name
-    row = recommended(run_dir / "compress")
+    row = recommended(run_dir)
     return row["name"] if row else "trained"
 
 
@@ -55,7 +56,7 @@ def open_model(run_dir: Path, name: str, threads: int | None) -> Served:
         folder = trained_model_dir(run_dir)
         variant = torch_variant("trained", "baseline", load_family(folder), folder)
     else:
-        folder = run_dir / "compress" / name
+        folder = run_dir / RunDir.COMPRESS / name
         if not (folder / VARIANT_FILE).exists():
             known = ", ".join(["recommended", "trained", *variant_names(run_dir)])
             raise ForgeError(f"--variant {name}: {run_dir} has no such variant; choose one of: {known}")

@@ -106,16 +106,16 @@ class ProgressBar(Callback):
 
 
 class MetricsLogger(Callback):
-    """metrics.jsonl (one JSON object a line) and TensorBoard event files in the same folder."""
+    """A JSON Lines file (one object a line) and a folder of TensorBoard event files."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, path: Path, tensorboard: Path) -> None:
+        self.path, self.tensorboard_dir = path, tensorboard
 
     def on_fit_start(self, state: LoopState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / "metrics.jsonl"
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
         # When resuming, keep what was logged up to the checkpoint and drop what came after it.
         kept = []
         if state.step and path.exists():
@@ -124,7 +124,7 @@ class MetricsLogger(Callback):
         self.file = path.open("w")
         self.file.writelines(kept)
         purge = {"purge_step": state.step + 1} if state.step else {}
-        self.tensorboard = SummaryWriter(log_dir=str(self.folder / "tensorboard"), **purge)
+        self.tensorboard = SummaryWriter(log_dir=str(self.tensorboard_dir), **purge)
 
     def _write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")

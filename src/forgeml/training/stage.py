@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from forgeml.audit.stage import gate
-from forgeml.data.prepare import ENCODER_DIR, read_manifest
+from forgeml.data.prepare import read_manifest
 from forgeml.errors import ForgeError, RunDirError
 from forgeml.models import MODELS
 from forgeml.models.registry import ModelFamily
@@ -46,12 +46,12 @@ class TrainResult:
     def read(cls, run: RunDir) -> TrainResult:
         """The result a finished train stage recorded in ``train/eval.json`` (for a launcher whose
         workers trained)."""
-        path = run.path / RunDir.EVAL
+        path = run / RunDir.EVAL
         if not path.exists():
             raise RunDirError(f"{path} is missing: the train stage did not finish")
         done = json.loads(path.read_text())
         return cls(
-            done["steps"], done["best_step"], done["stopped_early"], done["val"], done["test"], run.path / RunDir.MODEL
+            done["steps"], done["best_step"], done["stopped_early"], done["val"], done["test"], run / RunDir.MODEL
         )
 
 
@@ -106,7 +106,7 @@ def train(
     if recipe.parallel.keep_freed_memory:
         keep_freed_memory()
     manifest = read_manifest(run)
-    encoder = family_cls.load_encoder(recipe.model, run.stage_dir("data") / ENCODER_DIR)
+    encoder = family_cls.load_encoder(recipe.model, run / RunDir.ENCODER)
 
     def fresh() -> ModelFamily:  # the same initial weights on every rank
         return family_cls.create(recipe.model, encoder, manifest["labels"], seed=cfg.seed)
@@ -115,10 +115,9 @@ def train(
     training = build_training(recipe, run, family, cfg, env, console)
     cfg, strategy = training.cfg, training.strategy
 
-    out = run.stage_dir("train")
     callbacks: list[Callback] = []
     if env.main:  # one process writes the logs and draws the progress
-        callbacks += [ProgressBar(console), MetricsLogger(out)]
+        callbacks += [ProgressBar(console), MetricsLogger(run / RunDir.METRICS, run / RunDir.TENSORBOARD)]
     if cfg.early_stopping:  # on every rank: the same metrics give the same decision everywhere
         es = cfg.early_stopping
         callbacks.append(EarlyStopping(es.metric, es.patience, es.min_delta))
@@ -126,7 +125,7 @@ def train(
 
     # Checkpoints belong to one training: the same prepared data and the same settings.
     tag = sha256_json([recipe.section_dump("data", "prepare", "model"), recipe.train.hashed_dump(), manifest])
-    checkpoints = Checkpoints(out / "checkpoints", tag, cfg.keep_last, env)
+    checkpoints = Checkpoints(run / RunDir.CHECKPOINTS, tag, cfg.keep_last, env)
     if cfg.resume == "require" and not (resume and checkpoints.complete()):
         hint = "" if cfg.checkpoint_every else "; set train.checkpoint_every for training to save checkpoints"
         raise ForgeError(
@@ -154,11 +153,11 @@ def train(
     )
     val, test = training.evaluate(model, "val"), training.evaluate(model, "test")
     trained = strategy.unsharded(model, family, fresh)
-    result = TrainResult(state.step, state.best_step, state.stopped_early, val, test, out / "model")
+    result = TrainResult(state.step, state.best_step, state.stopped_early, val, test, run / RunDir.MODEL)
     if env.main:
-        save_model(trained, out / "model")
+        save_model(trained, run / RunDir.MODEL)
         write_json(
-            out / "eval.json",
+            run / RunDir.EVAL,
             {
                 "task": family.task.name,
                 "steps": state.step,

@@ -24,7 +24,7 @@ def size_mb(model_dir: Path) -> float:
 
 @torch.no_grad()
 def trained_latency_ms(run: RunDir, shards_url: str | None) -> float:
-    family = load_family(run.path / RunDir.MODEL)
+    family = load_family(run / RunDir.MODEL)
     manifest = read_manifest(run)
     shard = manifest["splits"]["val"]["shards"][0]
     rows = family.items(read_shard(shard_location(run, manifest, shards_url), shard))[:LATENCY_ROWS]
@@ -36,5 +36,5 @@ def trained_latency_ms(run: RunDir, shards_url: str | None) -> float:
 def model_cost(metric: str, run: RunDir, shards_url: str | None) -> float:
     """``shards_url``: the recipe's prepare.shards_url (see shard_location)."""
     if metric == "size_mb":
-        return size_mb(run.path / RunDir.MODEL)
+        return size_mb(run / RunDir.MODEL)
     return trained_latency_ms(run, shards_url)

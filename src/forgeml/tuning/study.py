@@ -191,14 +191,14 @@ def run_study(recipe: Recipe, run: RunDir, console: Console, env: Dist = ONE_PRO
                 lambda done: progress.update(task, completed=done, best=best_text(study, cfg.metric)),
                 lambda note: progress.console.print(f"[yellow]{note}[/]"),
             )
-    return write_outputs(study, recipe, run.stage_dir("tune"), url)
+    return write_outputs(study, recipe, run, url)
 
 
 def open_study(recipe: Recipe, run: RunDir, console: Console) -> tuple[optuna.Study, optuna.storages.RDBStorage, str]:
     """The recipe's study in its storage (created, or loaded to go on), with trials left running by
     a process that died marked failed, and the recipe's sampler and pruner."""
     cfg = recipe.tune
-    folder = run.stage_dir("tune")
+    folder = run / RunDir.TUNE
     folder.mkdir(parents=True, exist_ok=True)
     url = cfg.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     name = cfg.study_name or recipe.name
@@ -265,7 +265,7 @@ def run_trials(
                 objective, n_trials=cfg.trials, timeout=cfg.timeout_s, catch=(ForgeError,), callbacks=callbacks
             )
         else:
-            share_trials(study, objective, total, run.stage_dir("tune") / f"{name}.lock", cfg.timeout_s, callbacks)
+            share_trials(study, objective, total, run / RunDir.TUNE / f"{name}.lock", cfg.timeout_s, callbacks)
     env.broadcast(None)  # the study is over. (Had rank 0 failed, torchrun would have stopped the others.)
 
 
@@ -347,7 +347,7 @@ def run_workers(
     the secrets go to them in the environment."""
     cfg = recipe.tune
     start = len(study.trials)
-    spec = run.stage_dir("tune") / f"{study.study_name}.worker.yaml"
+    spec = run / RunDir.TUNE / f"{study.study_name}.worker.yaml"
     atomic_write(spec, recipe.to_yaml())
     threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
     workers = []
@@ -384,10 +384,10 @@ def work(recipe: Recipe, run: RunDir, console: Console) -> None:
 def trial_folder(run: RunDir, study_name: str, number: int) -> RunDir:
     """``tune/trials/<study>/<number>``: a run directory whose data stage is the parent's (linked,
     never copied or rewritten), so the train stage reads it as it reads any run's."""
-    path = run.stage_dir("tune") / "trials" / study_name / str(number)
+    path = run / RunDir.TRIALS / study_name / str(number)
     shutil.rmtree(path, ignore_errors=True)  # left by a study of the same name whose storage was deleted
     path.mkdir(parents=True)
-    (path / "data").symlink_to(os.path.relpath(run.stage_dir("data").resolve(), path.resolve()))
+    (path / RunDir.DATA).symlink_to(os.path.relpath((run / RunDir.DATA).resolve(), path.resolve()))
     return RunDir(path)
 
 
@@ -407,16 +407,15 @@ def best_text(study: optuna.Study, metric: str | list[str]) -> str:
     return f"{metric} {study.best_value:.4g} (trial {study.best_trial.number})"
 
 
-def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -> TuneResult:
+def write_outputs(study: optuna.Study, recipe: Recipe, run: RunDir, url: str) -> TuneResult:
     """trials.csv, the plots, and best.yaml: the recipe with the best trial's values."""
     cfg = recipe.tune
-    study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+    folder, table = run / RunDir.TUNE, run / RunDir.TRIALS_TABLE
+    study.trials_dataframe().to_csv(table, index=False)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     states = dict(Counter(t.state.name for t in study.trials))
     if not complete:
-        raise ForgeError(
-            f"no trial of study {study.study_name!r} completed ({describe(states)}); see {folder / 'trials.csv'}"
-        )
+        raise ForgeError(f"no trial of study {study.study_name!r} completed ({describe(states)}); see {table}")
     write_plots(study, folder, len(complete), cfg.objectives)
     best = best_trial(study)
     front = [t.number for t in study.best_trials] if len(study.directions) > 1 else [best.number]
@@ -426,9 +425,9 @@ def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -
     header = (
         f"# Best of study {study.study_name} ({url}): trial {best.number}, {values}.\n"
         + (f"# Pareto front: trials {front}; this one is best on {cfg.objectives[0]}.\n" if len(front) > 1 else "")
-        + f"# Train it with: forgeml train {folder / 'best.yaml'}\n"
+        + f"# Train it with: forgeml train {run / RunDir.TUNED_RECIPE}\n"
     )
-    atomic_write(folder / "best.yaml", header + tuned.to_yaml())
+    atomic_write(run / RunDir.TUNED_RECIPE, header + tuned.to_yaml())
     result = TuneResult(
         study.study_name,
         url,
@@ -441,7 +440,7 @@ def write_outputs(study: optuna.Study, recipe: Recipe, folder: Path, url: str) -
         folder,
         front,
     )
-    write_json(folder / "summary.json", {**asdict(result), "folder": str(folder)})  # for the report
+    write_json(run / RunDir.TUNE_SUMMARY, {**asdict(result), "folder": str(folder)})  # for the report
     return result
 
 

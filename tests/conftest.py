@@ -97,3 +97,19 @@ def _leaves_no_threads_or_child_processes():
             continue
     assert not left_children, f"the tests left child processes running: {left_children}"
     assert not left_threads, f"the tests left threads running: {sorted(left_threads.values())}"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """arch -> the folder of a tiny random Hugging Face checkpoint of it (tests/hf_checkpoints.py),
+    built once per test session."""
+    from hf_checkpoints import tiny_checkpoint as build
+
+    built: dict[str, object] = {}
+
+    def folder(arch: str):
+        if arch not in built:
+            built[arch] = build(arch, tmp_path_factory.mktemp(f"hf-{arch}"))
+        return built[arch]
+
+    return folder

@@ -13,5 +13,10 @@ class DataError(ForgeError):
     """A data source cannot be read or does not fit the recipe."""
 
 
+class NotOffered(ForgeError):
+    """What a stage would do does not apply to this model (its architecture offers no student, no
+    prunable layout, no export); the stage skips it and says why."""
+
+
 class RunDirError(ForgeError):
     """The run directory is missing something, or holds a run that must not be overwritten."""

@@ -89,6 +89,7 @@ class RunDir:
     COMPRESS = "compress"  # one folder per variant
     BASELINE = "compress/baseline"
     VARIANTS = "compress/variants.json"
+    SKIPPED_VARIANTS = "compress/skipped.json"  # what the model does not offer, and why
     PARETO = "compress/pareto.png"
     EXPLAIN = "explain"
     ATTRIBUTIONS = "explain/attributions.json"

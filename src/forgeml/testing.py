@@ -163,7 +163,7 @@ def check_capabilities(
     if blocks is not None:
         check(isinstance(blocks, nn.ModuleList) and len(blocks) > 0, "blocks", "not a non-empty ModuleList")
         passed.append("blocks")
-        plan = family.tensor_parallel_plan()
+        plan = offered(family.tensor_parallel_plan)
         if plan is not None:
             modules = dict(family.network.named_modules())
             missing = [path for path in plan if path not in modules]

@@ -10,8 +10,9 @@ import torch
 from forgeml.explaining import faithfulness
 from forgeml.explaining.tabular import TableExplainer
 from forgeml.explaining.text import TextExplainer, eager_attention
+from forgeml.models.checkpoints import packaged_minilm_dir
+from forgeml.models.hf_classifier import TextClassifier, TextClassifierConfig
 from forgeml.models.mlp import MLP, MLPConfig
-from forgeml.models.text_classifier import TextClassifier, TextClassifierConfig, pretrained_dir
 
 FEATURES = ["a", "b", "c", "d", "e"]
 READ = 2  # the one feature the table model reads
@@ -63,7 +64,7 @@ def word_model() -> TextClassifier:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(pretrained_dir())
+    tokenizer = AutoTokenizer.from_pretrained(packaged_minilm_dir())
     config = BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

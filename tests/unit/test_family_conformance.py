@@ -8,6 +8,7 @@ import pytest
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits
 from forgeml.testing import check_family
+from hf_checkpoints import DECODERS, ENCODERS
 
 # Small settings where a family's defaults would be slow; any other family runs with its defaults.
 SMALL = {
@@ -23,7 +24,15 @@ CAPABILITIES = {
                         "augmentation token_dropout", "augmentation random_mask"},
     "mlp": {"predict", "structured pruning", "distillation student", "augmentation gaussian_noise",
             "augmentation mixup_alpha"},
+    "hf-classifier": {"predict", "blocks", "distillation student", "input embeddings", "augmentation token_dropout"},
 }  # fmt: skip
+# hf-classifier runs on a tiny random checkpoint of each of these architectures.
+ARCHITECTURES = {
+    "bert": {"structured pruning", "augmentation random_mask"},
+    "distilbert": set(),
+    "llama": {"tensor-parallel plan"},
+    "gpt2": set(),
+}
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small"]
 
 
@@ -48,12 +57,23 @@ def feature_splits() -> Splits:
     return Splits(*frames, feature_columns=["a", "b", "c"], label_column="y", labels=["hi", "lo"])
 
 
-@pytest.mark.parametrize("name", MODELS.names())
-def test_every_registered_family_conforms(name):
+CASES = [(name, None) for name in MODELS.names() if name != "hf-classifier"]
+CASES += [("hf-classifier", arch) for arch in ARCHITECTURES]
+
+
+def test_every_registered_family_has_a_case():
+    assert {name for name, _ in CASES} == set(MODELS.names())
+    assert set(ARCHITECTURES) <= set(ENCODERS + DECODERS)
+
+
+@pytest.mark.parametrize(("name", "arch"), CASES)
+def test_every_registered_family_conforms(name, arch, tiny_checkpoint):
     entry = MODELS.get(name)
     family = entry.build
-    config = entry.config(name=name, **SMALL.get(name, {}))
+    options = {"pretrained": str(tiny_checkpoint(arch)), "max_length": 32} if arch else SMALL.get(name, {})
+    config = entry.config(name=name, **options)
     splits = feature_splits() if family.inputs == "features" else text_splits(family.task.classifies)
     passed = check_family(family, config, splits)
     assert {"encoder round trip", "create", "training step", "save and load", "export axes"} <= set(passed)
-    assert CAPABILITIES.get(name, set()) <= set(passed), sorted(CAPABILITIES[name] - set(passed))
+    wanted = CAPABILITIES.get(name, set()) | ARCHITECTURES.get(arch, set())
+    assert wanted <= set(passed), sorted(wanted - set(passed))

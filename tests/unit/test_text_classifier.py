@@ -7,8 +7,8 @@ from transformers import AutoModelForSequenceClassification
 
 import forgeml
 from forgeml.errors import ForgeError
+from forgeml.models.hf_classifier import LoraConfig, TextClassifier, TextClassifierConfig
 from forgeml.models.registry import Splits
-from forgeml.models.text_classifier import LoraConfig, TextClassifier, TextClassifierConfig
 from forgeml.training.config import AugmentConfig
 
 TEXTS = ["Return the base name of a path.", "Send the message to the server.", "Parse a date string."] * 4
@@ -33,7 +33,7 @@ def test_freeze_layers_freezes_embeddings_and_the_lower_layers():
 
 
 def test_freezing_more_layers_than_exist_is_a_clear_error():
-    with pytest.raises(ForgeError, match="freeze_layers: 7 is more than the encoder's 6 layers"):
+    with pytest.raises(ForgeError, match="freeze_layers: 7 is more than the checkpoint.s 6 blocks"):
         build(freeze_layers=7)
 
 

@@ -5,8 +5,8 @@ variant."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from forgeml.compression.operators import check_promise, integer_operators, oper
 from forgeml.compression.variants import METRICS_FILE, VARIANT_FILE, Variant, baseline, torch_logits
 from forgeml.data.prepare import read_manifest, shard_location
 from forgeml.data.shards import read_shard
-from forgeml.errors import ForgeError
+from forgeml.errors import ForgeError, NotOffered
 from forgeml.models.registry import ModelFamily, trained_model_dir
 from forgeml.recipe import Recipe
 from forgeml.reporting.plots import accuracy_latency
@@ -32,10 +32,19 @@ CALIBRATION_BATCH = 8
 
 
 @dataclass
+class Skipped:
+    """A variant (or a method's variants) this model does not offer, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
 class CompressResult:
     variants: list[dict[str, Any]]  # as in variants.json
     recommended: str
     folder: Path
+    skipped: list[Skipped] = field(default_factory=list)  # as in skipped.json
 
     def __str__(self) -> str:
         row = next(row for row in self.variants if row["name"] == self.recommended)
@@ -43,7 +52,7 @@ class CompressResult:
         return (
             f"{len(self.variants)} variants in {self.folder}; recommended {self.recommended}: accuracy "
             f"{row['accuracy']:.3f} (trained {baseline['accuracy']:.3f}), {row['p50_ms']:.2f} ms at batch 1 "
-            f"(trained {baseline['p50_ms']:.2f})"
+            f"(trained {baseline['p50_ms']:.2f})" + (f"; {len(self.skipped)} not offered" if self.skipped else "")
         )
 
 
@@ -97,7 +106,15 @@ def compiled(source: Variant, folder: Path) -> Variant:
     return variant
 
 
-def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inputs) -> Iterator[Variant]:
+def attempt(name: str, make: Callable[[], Iterable[Variant]]) -> Iterator[Variant | Skipped]:
+    """The variants ``make`` builds, then a Skipped with the reason if the model offers no more."""
+    try:
+        yield from make()
+    except NotOffered as error:
+        yield Skipped(name, str(error))
+
+
+def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inputs) -> Iterator[Variant | Skipped]:
     from forgeml.compression.distill import distill_variants
     from forgeml.compression.onnx import onnx_variants
     from forgeml.compression.prune import magnitude, structured
@@ -107,18 +124,24 @@ def build(method: str, source: Variant, run: RunDir, recipe: Recipe, inputs: Inp
 
     root = run / RunDir.COMPRESS
     if method == "distill":
-        yield from distill_variants(source, recipe, run, root)
+        yield from attempt("distilled", lambda: distill_variants(source, recipe, run, root))
     elif method == "prune":
         for sparsity in cfg.prune.sparsities:
-            yield magnitude(source, sparsity, recipe, run, root)
-        yield structured(source, recipe, run, root)
+            yield from attempt(
+                f"prune-{round(sparsity * 100)}", lambda s=sparsity: [magnitude(source, s, recipe, run, root)]
+            )
+        yield from attempt("prune-structured", lambda: [structured(source, recipe, run, root)])
     elif method == "quantize":
-        yield torch_int8(source, root / "torch-int8")
+        yield from attempt("torch-int8", lambda: [torch_int8(source, root / "torch-int8")])
     elif method == "compile":
         yield compiled(source, root / "torch-compile")
     elif method == "onnx":
         calibration = calibration_batches(source.family, run, cfg.calibration_rows, recipe.prepare.shards_url)
-        yield from onnx_variants(source, inputs.batches[0], calibration, root, cfg.threads, cfg.blockwise_error)
+
+        def exported() -> Iterator[Variant]:
+            return onnx_variants(source, inputs.batches[0], calibration, root, cfg.threads, cfg.blockwise_error)
+
+        yield from attempt("onnx", exported)
 
 
 def compress(recipe: Recipe, run: RunDir, console: Console | None = None) -> CompressResult:
@@ -148,10 +171,15 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
     )  # fmt: skip
     with progress:
         task = progress.add_task("build", total=len(cfg.methods))
-        variants = [source]
+        variants, skipped = [source], []
         for method in cfg.methods:
             progress.update(task, description=f"build {method}")
-            variants += list(build(method, source, run, recipe, inputs))
+            for made in build(method, source, run, recipe, inputs):
+                if isinstance(made, Skipped):
+                    progress.console.print(f"[yellow]compress: {made.name} skipped: {made.reason}[/]")
+                    skipped.append(made)
+                else:
+                    variants.append(made)
             progress.advance(task)
         executes = [operators(variant) for variant in variants]
         for variant, ops in zip(variants, executes, strict=True):
@@ -191,8 +219,9 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
         write_json(variant.folder / METRICS_FILE, row)
         variant.record_check(check)
     write_json(run / RunDir.VARIANTS, rows)
+    write_json(run / RunDir.SKIPPED_VARIANTS, [asdict(s) for s in skipped])
     stale = {p.name for p in folder.iterdir() if (p / VARIANT_FILE).exists()} - {v.name for v in variants}
     for name in stale:  # variants of an earlier call that this one did not build
         shutil.rmtree(folder / name)
     (run / RunDir.PARETO).write_bytes(accuracy_latency(rows))
-    return CompressResult(rows, rows[chosen]["name"], folder)
+    return CompressResult(rows, rows[chosen]["name"], folder, skipped)

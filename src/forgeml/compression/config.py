@@ -28,7 +28,7 @@ class DistillConfig(Section):
     temperature: Annotated[float, Field(gt=0)] = Field(2.0, description="softens both models' probabilities")
     student_layers: PositiveInt | None = Field(
         None,
-        description="text-classifier and gpt: how many of the teacher's layers (blocks) the student keeps, "
+        description="models with blocks (transformers): how many of the teacher's blocks the student keeps, "
         "evenly spaced, the top one included (default: half)",
     )
     student_width: Annotated[float, Field(gt=0, lt=1)] = Field(

@@ -4,6 +4,7 @@ calibrated on training rows)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from forgeml.compression.variants import Logits, Variant, preprocessing_copy
+from forgeml.errors import NotOffered
 from forgeml.models.registry import ModelFamily, load_family, logits_of
 
 MODEL = "model.onnx"
@@ -32,6 +34,16 @@ class Positional(nn.Module):
         return logits_of(self.network(**dict(zip(self.names, tensors, strict=True))))
 
 
+@contextlib.contextmanager
+def exporting(family: ModelFamily) -> Iterator[None]:
+    """An architecture the exporter cannot trace is not offered as ONNX: its error is the reason."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise NotOffered(f"the ONNX exporter cannot trace this {family.name} model: {reason}") from error
+
+
 def export(family: ModelFamily, sample: dict[str, torch.Tensor], path: Path) -> None:
     """The axes the family names dynamic (batch, and for text the sequence) stay so; everything else
     is fixed by ``sample``."""
@@ -40,7 +52,7 @@ def export(family: ModelFamily, sample: dict[str, torch.Tensor], path: Path) -> 
     # In eval mode, wrapper included: the exporter puts every module back in its wrapper's mode
     # afterwards, and a fresh wrapper's would leave the network training (dropout on).
     wrapper = Positional(family.network, names).eval()
-    with warnings.catch_warnings():  # torch calls this exporter legacy; it is the one that needs no onnxscript
+    with warnings.catch_warnings(), exporting(family):  # torch calls this exporter legacy; it needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             wrapper,

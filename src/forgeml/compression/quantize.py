@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from forgeml.compression.variants import Variant, preprocessing_copy, tied_parameters, torch_logits
+from forgeml.errors import NotOffered
 from forgeml.models.registry import load_family
 
 WEIGHTS = "model.int8.safetensors"
@@ -50,8 +51,14 @@ def linear_names(network: nn.Module) -> list[str]:
 
 def torch_int8(source: Variant, folder: Path) -> Variant:
     """Dynamic int8 of the source variant's torch network, saved in ``folder``."""
-    preprocessing_copy(source, folder)
     network = source.family.network
+    blocks = source.family.blocks()
+    if blocks is not None and not any(isinstance(m, nn.Linear) for m in blocks.modules()):
+        kinds = sorted({type(m).__name__ for m in blocks.modules() if getattr(m, "weight", None) is not None})
+        raise NotOffered(
+            f"dynamic int8 quantises nn.Linear layers, and this model's blocks hold none ({', '.join(kinds)})"
+        )
+    preprocessing_copy(source, folder)
     quantized = quantize_linear(network)
     linears = linear_names(network)
     tensors = {k: v.contiguous() for k, v in network.state_dict().items() if k.rsplit(".", 1)[0] not in linears}

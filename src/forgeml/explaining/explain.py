@@ -254,7 +254,7 @@ def text_explanations(
             if "attention" in methods:
                 with clock.time("attention"):
                     maps, rollout = explainer.attention(item)
-                    scores["attention"] = explainer.per_unit(item, rollout[0])
+                    scores["attention"] = explainer.per_unit(item, rollout[explainer.reader(maps)])
                 if not images:  # the first input's maps: the report shows one example
                     tokens = explainer.tokenizer.convert_ids_to_tokens(item.ids[0].tolist())
                     images["attention.png"] = pictures.attention_grid(maps, tokens)

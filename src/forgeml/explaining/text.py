@@ -149,7 +149,7 @@ class TextExplainer:
     def attention(self, item: TextInput) -> tuple[np.ndarray, np.ndarray]:
         """Every layer's and head's attention (layers, heads, L, L), and attention rollout
         (Abnar & Zuidema 2020): head-averaged maps with the residual added, multiplied through
-        the layers. The rollout row of the first ([CLS]) token scores the units."""
+        the layers. ``reader`` says whose rollout row scores the units."""
         output = self.network(input_ids=item.ids, attention_mask=item.mask, output_attentions=True)
         maps = torch.stack(output.attentions)[:, 0].float()  # (layers, heads, L, L)
         eye = torch.eye(maps.shape[-1])
@@ -158,6 +158,13 @@ class TextExplainer:
             mixed = 0.5 * layer + 0.5 * eye
             rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
         return maps.numpy(), rollout.numpy()
+
+    @staticmethod
+    def reader(maps: np.ndarray) -> int:
+        """The position the classification head reads: the first ([CLS]) token of an encoder; the last
+        of a decoder, whose causal attention (nothing above the diagonal) lets only it see every token."""
+        causal = np.allclose(np.triu(maps, k=1), 0.0)
+        return maps.shape[-1] - 1 if causal else 0
 
 
 def eager_attention(network: Any) -> None:

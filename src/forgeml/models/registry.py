@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from forgeml.errors import ForgeError, RunDirError
+from forgeml.errors import NotOffered, RunDirError
 from forgeml.registry import Registry
 from forgeml.rundir import RunDir
 from forgeml.tasks import Task
@@ -190,18 +190,16 @@ class ModelFamily(ABC):
         """A smaller model of this family for distillation, with what it can reuse of this one:
         ``layers`` blocks (None: half) of a network with blocks, hidden layers ``width`` times as
         wide otherwise."""
-        raise ForgeError(f"{self.name} models offer no distillation student; leave distill out of compress.methods")
+        raise NotOffered(f"{self.name} models offer no distillation student")
 
     def block_layout(self, block: nn.Module) -> BlockLayout:
         """Where structured pruning cuts one of ``blocks()``: its attention heads and feed-forward channels."""
-        raise ForgeError(
-            f"{self.name} models do not say how to prune their blocks; leave prune out of compress.methods"
-        )
+        raise NotOffered(f"{self.name} models do not say how to cut their blocks")
 
     def narrower(self, widths: list[int]) -> ModelFamily:
         """A fresh copy of a network without blocks whose hidden layers have these widths (the
         structured pruning of an MLP), keeping this one's preprocessing."""
-        raise ForgeError(f"{self.name} models cannot be narrowed; leave prune out of compress.methods")
+        raise NotOffered(f"{self.name} models cannot be narrowed")
 
     def stream(
         self,
@@ -212,7 +210,7 @@ class ModelFamily(ABC):
         generator: torch.Generator | None = None,
     ) -> Iterator[str]:
         """The prompt's continuation, one piece of text per sampled token (families that generate)."""
-        raise ForgeError(f"{self.name} models do not generate text")
+        raise NotOffered(f"{self.name} models do not generate text")
 
     def dynamic_axes(self, names: list[str]) -> dict[str, dict[int, str]]:
         """The axes of each network input that vary between calls, for an ONNX export: the batch."""

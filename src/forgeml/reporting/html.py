@@ -53,6 +53,7 @@ class Run:
     tuning: Mapping[str, Any] | None = None  # tune/summary.json
     tuning_plots: Mapping[str, bytes] = field(default_factory=dict)  # the tune stage's PNGs by name
     variants: list[Mapping[str, Any]] | None = None  # compress/variants.json
+    skipped_variants: list[Mapping[str, Any]] | None = None  # compress/skipped.json
     pareto_png: bytes | None = None  # compress/pareto.png
     explanation: Mapping[str, Any] | None = None  # explain/summary.json
     attributions: list[Mapping[str, Any]] | None = None  # explain/attributions.json
@@ -119,6 +120,7 @@ def load_run(run_dir: Path) -> Run:
         tuning=_dict_or_none(_read_json(run_dir / RunDir.TUNE_SUMMARY)),
         tuning_plots={png.stem: png.read_bytes() for png in RunDir(run_dir).glob(RunDir.TUNE_PLOTS)},
         variants=_list_or_none(_read_json(run_dir / RunDir.VARIANTS)),
+        skipped_variants=_list_or_none(_read_json(run_dir / RunDir.SKIPPED_VARIANTS)),
         pareto_png=_bytes_or_none(run_dir / RunDir.PARETO),
         explanation=_dict_or_none(_read_json(run_dir / RunDir.EXPLAIN_SUMMARY)),
         attributions=_list_or_none(_read_json(run_dir / RunDir.ATTRIBUTIONS)),
@@ -433,6 +435,12 @@ def _compression(run: Run) -> str:
         "torch modules). Files: <code>compress/&lt;variant&gt;/</code>.</p>",
         _table(header, rows),
     ]
+    if run.skipped_variants:
+        items = "".join(
+            f"<li><code>{escape(str(s.get('name')))}</code>: {escape(str(s.get('reason')))}</li>"
+            for s in run.skipped_variants
+        )
+        parts.append(f"<p>Not offered for this model, so not built:</p><ul>{items}</ul>")
     if run.pareto_png:
         parts.append(
             _img(run.pareto_png, "accuracy against batch-1 latency, the Pareto front and the recommended variant")

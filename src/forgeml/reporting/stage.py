@@ -17,6 +17,7 @@ READS = (
     RunDir.METRICS,
     RunDir.TUNE_SUMMARY,
     RunDir.VARIANTS,
+    RunDir.SKIPPED_VARIANTS,
     RunDir.EXPLAIN_SUMMARY,
 )
 

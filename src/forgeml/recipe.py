@@ -74,12 +74,11 @@ class Recipe(Section):
                 f"parallel.micro_batch_size ({micro})"
             )
         if self.parallel.strategy in ("tp", "fsdp+tp"):
-            family = MODELS.get(self.model.name).build
-            if not family.offers_tensor_parallel():
-                offered = ", ".join(name for name in MODELS.names() if MODELS.get(name).build.offers_tensor_parallel())
+            refusal = MODELS.get(self.model.name).build.tensor_parallel_refusal(self.model)
+            if refusal:
                 raise ValueError(
-                    f"parallel.strategy: {self.parallel.strategy} is offered for {offered or 'no'} models, not "
-                    f"{self.model.name}; use ddp or fsdp"
+                    f"parallel.strategy: {self.parallel.strategy} splits layers by a tensor-parallel plan, and "
+                    f"{refusal}; use ddp or fsdp"
                 )
         return self
 

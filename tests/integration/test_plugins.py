@@ -45,7 +45,7 @@ def forgeml(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedP
 
 
 def test_a_plugin_family_trains_compresses_explains_and_serves(plugin_env, tmp_path):
-    from test_serve import Subprocess
+    from servers import Subprocess
 
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
     result = forgeml(plugin_env, "run", "recipe.yaml", cwd=tmp_path)

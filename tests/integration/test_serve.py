@@ -2,8 +2,6 @@
 the model still, in a thread of this process), answering over real HTTP."""
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,9 +21,9 @@ import tiny
 from forgeml.compression.load import load_variant
 from forgeml.data.prepare import load_splits
 from forgeml.rundir import RunDir
-from forgeml.serving.app import create_app
 from forgeml.serving.backends import Served, open_model
 from forgeml.serving.config import ServeConfig
+from servers import InProcess, Subprocess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,59 +39,6 @@ TEXT = tiny.recipe(
     tiny.TEXT, "serve-text", data={"max_rows": 120}, model={"freeze_layers": 6}, train={"max_steps": 2, "lr": 3e-4}
 )
 LM = tiny.recipe(tiny.LM, "serve-lm", model={"n_layer": 1, "block_size": 32}, train={"max_steps": 5})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Subprocess:
-    """`forgeml serve` in its own process, ready when /readyz says so."""
-
-    def __init__(self, run_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        command = [sys.executable, "-m", "forgeml", "serve", str(run_dir), "--port", str(self.port), *args]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.communicate()[1]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("the server did not get ready in 120 s")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-
-class InProcess:
-    """The app under uvicorn in a thread, for tests that reach into the model."""
-
-    def __init__(self, served: Served, cfg: ServeConfig) -> None:
-        import uvicorn
-
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(create_app(served, cfg), host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

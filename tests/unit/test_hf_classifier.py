@@ -13,6 +13,7 @@ import forgeml
 from forgeml.errors import ForgeError, NotOffered
 from forgeml.models.hf_classifier import HFClassifier, HFClassifierConfig, LoraConfig, lora_targets
 from forgeml.models.registry import Splits
+from forgeml.recipe import validate_recipe
 
 TEXTS = ["Return the base name of a path.", "Send the message to the server.", "Parse a date string."] * 4
 LABELS = ["os", "smtp", "time"]
@@ -112,8 +113,16 @@ def test_tensor_parallelism_comes_from_the_architectures_plan_or_is_refused(tiny
     sizes = HFClassifier.tensor_parallel_sizes(llama)
     assert sizes["the checkpoint's num_key_value_heads"] == 2
     bert = HFClassifierConfig(name="hf-classifier", pretrained=str(tiny_checkpoint("bert")))
-    with pytest.raises(ForgeError, match="the bert architecture defines no tensor-parallel plan"):
-        HFClassifier.tensor_parallel_sizes(bert)
+    assert HFClassifier.tensor_parallel_refusal(bert).startswith("the bert architecture defines none")
+    assert HFClassifier.tensor_parallel_refusal(llama) is None
+    recipe = {
+        "data": {"source": "stdlib-docstrings"},
+        "model": bert.model_dump(),
+        "parallel": {"strategy": "tp"},
+        "train": {"max_steps": 1},
+    }
+    with pytest.raises(ForgeError, match="tp splits layers by a tensor-parallel plan, and the bert architecture"):
+        validate_recipe(recipe)
 
 
 def test_a_hub_id_that_is_not_cached_offline_is_named_with_the_way_to_get_it(monkeypatch, tmp_path):

@@ -19,7 +19,10 @@ def test_one_process_runs_any_data_parallel_recipe_as_single(strategy):
 
 def test_tensor_parallel_is_refused_for_a_model_without_a_plan_when_the_recipe_is_read():
     recipe = {"data": {"source": "wine"}, "model": {"name": "mlp"}, "train": {"max_steps": 1}}
-    with pytest.raises(RecipeError, match="parallel.strategy: tp is offered for gpt models, not mlp"):
+    with pytest.raises(
+        RecipeError,
+        match="parallel.strategy: tp splits layers by a tensor-parallel plan, and mlp models have none; use ddp",
+    ):
         validate_recipe({**recipe, "parallel": {"strategy": "tp"}})
 
 

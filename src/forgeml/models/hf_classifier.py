@@ -233,7 +233,10 @@ class HFClassifier(TextInputs):
         base = self.base()
         styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
         plan: dict[str, Any] = {}
-        for pattern, style in tensor_parallel_patterns(base.config, self.config).items():
+        refusal = self.tensor_parallel_refusal(self.config)
+        if refusal:
+            raise NotOffered(f"tensor parallelism: {refusal}")
+        for pattern, style in base.config.base_model_tp_plan.items():
             regex = re.compile(re.escape(f"{base.base_model_prefix}.{pattern}").replace(r"\*", r"\d+") + "$")
             for name, _ in base.named_modules():
                 if regex.match(name):
@@ -241,10 +244,25 @@ class HFClassifier(TextInputs):
         return plan
 
     @classmethod
+    def tensor_parallel_refusal(cls, config: HFClassifierConfig) -> str | None:
+        try:
+            checkpoint = classification_config(checkpoint_source(config.pretrained), config.pretrained)
+        except ForgeError:
+            return None  # the checkpoint cannot be read at all: the stage that reads it says why
+        plan = dict(getattr(checkpoint, "base_model_tp_plan", None) or {})
+        if not plan:
+            return f"the {checkpoint.model_type} architecture defines none (base_model_tp_plan in its config)"
+        other = sorted({style for style in plan.values() if style not in ("colwise", "rowwise")})
+        if other:
+            return f"the {checkpoint.model_type} plan splits layers as {', '.join(other)}, beyond a column or row split"
+        if config.lora is not None:
+            return "it splits whole linear layers, not LoRA's adapters (model.lora)"
+        return None
+
+    @classmethod
     def tensor_parallel_sizes(cls, config: HFClassifierConfig) -> dict[str, int]:
         """Whole heads (and key/value heads) per rank, and the MLP's hidden width split evenly."""
         checkpoint = classification_config(checkpoint_source(config.pretrained), config.pretrained)
-        tensor_parallel_patterns(checkpoint, config)
         names = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
         return {f"the checkpoint's {n}": getattr(checkpoint, n) for n in names if getattr(checkpoint, n, None)}
 
@@ -373,24 +391,3 @@ class HFClassifier(TextInputs):
 class TextClassifier(HFClassifier):
     name = "text-classifier"
     config_type = TextClassifierConfig
-
-
-def tensor_parallel_patterns(checkpoint: Any, config: HFClassifierConfig) -> dict[str, str]:
-    """The checkpoint's ``base_model_tp_plan``, refused where it is missing or holds a style that
-    torch's plain column / row split does not express."""
-    plan = dict(getattr(checkpoint, "base_model_tp_plan", None) or {})
-    if not plan:
-        raise ForgeError(
-            f"parallel.strategy: the {checkpoint.model_type} architecture defines no tensor-parallel plan "
-            "(base_model_tp_plan in its transformers config); use ddp or fsdp"
-        )
-    other = sorted({style for style in plan.values() if style not in ("colwise", "rowwise")})
-    if other:
-        raise ForgeError(
-            f"parallel.strategy: the {checkpoint.model_type} plan splits layers as {', '.join(other)}, "
-            "beyond a plain column or row split; use ddp or fsdp"
-        )
-    if config.lora is not None:
-        raise ForgeError("parallel.strategy: tensor parallelism splits whole linear layers, not LoRA adapters; "
-                         "use ddp or fsdp with model.lora")  # fmt: skip
-    return plan

@@ -172,8 +172,11 @@ class ModelFamily(ABC):
         return None
 
     @classmethod
-    def offers_tensor_parallel(cls) -> bool:
-        return cls.tensor_parallel_plan is not ModelFamily.tensor_parallel_plan
+    def tensor_parallel_refusal(cls, config: Any) -> str | None:
+        """Why a model of this config cannot be split by a tensor-parallel plan; None where it can."""
+        return (
+            None if cls.tensor_parallel_plan is not ModelFamily.tensor_parallel_plan else f"{cls.name} models have none"
+        )
 
     @classmethod
     def tensor_parallel_sizes(cls, config: Any) -> dict[str, int]:

@@ -1,0 +1,98 @@
+"""A checkpoint a user brings, through every stage of `forgeml run`: a tiny random Llama (a decoder
+used as a classifier) and a GPT-2 (whose linear layers are transformers' Conv1D). What does not
+apply to an architecture is skipped with the reason, in the stage's output and the report."""
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import forgeml
+from forgeml.serving.backends import open_model
+from forgeml.serving.config import ServeConfig
+from servers import InProcess
+
+pytestmark = pytest.mark.slow
+
+QUICK_COMPRESS = {"latency_runs": 10, "throughput_batches": 1, "calibration_rows": 16, "prune": {"finetune_steps": 3}}
+TEXTS = ["Return the base name of a path.", "Open a socket and send the queued messages."]
+
+
+def recipe(name: str, checkpoint: Path) -> dict:
+    return {
+        "name": name,
+        "data": {"source": {"name": "stdlib-docstrings", "top_k_labels": 3}, "max_rows": 160},
+        "audit": {"enabled": False},
+        "model": {"name": "hf-classifier", "pretrained": str(checkpoint), "max_length": 32},
+        "train": {"max_steps": 6, "global_batch_size": 16, "lr": 5e-4, "seed": 0},
+        "compress": {"methods": ["quantize", "onnx", "distill", "prune"], **QUICK_COMPRESS},
+        "explain": {"n": 3, "lime_samples": 40, "ig_steps": 8},
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
+    done = {}
+    for arch in ("llama", "gpt2"):
+        folder = tmp_path_factory.mktemp(arch) / "run"
+        forgeml.run(recipe(f"hf-{arch}", tiny_checkpoint(arch)), folder)
+        done[arch] = folder
+    return done
+
+
+def variants(run: Path) -> list[str]:
+    return [row["name"] for row in json.loads((run / "compress" / "variants.json").read_text())]
+
+
+def skipped(run: Path) -> dict[str, str]:
+    return {row["name"]: row["reason"] for row in json.loads((run / "compress" / "skipped.json").read_text())}
+
+
+def test_every_variant_that_applies_is_built_and_the_rest_say_why(runs):
+    assert variants(runs["llama"]) == [
+        "baseline", "torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "distilled", "student-alone",
+        "prune-50", "prune-80",
+    ]  # fmt: skip
+    assert skipped(runs["llama"]) == {
+        "prune-structured": "structured pruning cuts blocks laid out as BERT's; LlamaDecoderLayer is not"
+    }
+    gpt2 = skipped(runs["gpt2"])
+    assert set(gpt2) == {"torch-int8", "prune-structured"}
+    assert "quantises nn.Linear layers, and this model's blocks hold none (Conv1D" in gpt2["torch-int8"]
+    assert {"onnx-fp32", "distilled", "prune-50"} <= set(variants(runs["gpt2"]))
+    report = (runs["gpt2"] / "report.html").read_text()
+    assert "Not offered for this model" in report and "GPT2Block is not" in report
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_export_is_a_plain_transformers_checkpoint(runs, arch):
+    folder = runs[arch] / "train" / "model"
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    family = forgeml.load(runs[arch])
+    assert list(plain.config.id2label.values()) == family.labels
+    assert plain.config.pad_token_id == family.tokenizer.pad_token_id is not None
+    with torch.no_grad():
+        logits = plain(**family.encode_inputs(TEXTS)).logits
+    torch.testing.assert_close(logits.softmax(-1), family.predict_proba(TEXTS), atol=1e-5, rtol=0)
+
+
+def test_the_served_model_answers_as_the_trained_one(runs):
+    served = open_model(runs["llama"], "trained", threads=None)
+    server = InProcess(served, ServeConfig())
+    try:
+        response = httpx.post(f"{server.url}/v1/predict", json={"inputs": TEXTS})
+    finally:
+        server.stop()
+    assert response.status_code == 200
+    labels = served.variant.family.labels
+    got = torch.tensor([[p["probabilities"][label] for label in labels] for p in response.json()["predictions"]])
+    torch.testing.assert_close(got, served.variant.family.predict_proba(TEXTS), atol=1e-5, rtol=0)
+
+
+def test_explanations_cover_a_decoder_with_every_text_method(runs):
+    summary = json.loads((runs["gpt2"] / "explain" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ig", "lime", "attention"}
+    assert all(scores["n"] == 3 for scores in summary["methods"].values())

@@ -33,7 +33,7 @@ import torch
 
 import forgeml
 from figures import emit, record_option
-from forgeml.models import MODELS
+from forgeml.models.registry import family_for
 from forgeml.rundir import RunDir
 from forgeml.training.throughput import measured_matmul_flops, peak_flops
 
@@ -95,7 +95,7 @@ def main() -> None:
             shutil.copytree(prepared, path)
             return path
 
-        family_cls = MODELS.get(recipe.model.name).build
+        family_cls = family_for(recipe.model)
         encoder = family_cls.load_encoder(recipe.model, prepared / RunDir.ENCODER)
         flops_per_token = family_cls.create(recipe.model, encoder, [], seed=0).flops_per_token()
         runs: dict[str, list[dict]] = {name: [] for name in ("single", "ddp", "fsdp", "tp")}

@@ -35,7 +35,7 @@ from rich.console import Console
 import forgeml
 from figures import emit, record_option
 from forgeml.data.prepare import read_manifest, shard_location
-from forgeml.models import MODELS
+from forgeml.models.registry import family_for
 from forgeml.rundir import RunDir
 from forgeml.training.builder import loaders
 from forgeml.training.callbacks import Callback, MetricsLogger, ProgressBar
@@ -158,7 +158,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "run")
         forgeml.prepare(recipe, run.path)
-        family_cls = MODELS.get(recipe.model.name).build
+        family_cls = family_for(recipe.model)
         encoder = family_cls.load_encoder(recipe.model, run / RunDir.ENCODER)
         family = family_cls.create(recipe.model, encoder, [], seed=cfg.seed)
         family.network.to(device)

@@ -79,8 +79,12 @@ def train(
     allow_audit_failures: bool = False,
     nproc: int | None = None,
     max_restarts: int = 0,
+    model: Any = None,
 ) -> Any:
     """Audit and prepare (if needed), then train; the model lands in ``run_dir/train/model``.
+
+    ``model``: your own ``nn.Module`` to train, for a recipe whose model section is ``module``; the
+    run records its class and a hash of its initial weights as ``model.instance``.
 
     With ``nproc``, the data is prepared here and ``nproc`` torchrun workers on this machine train
     together with the recipe's ``parallel.strategy``, as ``forgeml train --nproc`` does (restarted
@@ -89,11 +93,35 @@ def train(
     from forgeml.training.launch import Launch, train_on_workers
 
     spec = as_recipe(recipe, overrides)
+    if model is not None:
+        spec = _adopting(spec, model, nproc)
     if nproc is not None:
         folder = Path(run_dir) if run_dir else default_run_dir(spec)
         launch = Launch(nproc, max_restarts=max_restarts)
         return train_on_workers(spec, folder, launch, force=force, allow_audit_failures=allow_audit_failures)
-    return run_stages(spec, run_dir, until="train", force=force, allow_audit_failures=allow_audit_failures)["train"]
+    trained = run_stages(
+        spec, run_dir, until="train", force=force, allow_audit_failures=allow_audit_failures, network=model
+    )
+    return trained["train"]
+
+
+def _adopting(recipe: Recipe, model: Any, nproc: int | None) -> Recipe:
+    """The recipe with ``model.instance`` naming the user's network given to ``train``."""
+    from torch import nn
+
+    from forgeml.errors import ForgeError
+    from forgeml.models.module import instance_tag
+
+    if not isinstance(model, nn.Module):
+        raise ForgeError(f"model=: {type(model).__name__} is not a torch nn.Module")
+    if recipe.model.name != "module":
+        raise ForgeError(
+            f"model=: the recipe's model is {recipe.model.name}; train your own network with a model section "
+            "{name: module, inputs: text | features}"
+        )
+    if nproc is not None:
+        raise ForgeError("model=: worker processes cannot be handed a Python object; give model.factory for --nproc")
+    return as_recipe(recipe, (f"model.instance={instance_tag(model)}",))
 
 
 def tune(

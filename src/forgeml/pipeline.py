@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -28,6 +28,9 @@ from forgeml.training.processes import ONE_PROCESS, Dist, process_group
 from forgeml.training.stage import Train
 from forgeml.training.strategies import check_launch, resolve_device
 from forgeml.tuning.stage import Tune
+
+if TYPE_CHECKING:
+    from torch import nn
 
 STAGES: tuple[Stage, ...] = (Audit(), Prepare(), Train(), Tune(), Compress(), Explain(), Report())
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
@@ -59,10 +62,12 @@ def run_stages(
     allow_audit_failures: bool = False,
     console: Console | None = None,
     env: Dist = ONE_PROCESS,
+    network: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Run the stages up to and including ``until``; returns each stage's result (None when skipped).
     After the audit, data that fails a check stops the run unless ``allow_audit_failures``.
-    ``force`` reruns every stage, ``force_stages`` only those named.
+    ``force`` reruns every stage, ``force_stages`` only those named. ``network``: a user's instance
+    for the train stage to train (``forgeml.train(model=...)``).
 
     In a torchrun job (``env``), every rank joins the process group; rank 0 alone runs the other
     stages and keeps the records, and all ranks train together."""
@@ -80,7 +85,7 @@ def run_stages(
         for stage in chosen:
             forced = force or stage.name in force_stages
             if stage.every_rank:
-                context = Context(console, env=env, allow_audit_failures=allow_audit_failures)
+                context = Context(console, env=env, allow_audit_failures=allow_audit_failures, network=network)
                 results[stage.name] = _run_stage(stage, recipe, run, hashes[stage.name], forced, context)
             else:  # on rank 0 alone
                 context = Context(console, allow_audit_failures=allow_audit_failures)

@@ -29,6 +29,7 @@ from forgeml.data.config import DataConfig, PrepareConfig, as_dataset, datasets_
 from forgeml.errors import RecipeError
 from forgeml.explaining.config import ExplainConfig
 from forgeml.models import MODELS
+from forgeml.models.registry import family_for
 from forgeml.section import Section
 from forgeml.serving.config import ServeConfig
 from forgeml.training.config import ParallelConfig, TrainConfig
@@ -74,7 +75,7 @@ class Recipe(Section):
                 f"parallel.micro_batch_size ({micro})"
             )
         if self.parallel.strategy in ("tp", "fsdp+tp"):
-            refusal = MODELS.get(self.model.name).build.tensor_parallel_refusal(self.model)
+            refusal = family_for(self.model).tensor_parallel_refusal(self.model)
             if refusal:
                 raise ValueError(
                     f"parallel.strategy: {self.parallel.strategy} splits layers by a tensor-parallel plan, and "

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.console import Console
 
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir, sha256_file
 from forgeml.training.processes import ONE_PROCESS, Dist
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Context:
     resume: bool = False
     env: Dist = ONE_PROCESS
     allow_audit_failures: bool = False
+    network: nn.Module | None = None  # a user's instance to train, given from Python
 
 
 class Stage:

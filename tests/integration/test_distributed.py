@@ -332,3 +332,26 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(alive(pid) for pid in workers), "a worker outlived its launcher"
+
+
+def test_a_hugging_face_decoder_trains_sharded_and_split_as_on_one_process(tmp_path, tiny_checkpoint):
+    """A user's Llama checkpoint: FSDP2 wraps the blocks named by the model, tensor parallelism
+    follows the architecture's own plan, and both end with one process's weights."""
+    import yaml
+
+    spec = tmp_path / "llama.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "hf-llama",
+                "data": {"source": {"name": "stdlib-docstrings", "top_k_labels": 3}, "max_rows": 120},
+                "audit": {"enabled": False},
+                "model": {"name": "hf-classifier", "pretrained": str(tiny_checkpoint("llama")), "max_length": 32},
+                "train": {"max_steps": 4, "global_batch_size": 8, "lr": 1e-3, "eval_every": 4},
+            }
+        )
+    )
+    forgeml_train([str(spec)], tmp_path / "single")
+    for strategy in ("fsdp", "tp"):
+        forgeml_train([str(spec)], tmp_path / strategy, "--nproc", "2", "--strategy", strategy)
+        assert_same_weights(tmp_path / "single", tmp_path / strategy)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from forgeml.models import MODELS
-from forgeml.models.registry import Splits
+from forgeml.models.registry import Splits, family_for
 from forgeml.testing import check_family
 from hf_checkpoints import DECODERS, ENCODERS
 
@@ -16,6 +16,12 @@ SMALL = {
     "text-classifier": {"max_length": 32},
     "mlp": {"hidden_sizes": [16, 8]},
 }
+# The module family runs on a user's network of each kind of input (tests/user_networks.py).
+MODULES = {
+    "text": {"inputs": "text", "factory": "user_networks:conv_text", "max_length": 32},
+    "features": {"inputs": "features", "factory": "user_networks:FeatureNet", "options": {"n_features": 3}},
+}
+MODULE_CAPABILITIES = {"text": {"input embeddings", "augmentation token_dropout"}, "features": set()}
 # What each built-in must show beyond the checks every family runs.
 CAPABILITIES = {
     "gpt": {"generate", "blocks", "tensor-parallel plan", "structured pruning", "distillation student",
@@ -24,11 +30,13 @@ CAPABILITIES = {
                         "augmentation token_dropout", "augmentation random_mask"},
     "mlp": {"predict", "structured pruning", "distillation student", "augmentation gaussian_noise",
             "augmentation mixup_alpha"},
-    "hf-classifier": {"predict", "blocks", "distillation student", "input embeddings", "augmentation token_dropout"},
+    "hf-classifier": {"predict", "blocks", "distillation student", "input embeddings", "augmentation token_dropout",
+                      "augmentation random_mask"},
+    "module": {"predict"},
 }  # fmt: skip
 # hf-classifier runs on a tiny random checkpoint of each of these architectures.
 ARCHITECTURES = {
-    "bert": {"structured pruning", "augmentation random_mask"},
+    "bert": {"structured pruning"},
     "distilbert": set(),
     "llama": {"tensor-parallel plan"},
     "gpt2": set(),
@@ -57,23 +65,31 @@ def feature_splits() -> Splits:
     return Splits(*frames, feature_columns=["a", "b", "c"], label_column="y", labels=["hi", "lo"])
 
 
-CASES = [(name, None) for name in MODELS.names() if name != "hf-classifier"]
-CASES += [("hf-classifier", arch) for arch in ARCHITECTURES]
+CASES = [(name, None) for name in MODELS.names() if name not in ("hf-classifier", "module")]
+CASES += [("hf-classifier", arch) for arch in ARCHITECTURES] + [("module", kind) for kind in MODULES]
 
 
 def test_every_registered_family_has_a_case():
     assert {name for name, _ in CASES} == set(MODELS.names())
     assert set(ARCHITECTURES) <= set(ENCODERS + DECODERS)
+    assert set(MODULES) == set(MODELS.get("module").build.kinds)
 
 
 @pytest.mark.parametrize(("name", "arch"), CASES)
 def test_every_registered_family_conforms(name, arch, tiny_checkpoint):
     entry = MODELS.get(name)
-    family = entry.build
-    options = {"pretrained": str(tiny_checkpoint(arch)), "max_length": 32} if arch else SMALL.get(name, {})
+    if name == "module":
+        options = MODULES[arch]
+    elif arch:
+        options = {"pretrained": str(tiny_checkpoint(arch)), "max_length": 32}
+    else:
+        options = SMALL.get(name, {})
     config = entry.config(name=name, **options)
+    family = family_for(config)
     splits = feature_splits() if family.inputs == "features" else text_splits(family.task.classifies)
     passed = check_family(family, config, splits)
     assert {"encoder round trip", "create", "training step", "save and load", "export axes"} <= set(passed)
-    wanted = CAPABILITIES.get(name, set()) | ARCHITECTURES.get(arch, set())
+    wanted = CAPABILITIES.get(name, set()) | (MODULE_CAPABILITIES if name == "module" else ARCHITECTURES).get(
+        arch, set()
+    )
     assert wanted <= set(passed), sorted(wanted - set(passed))

@@ -12,7 +12,7 @@ from forgeml.audit.checks import audit, failed_checks, summary_lines
 from forgeml.data.sources import read_table, read_test_table, source_fingerprints, validate_table
 from forgeml.data.table import Table
 from forgeml.errors import ForgeError
-from forgeml.models import MODELS
+from forgeml.models.registry import family_for
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir, write_json
 from forgeml.stage import Context, Stage
@@ -36,7 +36,7 @@ class AuditResult:
 
 def read_for_audit(recipe: Recipe) -> tuple[Table, Table | None]:
     """The source (and separate test set) as the audit sees them: missing values are findings, not errors."""
-    family = MODELS.get(recipe.model.name).build
+    family = family_for(recipe.model)
     table = read_table(recipe.data)
     validate_table(table, needs=family.inputs, task=family.task.name, missing_ok=("*",))
     test = None

@@ -35,8 +35,7 @@ from forgeml.data.shards import read_split, schema_of, write_shards
 from forgeml.data.sources import read_table, read_test_table, validate_table
 from forgeml.data.table import Table
 from forgeml.errors import DataError
-from forgeml.models import MODELS
-from forgeml.models.registry import Splits
+from forgeml.models.registry import Splits, family_for
 from forgeml.recipe import Recipe, hide_secrets, refuse_masked
 from forgeml.rundir import RunDir, sha256_json, write_json
 
@@ -127,7 +126,7 @@ def impute_rules_for(recipe: Recipe, table: Table) -> dict[str, str]:
 
 def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     cfg = recipe.prepare
-    family = MODELS.get(recipe.model.name).build
+    family = family_for(recipe.model)
     classify = family.task.classifies
     table = read_table(recipe.data)
     # Features may hold NaN only where a rule will fill or drop them.

@@ -57,17 +57,26 @@ def approach_for(family: ModelFamily) -> Approach:
     return APPROACHES[family.inputs]
 
 
-def chosen_methods(cfg: ExplainConfig, family: ModelFamily) -> list[str]:
+def chosen_methods(cfg: ExplainConfig, family: ModelFamily) -> tuple[list[str], dict[str, str]]:
+    """The methods to run, and those this model does not offer with the reason (skipped)."""
     offered = approach_for(family).methods
     if "all" in cfg.methods:
-        return list(offered)
-    refused = [m for m in cfg.methods if m not in offered]
-    if refused:
-        raise ForgeError(
-            f"explain.methods: {', '.join(refused)} does not apply to a model of {family.inputs} "
-            f"({family.name}); choose from {', '.join(offered)} or all"
-        )
-    return list(dict.fromkeys(cfg.methods))
+        wanted = list(offered)
+    else:
+        refused = [m for m in cfg.methods if m not in offered]
+        if refused:
+            raise ForgeError(
+                f"explain.methods: {', '.join(refused)} does not apply to a model of {family.inputs} "
+                f"({family.name}); choose from {', '.join(offered)} or all"
+            )
+        wanted = list(dict.fromkeys(cfg.methods))
+    limits = family.explanation_limits()
+    skipped = {m: limits[m] for m in wanted if m in limits}
+    methods = [m for m in wanted if m not in skipped]
+    if not methods:
+        shown = "; ".join(f"{m}: {why}" for m, why in skipped.items())
+        raise ForgeError(f"explain.methods: none of them applies to this {family.name} model ({shown})")
+    return methods, skipped
 
 
 def read_inputs(path: Path, family: ModelFamily, text_column: str | None) -> list[Any]:
@@ -120,7 +129,9 @@ def explain(
     if not cfg.methods:
         raise ForgeError("explain.methods is empty; name some, e.g. --method ig,lime, or all")
     approach = approach_for(family)
-    methods = chosen_methods(cfg, family)
+    methods, skipped = chosen_methods(cfg, family)
+    for method, reason in skipped.items():
+        console.print(f"[yellow]explain: {method} skipped: {reason}[/]")
     splits = load_splits(run, recipe.prepare.shards_url)
     given = inputs is not None
     inputs, labels = chosen_inputs(cfg, family, splits, inputs)
@@ -146,6 +157,7 @@ def explain(
         "inputs": "given" if given else f"test rows sampled with seed {cfg.seed}",
         "n": len(inputs),
         "methods": summary_methods,
+        "skipped": skipped,
         "deletion": {
             "steps": cfg.deletion_steps,
             "random_orders": cfg.random_orders,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgeml.models import MODELS
+from forgeml.models.registry import family_for
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
 from forgeml.stage import Context, Stage, file_hashes
@@ -17,7 +17,7 @@ class Explain(Stage):
 
     def enabled(self, recipe: Recipe) -> bool:
         # A language model has no class to explain.
-        return bool(recipe.explain.methods) and MODELS.get(recipe.model.name).build.task.classifies
+        return bool(recipe.explain.methods) and family_for(recipe.model).task.classifies
 
     def inputs(self, recipe: Recipe, run: RunDir) -> dict[str, str]:
         return file_hashes(RunDir.MODEL, RunDir.MANIFEST)(run)

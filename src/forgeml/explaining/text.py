@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from forgeml.explaining.faithfulness import Scorer
-from forgeml.models.registry import ModelFamily
+from forgeml.models.registry import ModelFamily, logits_of
 
 PREDICT_BATCH = 64
 
@@ -37,7 +37,7 @@ class TextInput:
 
 
 class TextExplainer:
-    """Explains one text classifier (a family whose network is a transformers encoder model)."""
+    """Explains one text classifier: a network called with ``input_ids`` and ``attention_mask``."""
 
     def __init__(self, family: ModelFamily, seed: int) -> None:
         self.family = family
@@ -47,7 +47,7 @@ class TextExplainer:
         self.seed = seed
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.network(input_ids=ids, attention_mask=mask).logits
+        return logits_of(self.network(input_ids=ids, attention_mask=mask))
 
     def read(self, raw: str) -> TextInput:
         encoded = self.tokenizer(

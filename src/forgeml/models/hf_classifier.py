@@ -15,14 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 import torch
 from pydantic import Field, PositiveInt
 from torch import nn
@@ -30,7 +25,8 @@ from torch import nn
 from forgeml.errors import ForgeError, NotOffered
 from forgeml.models.checkpoints import PACKAGED_MINILM, checkpoint_source, classification_config, load_tokenizer
 from forgeml.models.inputs import TextInputs
-from forgeml.models.registry import MODELS, TARGET, Batch, BlockLayout, Encoder, Splits, spread
+from forgeml.models.registry import MODELS, BlockLayout, Splits, spread
+from forgeml.models.tokens import TokenBatches, TokenIdEncoder
 from forgeml.section import Section
 from forgeml.tasks import CLASSIFICATION
 
@@ -137,30 +133,11 @@ def dropout_overrides(config: Any, value: float | None) -> dict[str, float]:
     return {key: value for key, old in config.to_dict().items() if DROPOUT.search(key) and isinstance(old, float)}
 
 
-@dataclass
-class TokenIdEncoder(Encoder):
-    """The checkpoint's tokenizer, truncating to max_length; rows are padded per batch in collate."""
-
-    COLUMN: ClassVar[str] = "input_ids"
-    tokenizer: Any
-    text_column: str
-    max_length: int
-
-    def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
-        ids = self.tokenizer(frame[self.text_column].tolist(), truncation=True, max_length=self.max_length)
-        return pd.DataFrame({self.COLUMN: [np.asarray(row, np.int32) for row in ids["input_ids"]]}, index=frame.index)
-
-    def save(self, folder: Path) -> None:
-        self.tokenizer.save_pretrained(folder)
-        (folder / "encoder.json").write_text(json.dumps({"text_column": self.text_column}))
-
-
 @MODELS.register("hf-classifier", HFClassifierConfig)
-class HFClassifier(TextInputs):
+class HFClassifier(TokenBatches, TextInputs):
     name = "hf-classifier"
     config_type: ClassVar[type[HFClassifierConfig]] = HFClassifierConfig
     task = CLASSIFICATION
-    augmentations = frozenset({"token_dropout", "random_mask"})
     encoding_fields = ("pretrained", "max_length")
 
     def __init__(self, config: HFClassifierConfig, network: nn.Module, tokenizer: Any, labels: list[str]) -> None:
@@ -324,44 +301,6 @@ class HFClassifier(TextInputs):
             (block.output, "dense"),
             set_heads,
         )
-
-    def items(self, table: pa.Table) -> Sequence[Any]:
-        ids = table.column(TokenIdEncoder.COLUMN).to_pylist()
-        return list(zip(ids, table.column(TARGET).to_pylist(), strict=True))
-
-    def collate(self, items: list[Any], augment: Any | None, generator: torch.Generator | None) -> Batch:
-        rows = [list(ids) for ids, _ in items]
-        if augment is not None and (augment.token_dropout > 0 or augment.random_mask > 0):
-            rows = [self._augment(ids, augment, generator) for ids in rows]
-        inputs = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
-        targets = torch.tensor([label for _, label in items], dtype=torch.long)
-        return Batch(dict(inputs), targets, len(items))
-
-    def _augment(self, ids: list[int], augment: Any, generator: torch.Generator | None) -> list[int]:
-        """Token dropout and random masking on the tokens that are not special ([CLS], [SEP], BOS).
-        A tokenizer without a mask token (most decoders') masks with a random ordinary token instead,
-        as BERT's pretraining does for a tenth of its masked tokens."""
-        special = set(self.tokenizer.all_special_ids)
-        tokens = torch.tensor(ids, dtype=torch.long)
-        plain = torch.tensor([i not in special for i in ids], dtype=torch.bool)
-        if augment.random_mask > 0:
-            masked = plain & (torch.rand(len(ids), generator=generator) < augment.random_mask)
-            if self.tokenizer.mask_token_id is not None:
-                tokens[masked] = self.tokenizer.mask_token_id
-            else:
-                ordinary = torch.tensor(sorted(set(range(len(self.tokenizer))) - special))
-                picks = torch.randint(len(ordinary), (int(masked.sum()),), generator=generator)
-                tokens[masked] = ordinary[picks]
-        if augment.token_dropout > 0:
-            tokens = tokens[~plain | (torch.rand(len(ids), generator=generator) >= augment.token_dropout)]
-        return tokens.tolist()
-
-    def encode_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Raw texts -> network inputs (for prediction)."""
-        encoded = self.tokenizer(
-            texts, truncation=True, max_length=self.config.max_length, padding=True, return_tensors="pt"
-        )
-        return {key: encoded[key] for key in ("input_ids", "attention_mask")}
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

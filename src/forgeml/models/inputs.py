@@ -5,13 +5,17 @@ export leaves free. A family mixes in the one for its inputs."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import torch
 from pydantic import ConfigDict, Field, Strict, StringConstraints, create_model
 
 from forgeml.errors import ForgeError
-from forgeml.models.registry import ModelFamily, Splits
+from forgeml.models.registry import TARGET, ModelFamily, Splits
 
 
 class TextInputs(ModelFamily):
@@ -78,6 +82,17 @@ class FeatureInputs(ModelFamily):
     @classmethod
     def input_columns(cls, text_column: str | None, feature_columns: list[str] | None) -> tuple[str | None, list[str]]:
         return None, list(feature_columns or [])
+
+    def items(self, table: pa.Table) -> Sequence[Any]:
+        """(features, class index) per stored row, the features as float32."""
+        x = torch.from_numpy(np.column_stack([table.column(f).to_numpy() for f in self.features]).astype(np.float32))
+        y = torch.from_numpy(table.column(TARGET).to_numpy().astype(np.int64))
+        return list(zip(x, y, strict=True))
+
+    def encode_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Raw feature objects -> network inputs (for prediction)."""
+        x = torch.tensor([[float(row[f]) for f in self.features] for row in rows], dtype=torch.float32)
+        return {"features": x}
 
     def split_inputs(self, frame: pd.DataFrame, splits: Splits) -> list[dict[str, float]]:
         return frame[list(self.features)].to_dict("records")

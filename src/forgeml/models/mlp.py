@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from pydantic import Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from forgeml.models.inputs import FeatureInputs
-from forgeml.models.registry import MODELS, TARGET, Batch, Encoder, Splits
+from forgeml.models.registry import MODELS, Batch, Encoder, Splits
 from forgeml.section import Section
 from forgeml.tasks import CLASSIFICATION
 
@@ -55,6 +53,17 @@ class MLPEncoder(Encoder):
     mean: list[float]
     std: list[float]
 
+    @classmethod
+    def fitted(cls, splits: Splits) -> MLPEncoder:
+        x = splits.train[splits.feature_columns].to_numpy(np.float64)
+        std = x.std(0, ddof=1) if len(x) > 1 else np.ones(x.shape[1])
+        # Constant columns would divide by zero; leave them unscaled.
+        return cls(list(splits.feature_columns), x.mean(0).tolist(), np.where(std > 0, std, 1.0).tolist())
+
+    @classmethod
+    def read(cls, folder: Path) -> MLPEncoder:
+        return cls(**json.loads((folder / "scaling.json").read_text()))
+
     def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
         return frame[self.features].astype("float32")  # stored beside the raw columns, under their names
 
@@ -77,14 +86,11 @@ class MLP(FeatureInputs):
 
     @classmethod
     def fit_encoder(cls, config: MLPConfig, splits: Splits) -> MLPEncoder:
-        x = splits.train[splits.feature_columns].to_numpy(np.float64)
-        std = x.std(0, ddof=1) if len(x) > 1 else np.ones(x.shape[1])
-        # Constant columns would divide by zero; leave them unscaled.
-        return MLPEncoder(list(splits.feature_columns), x.mean(0).tolist(), np.where(std > 0, std, 1.0).tolist())
+        return MLPEncoder.fitted(splits)
 
     @classmethod
     def load_encoder(cls, config: MLPConfig, folder: Path) -> MLPEncoder:
-        return MLPEncoder(**json.loads((folder / "scaling.json").read_text()))
+        return MLPEncoder.read(folder)
 
     @classmethod
     def create(cls, config: MLPConfig, encoder: MLPEncoder, labels: list[str], seed: int) -> MLP:
@@ -93,11 +99,6 @@ class MLP(FeatureInputs):
         family.network.mean.copy_(torch.tensor(encoder.mean))
         family.network.std.copy_(torch.tensor(encoder.std))
         return family
-
-    def items(self, table: pa.Table) -> Sequence[Any]:
-        x = torch.from_numpy(np.column_stack([table.column(f).to_numpy() for f in self.features]).astype(np.float32))
-        y = torch.from_numpy(table.column(TARGET).to_numpy().astype(np.int64))
-        return list(zip(x, y, strict=True))
 
     def collate(self, items: list[Any], augment: Any | None, generator: torch.Generator | None) -> Batch:
         x = torch.stack([item[0] for item in items])
@@ -134,11 +135,6 @@ class MLP(FeatureInputs):
         weights = load_file(directory / "model.safetensors") if weights is None else weights
         family.network.load_state_dict(weights, strict=bool(weights))
         return family
-
-    def encode_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Raw feature objects -> network inputs (for prediction)."""
-        x = torch.tensor([[float(row[f]) for f in self.features] for row in rows], dtype=torch.float32)
-        return {"features": x}
 
     def narrower(self, widths: list[int]) -> MLP:
         """A freshly initialised MLP with these hidden widths and this one's feature scaling."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from forgeml.errors import NotOffered, RunDirError
+from forgeml.errors import ForgeError, NotOffered, RunDirError
 from forgeml.registry import Registry
 from forgeml.rundir import RunDir
 from forgeml.tasks import Task
@@ -105,6 +105,12 @@ class ModelFamily(ABC):
     labels: list[str]
 
     @classmethod
+    def for_config(cls, config: Any) -> type[ModelFamily]:
+        """The family class that builds models of ``config``: this one, unless the family picks one
+        of its kinds by the config (``module`` reads texts or features, as the recipe says)."""
+        return cls
+
+    @classmethod
     @abstractmethod
     def fit_encoder(cls, config: Any, splits: Splits) -> Encoder:
         """Fit the encoder on the training split (train a tokenizer, measure feature scales)."""
@@ -117,6 +123,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def create(cls, config: Any, encoder: Encoder, labels: list[str], seed: int) -> ModelFamily:
         """Build a fresh network for this encoder's inputs."""
+
+    @classmethod
+    def adopt(cls, config: Any, encoder: Encoder, labels: list[str], network: nn.Module) -> ModelFamily:
+        """A model around a network the user built (``forgeml.train(model=...)``), where the family takes one."""
+        raise ForgeError(
+            f"model=: {cls.name} models are built from the recipe; for your own network use model.name: module"
+        )
 
     @classmethod
     def fit(cls, config: Any, splits: Splits, seed: int) -> tuple[ModelFamily, Encoder]:
@@ -188,6 +201,10 @@ class ModelFamily(ABC):
         """The layer that turns token ids into vectors (integrated gradients attribute to its output);
         None where the inputs are not tokens."""
         return None
+
+    def explanation_limits(self) -> dict[str, str]:
+        """Explanation methods that do not apply to this model (``ig``, ``attention``, ...), each with why."""
+        return {}
 
     def student(self, layers: int | None, width: float) -> ModelFamily:
         """A smaller model of this family for distillation, with what it can reuse of this one:
@@ -278,6 +295,11 @@ def trained_model_dir(run_dir: Path) -> Path:
             f"train it first: forgeml train {run_dir / RunDir.RECIPE} --run-dir {run_dir}"
         )
     return folder
+
+
+def family_for(model: Any) -> type[ModelFamily]:
+    """The family class of a recipe's model section."""
+    return MODELS.get(model.name).build.for_config(model)
 
 
 def load_family(directory: Path, weights: dict[str, torch.Tensor] | None = None) -> ModelFamily:

@@ -496,6 +496,10 @@ def _explanations(run: Run) -> str:
     if rows:
         header = ["method", "AOPC", "random AOPC", "ratio", "n", "s / input", "IG convergence |delta|"]
         parts.append(_table(header, rows))
+    skipped = _dict_or_none(summary.get("skipped")) or {}
+    if skipped:
+        items = "".join(f"<li>{escape(str(m))}: {escape(str(why))}</li>" for m, why in skipped.items())
+        parts.append(f"<p>Not offered for this model, so not run:</p><ul>{items}</ul>")
     pictures = {
         n: _img(run.explain_pictures[n], alt) for n, alt in EXPLAIN_PICTURES.items() if n in run.explain_pictures
     }

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from forgeml.audit.stage import gate
 from forgeml.data.prepare import read_manifest
 from forgeml.errors import ForgeError, RunDirError
-from forgeml.models import MODELS
-from forgeml.models.registry import ModelFamily
+from forgeml.models.registry import ModelFamily, family_for
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir, sha256_json, write_json
 from forgeml.stage import Context, Stage, file_hashes
@@ -94,12 +94,13 @@ def train(
     resume: bool = False,
     env: Dist = ONE_PROCESS,
     extra_callbacks: Sequence[Callback] = (),
+    network: nn.Module | None = None,
 ) -> TrainResult:
     """Train the recipe's model on the prepared splits; with ``resume``, continue from the newest
     checkpoint. ``env``: this process's place in a torchrun job (whose group is already joined).
     ``extra_callbacks`` watch the loop after the built-in ones (the tuner's pruning reports)."""
     cfg = recipe.train
-    family_cls = MODELS.get(recipe.model.name).build
+    family_cls = family_for(recipe.model)
     check_options(cfg, family_cls)
     if recipe.parallel.num_threads:
         torch.set_num_threads(recipe.parallel.num_threads)
@@ -109,6 +110,8 @@ def train(
     encoder = family_cls.load_encoder(recipe.model, run / RunDir.ENCODER)
 
     def fresh() -> ModelFamily:  # the same initial weights on every rank
+        if network is not None:  # the user's instance, as it was given
+            return family_cls.adopt(recipe.model, encoder, manifest["labels"], network)
         return family_cls.create(recipe.model, encoder, manifest["labels"], seed=cfg.seed)
 
     family = fresh()
@@ -186,7 +189,7 @@ class Train(Stage):
     every_rank = True
 
     def check(self, recipe: Recipe) -> None:
-        check_options(recipe.train, MODELS.get(recipe.model.name).build)
+        check_options(recipe.train, family_for(recipe.model))
 
     def inputs(self, recipe: Recipe, run: RunDir) -> dict[str, str]:
         return file_hashes(RunDir.MANIFEST)(run)
@@ -199,4 +202,4 @@ class Train(Stage):
         return recipe.train.resume != "never"
 
     def run(self, recipe: Recipe, run: RunDir, context: Context) -> TrainResult:
-        return train(recipe, run, context.console, context.resume, context.env)
+        return train(recipe, run, context.console, context.resume, context.env, network=context.network)

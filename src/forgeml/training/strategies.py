@@ -15,8 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from forgeml.errors import ForgeError
-from forgeml.models import MODELS
-from forgeml.models.registry import ModelFamily
+from forgeml.models.registry import ModelFamily, family_for
 from forgeml.recipe import Recipe
 from forgeml.training.config import ParallelConfig, TrainConfig
 from forgeml.training.processes import ONE_PROCESS, Dist
@@ -191,7 +190,7 @@ def degrees(
 
 def check_launch(recipe: Recipe, world_size: int) -> None:
     """What the workers would refuse, refused before any of them starts (or any stage runs)."""
-    _, dp, tp = degrees(recipe.parallel, world_size, MODELS.get(recipe.model.name).build, recipe.model)
+    _, dp, tp = degrees(recipe.parallel, world_size, family_for(recipe.model), recipe.model)
     resolve_batch(recipe.train, recipe.parallel, dp, tp)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from forgeml.errors import RecipeError
-from forgeml.models import MODELS
+from forgeml.models.registry import family_for
 from forgeml.recipe import Recipe, validate_recipe
 from forgeml.tuning.config import CategoricalParam, FloatParam, IntParam, Param
 
@@ -52,7 +52,7 @@ def check_space(recipe: Recipe) -> None:
             "tune.space is empty: name the recipe fields to search, e.g. "
             "tune.space: {train.lr: {type: float, low: 1.0e-5, high: 1.0e-2, log: true}}"
         )
-    refused = [f"model.{field}" for field in MODELS.get(recipe.model.name).build.encoding_fields]
+    refused = [f"model.{field}" for field in family_for(recipe.model).encoding_fields]
     for path, param in space.items():
         blocked = [p for p in (*PREPARED_SECTIONS, *refused) if path == p or path.startswith(p + ".")]
         if blocked:

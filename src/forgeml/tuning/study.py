@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgeml.errors import ForgeError, RecipeError
-from forgeml.models import MODELS
+from forgeml.models.registry import family_for
 from forgeml.recipe import Recipe, hide_secrets, refuse_masked, secrets_env
 from forgeml.rundir import RunDir, atomic_write, write_json
 from forgeml.tasks import HIGHER_IS_BETTER
@@ -103,7 +103,7 @@ def check_tune(recipe: Recipe, world_size: int = 1) -> None:
             f"tune.workers: {cfg.workers} workers in a job where every trial trains on {world_size} processes; "
             "set tune.workers to 1, and start more such jobs against one tune.storage to run trials side by side"
         )
-    task = MODELS.get(recipe.model.name).build.task
+    task = family_for(recipe.model).task
     for metric in cfg.objectives:
         if metric not in (*task.metrics, *MODEL_COST_METRICS):
             raise RecipeError(

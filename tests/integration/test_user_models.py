@@ -1,6 +1,7 @@
-"""A checkpoint a user brings, through every stage of `forgeml run`: a tiny random Llama (a decoder
-used as a classifier) and a GPT-2 (whose linear layers are transformers' Conv1D). What does not
-apply to an architecture is skipped with the reason, in the stage's output and the report."""
+"""Models a user brings, through every stage of `forgeml run`: a tiny random Llama checkpoint (a
+decoder used as a classifier), a GPT-2 (whose linear layers are transformers' Conv1D), and a network
+of their own (a convolution over embeddings, tests/user_networks.py). What does not apply to a model
+is skipped with the reason, in the stage's output and the report."""
 
 import json
 from pathlib import Path
@@ -21,12 +22,12 @@ QUICK_COMPRESS = {"latency_runs": 10, "throughput_batches": 1, "calibration_rows
 TEXTS = ["Return the base name of a path.", "Open a socket and send the queued messages."]
 
 
-def recipe(name: str, checkpoint: Path) -> dict:
+def recipe(name: str, model: dict) -> dict:
     return {
         "name": name,
         "data": {"source": {"name": "stdlib-docstrings", "top_k_labels": 3}, "max_rows": 160},
         "audit": {"enabled": False},
-        "model": {"name": "hf-classifier", "pretrained": str(checkpoint), "max_length": 32},
+        "model": {**model, "max_length": 32},
         "train": {"max_steps": 6, "global_batch_size": 16, "lr": 5e-4, "seed": 0},
         "compress": {"methods": ["quantize", "onnx", "distill", "prune"], **QUICK_COMPRESS},
         "explain": {"n": 3, "lime_samples": 40, "ig_steps": 8},
@@ -35,11 +36,13 @@ def recipe(name: str, checkpoint: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
+    models = {arch: {"name": "hf-classifier", "pretrained": str(tiny_checkpoint(arch))} for arch in ("llama", "gpt2")}
+    models["module"] = {"name": "module", "inputs": "text", "factory": "user_networks:conv_text"}
     done = {}
-    for arch in ("llama", "gpt2"):
-        folder = tmp_path_factory.mktemp(arch) / "run"
-        forgeml.run(recipe(f"hf-{arch}", tiny_checkpoint(arch)), folder)
-        done[arch] = folder
+    for name, model in models.items():
+        folder = tmp_path_factory.mktemp(name) / "run"
+        forgeml.run(recipe(f"user-{name}", model), folder)
+        done[name] = folder
     return done
 
 
@@ -65,6 +68,13 @@ def test_every_variant_that_applies_is_built_and_the_rest_say_why(runs):
     assert {"onnx-fp32", "distilled", "prune-50"} <= set(variants(runs["gpt2"]))
     report = (runs["gpt2"] / "report.html").read_text()
     assert "Not offered for this model" in report and "GPT2Block is not" in report
+    assert variants(runs["module"]) == ["baseline", "torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"]
+    assert skipped(runs["module"]) == {
+        "distilled": "module models offer no distillation student",
+        "prune-50": "the module model has no linear layers to prune",
+        "prune-80": "the module model has no linear layers to prune",
+        "prune-structured": "module models cannot be narrowed",
+    }
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -92,7 +102,17 @@ def test_the_served_model_answers_as_the_trained_one(runs):
     torch.testing.assert_close(got, served.variant.family.predict_proba(TEXTS), atol=1e-5, rtol=0)
 
 
-def test_explanations_cover_a_decoder_with_every_text_method(runs):
+def test_explanations_cover_each_model_with_the_methods_that_apply(runs):
     summary = json.loads((runs["gpt2"] / "explain" / "summary.json").read_text())
-    assert set(summary["methods"]) == {"ig", "lime", "attention"}
+    assert set(summary["methods"]) == {"ig", "lime", "attention"} and summary["skipped"] == {}
     assert all(scores["n"] == 3 for scores in summary["methods"].values())
+    summary = json.loads((runs["module"] / "explain" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ig", "lime"}  # ig on the network's nn.Embedding
+    assert summary["skipped"] == {"attention": "a network of your own returns no attention maps"}
+    assert "a network of your own returns no attention maps" in (runs["module"] / "report.html").read_text()
+
+
+def test_a_users_network_is_served_and_reloaded_from_its_factory(runs):
+    family = forgeml.load(runs["module"])
+    served = open_model(runs["module"], "recommended", threads=None)
+    torch.testing.assert_close(served.predict(TEXTS), family.predict_proba(TEXTS), atol=0.05, rtol=0)

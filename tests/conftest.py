@@ -101,9 +101,9 @@ def _leaves_no_threads_or_child_processes():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """arch -> the folder of a tiny random Hugging Face checkpoint of it (tests/hf_checkpoints.py),
+    """arch -> the folder of a tiny random Hugging Face checkpoint of it (forgeml.tiny_checkpoints),
     built once per test session."""
-    from hf_checkpoints import tiny_checkpoint as build
+    from forgeml.tiny_checkpoints import tiny_checkpoint as build
 
     built: dict[str, object] = {}
 

@@ -8,7 +8,7 @@ import pytest
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits, family_for
 from forgeml.testing import check_family
-from hf_checkpoints import DECODERS, ENCODERS
+from forgeml.tiny_checkpoints import DECODERS, ENCODERS
 
 # Small settings where a family's defaults would be slow; any other family runs with its defaults.
 SMALL = {

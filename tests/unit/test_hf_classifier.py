@@ -84,7 +84,7 @@ def test_lora_trains_adapters_and_the_new_head_and_the_export_reloads_with_its_l
 def test_a_student_keeps_evenly_spaced_blocks_with_the_teachers_weights(tiny_checkpoint, tmp_path):
     from transformers import AutoModel
 
-    from hf_checkpoints import config_for, decoder_tokenizer
+    from forgeml.tiny_checkpoints import config_for, decoder_tokenizer
 
     tokenizer = decoder_tokenizer()
     config = config_for("llama", tokenizer)

@@ -287,7 +287,9 @@ class HFClassifier(TokenBatches, TextInputs):
         names = ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense")
         modules = dict(block.named_modules())
         attention = modules.get("attention.self")
-        if not all(n in modules for n in names) or not hasattr(attention, "attention_head_size"):
+        projections = [getattr(attention, n, None) for n in ("query", "key", "value")]
+        laid_out = all(n in modules for n in names) and all(isinstance(m, nn.Linear) for m in projections)
+        if not laid_out or not hasattr(attention, "attention_head_size"):
             raise NotOffered(f"structured pruning cuts blocks laid out as BERT's; {type(block).__name__} is not")
 
         def set_heads(kept: int) -> None:

@@ -1,7 +1,8 @@
-"""Tiny random Hugging Face checkpoints, built locally (nothing is downloaded): a config of a few
-small layers saved with save_pretrained, and a tokenizer trained here on a few sentences. Encoders
-get a WordPiece tokenizer with [CLS] / [SEP] / [PAD] / [MASK]; decoders a byte-level BPE with an
-end-of-text token and no padding token, as Llama's, Qwen's and GPT-2's have none."""
+"""Tiny random Hugging Face checkpoints, built locally (nothing is downloaded), to test code that
+takes any checkpoint: a config of a few small layers saved with save_pretrained, and a tokenizer
+trained here on a few sentences. Encoders get a WordPiece tokenizer with [CLS] / [SEP] / [PAD] /
+[MASK]; decoders a byte-level BPE with an end-of-text token and no padding token, as Llama's,
+Qwen's and GPT-2's have none. forgeml's tests and ``benchmarks/compat_matrix.py`` use them."""
 
 from __future__ import annotations
 
@@ -78,6 +79,23 @@ def config_for(arch: str, tokenizer) -> object:
             vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inner,
             max_position_embeddings=positions + 2, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
+    if arch == "electra":
+        return tf.ElectraConfig(
+            vocab_size=vocab, embedding_size=h, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+            intermediate_size=inner, max_position_embeddings=positions,
+        )  # fmt: skip
+    if arch == "deberta-v2":
+        return tf.DebertaV2Config(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inner,
+            max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    if arch == "modernbert":
+        return tf.ModernBertConfig(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inner,
+            max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
+            cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        )  # fmt: skip
     if arch == "distilbert":
         return tf.DistilBertConfig(
             vocab_size=vocab, dim=h, n_layers=n, n_heads=heads, hidden_dim=inner, max_position_embeddings=positions
@@ -101,7 +119,7 @@ def config_for(arch: str, tokenizer) -> object:
     raise ValueError(f"no tiny config for {arch}")
 
 
-ENCODERS = ("bert", "roberta", "distilbert")
+ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert")
 DECODERS = ("llama", "qwen2", "gpt2")
 
 

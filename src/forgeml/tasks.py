@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from forgeml.errors import ForgeError
 from forgeml.training.losses import ClassificationLoss, NextTokenLoss, balanced_weights
@@ -59,6 +58,9 @@ class Task(ABC):
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, loss: float, labels: list[str]) -> dict[str, Any]:
+    # Imported here: scikit-learn takes a second to load, and most processes never score a split.
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     ids = list(range(len(labels)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     return {

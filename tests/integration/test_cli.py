@@ -189,7 +189,10 @@ def test_generate_refuses_a_model_that_is_not_a_language_model(default_run):
         (["generate", "runs/lm", "--top-k", "0"], "--top-k"),
         (["train", "tabular", "--no-such-option"], "No such option: --no-such-option"),
         (["train", "tabular", "--nproc", "0"], "--nproc"),
-        (["train", "tabular", "--nproc", "2", "--strategy", "tp"], "tp is offered for gpt models, not mlp"),
+        (
+            ["train", "tabular", "--nproc", "2", "--strategy", "tp"],
+            "tp splits layers by a tensor-parallel plan, and mlp models have none",
+        ),
         (["train", "lm", "--nproc", "2", "--strategy", "fsdp+tp", "--tp-degree", "3"], "2 is not a multiple of 3"),
         (["train", "lm", "--nproc", "3", "--strategy", "tp"], "model.n_head (4) across 3 tensor-parallel ranks"),
         (

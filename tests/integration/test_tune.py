@@ -277,7 +277,10 @@ def test_no_file_of_a_tuned_run_nor_its_output_holds_its_secrets(tmp_path, prepa
     # The workers read a masked copy of the recipe: the real storage URL reached them another way.
     trials = optuna.load_study(study_name="tiny", storage=secret_storage(run)).trials
     assert {t.state.name for t in trials} == {"COMPLETE"} and len(trials) == 4
-    assert len({t.user_attrs["process"] for t in trials}) == 2
+    # Every trial ran in a worker process, and no worker failed to open the study (a worker that
+    # starts after the others took all four trials opens it, finds it done and ends cleanly).
+    assert os.getpid() not in {t.user_attrs["process"] for t in trials}
+    assert "ended with exit status" not in err
     assert holding_secrets(run, out, err) == []
     assert yaml.safe_load((run / "recipe.yaml").read_text())["serve"]["api_key"] == "***"
     assert "key=***" in yaml.safe_load((run / "tune" / "best.yaml").read_text())["tune"]["storage"]

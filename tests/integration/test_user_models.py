@@ -34,15 +34,36 @@ def recipe(name: str, model: dict) -> dict:
     }
 
 
+# A network of the user's on a table, explained by SHAP, LIME and integrated gradients on its features.
+FEATURES = {
+    "name": "user-features",
+    "data": {"source": "breast-cancer"},
+    "audit": {"enabled": False},
+    "model": {
+        "name": "module",
+        "inputs": "features",
+        "factory": "user_networks:FeatureNet",
+        "options": {"n_features": 30},
+    },
+    "train": {"max_steps": 30, "global_batch_size": 32, "lr": 1e-2, "seed": 0},
+    "compress": {"methods": ["quantize", "onnx", "prune"], **QUICK_COMPRESS},
+    "explain": {"n": 4, "lime_samples": 100, "shap_evals": 60, "shap_background": 20, "ig_steps": 8},
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
-    models = {arch: {"name": "hf-classifier", "pretrained": str(tiny_checkpoint(arch))} for arch in ("llama", "gpt2")}
+    archs = ("llama", "gpt2", "distilbert")
+    models = {arch: {"name": "hf-classifier", "pretrained": str(tiny_checkpoint(arch))} for arch in archs}
     models["module"] = {"name": "module", "inputs": "text", "factory": "user_networks:conv_text"}
     done = {}
     for name, model in models.items():
         folder = tmp_path_factory.mktemp(name) / "run"
         forgeml.run(recipe(f"user-{name}", model), folder)
         done[name] = folder
+    features = tmp_path_factory.mktemp("features") / "run"
+    forgeml.run(FEATURES, features)
+    done["features"] = features
     return done
 
 
@@ -66,6 +87,9 @@ def test_every_variant_that_applies_is_built_and_the_rest_say_why(runs):
     assert set(gpt2) == {"torch-int8", "prune-structured"}
     assert "quantises nn.Linear layers, and this model's blocks hold none (Conv1D" in gpt2["torch-int8"]
     assert {"onnx-fp32", "distilled", "prune-50"} <= set(variants(runs["gpt2"]))
+    assert skipped(runs["distilbert"]) == {
+        "prune-structured": "structured pruning cuts blocks laid out as BERT's; TransformerBlock is not"
+    }
     report = (runs["gpt2"] / "report.html").read_text()
     assert "Not offered for this model" in report and "GPT2Block is not" in report
     assert variants(runs["module"]) == ["baseline", "torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"]
@@ -77,7 +101,7 @@ def test_every_variant_that_applies_is_built_and_the_rest_say_why(runs):
     }
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "distilbert"])
 def test_the_export_is_a_plain_transformers_checkpoint(runs, arch):
     folder = runs[arch] / "train" / "model"
     plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -110,6 +134,19 @@ def test_explanations_cover_each_model_with_the_methods_that_apply(runs):
     assert set(summary["methods"]) == {"ig", "lime"}  # ig on the network's nn.Embedding
     assert summary["skipped"] == {"attention": "a network of your own returns no attention maps"}
     assert "a network of your own returns no attention maps" in (runs["module"] / "report.html").read_text()
+
+
+def test_a_users_feature_network_goes_through_every_stage(runs):
+    run = runs["features"]
+    assert variants(run) == ["baseline", "torch-int8", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static",
+                             "prune-50", "prune-80"]  # fmt: skip
+    assert skipped(run) == {"prune-structured": "module models cannot be narrowed"}
+    summary = json.loads((run / "explain" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"shap", "lime", "ig"} and summary["skipped"] == {}
+    family = forgeml.load(run)
+    rows = [dict.fromkeys(family.features, 0.0)]
+    served = open_model(run, "recommended", threads=None)
+    torch.testing.assert_close(served.predict(rows), family.predict_proba(rows), atol=0.05, rtol=0)
 
 
 def test_a_users_network_is_served_and_reloaded_from_its_factory(runs):

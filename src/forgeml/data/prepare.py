@@ -15,7 +15,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from forgeml.data.balance import RESAMPLERS, choose, imbalance_ratio, resample
 from forgeml.data.clean import (
@@ -72,6 +71,8 @@ def split_positions(
                 f"{origin}: class {counts.idxmin()!r} has {counts.min()} row(s); a stratified split needs "
                 "at least 3 per class: add rows, drop the class, or set prepare.stratify: false"
             )
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes a second to import
+
     positions = np.arange(len(frame))
     parts: list[np.ndarray] = []
     rest = positions

@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.inputs import TextInputs
@@ -105,7 +104,12 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)
             # The new tokens are the last T keys: each sees every cached token and the new ones up to itself.
             # A prefill (T == S) runs as plain is_causal attention; a single new token sees all, unmasked.
-            mask = causal_lower_right(T, k.size(2)) if T > 1 else None
+            mask = None
+            if T > 1:
+                # Imported here: its module loads torch's compiler (a second of every start-up).
+                from torch.nn.attention.bias import causal_lower_right
+
+                mask = causal_lower_right(T, k.size(2))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))

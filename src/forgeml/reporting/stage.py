@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from forgeml.recipe import Recipe
-from forgeml.reporting.html import write_report
 from forgeml.rundir import RunDir
 from forgeml.stage import Context, Stage, file_hashes
 
@@ -30,4 +29,6 @@ class Report(Stage):
         return file_hashes(*READS)(run)
 
     def run(self, recipe: Recipe, run: RunDir, context: Context) -> Path:
+        from forgeml.reporting.html import write_report  # matplotlib and the report's builders
+
         return write_report(run.path)

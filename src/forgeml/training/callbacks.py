@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from forgeml.tasks import HIGHER_IS_BETTER
 
@@ -199,10 +198,14 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, state: LoopState) -> None:
         if self.best_state is not None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict  # a second to import
+
             set_model_state_dict(state.network, self.best_state)
 
 
 def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the model's weights under their plain names (no DDP ``module.`` prefix), sharded as
     the model is, so a checkpoint of them loads on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict  # a second to import
+
     return {k: v.detach().clone() for k, v in get_model_state_dict(model).items()}

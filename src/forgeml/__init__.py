@@ -111,10 +111,11 @@ def _adopting(recipe: Recipe, model: Any, nproc: int | None) -> Recipe:
 
     from forgeml.errors import ForgeError
     from forgeml.models.module import instance_tag
+    from forgeml.models.registry import family_for
 
     if not isinstance(model, nn.Module):
         raise ForgeError(f"model=: {type(model).__name__} is not a torch nn.Module")
-    if recipe.model.name != "module":
+    if not family_for(recipe.model).takes_instances:
         raise ForgeError(
             f"model=: the recipe's model is {recipe.model.name}; train your own network with a model section "
             "{name: module, inputs: text | features}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import forgeml
@@ -153,3 +154,22 @@ def test_a_users_network_is_served_and_reloaded_from_its_factory(runs):
     family = forgeml.load(runs["module"])
     served = open_model(runs["module"], "recommended", threads=None)
     torch.testing.assert_close(served.predict(TEXTS), family.predict_proba(TEXTS), atol=0.05, rtol=0)
+
+
+def test_a_checkpoint_trains_with_recomputed_blocks_in_bf16_and_is_tuned(tmp_path, tiny_checkpoint):
+    """Activation checkpointing wraps the blocks the model names (same weights as without), bf16
+    autocast trains it, and a study tunes its dropout and learning rate."""
+    base = recipe("user-llama-train", {"name": "hf-classifier", "pretrained": str(tiny_checkpoint("llama"))})
+    base["train"]["max_steps"] = 3
+    weights = {}
+    for name, parallel in (("plain", {}), ("recomputed", {"activation_checkpointing": True})):
+        forgeml.train({**base, "parallel": parallel}, tmp_path / name)
+        weights[name] = load_file(str(tmp_path / name / "train" / "model" / "model.safetensors"))
+    for key, value in weights["plain"].items():
+        torch.testing.assert_close(weights["recomputed"][key], value, atol=1e-6, rtol=0, msg=key)
+    assert forgeml.train({**base, "train": {**base["train"], "precision": "bf16"}}, tmp_path / "bf16").steps == 3
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+             "model.dropout": {"type": "float", "low": 0.0, "high": 0.2}}  # fmt: skip
+    study = {"trials": 2, "space": space, "pruner": {"name": "none"}}
+    tuned = forgeml.tune({**base, "tune": study}, tmp_path / "tuned")
+    assert tuned.states == {"COMPLETE": 2} and set(tuned.best_params) == {"train.lr", "model.dropout"}

@@ -172,6 +172,9 @@ class HFClassifier(TokenBatches, TextInputs):
             ignore_mismatched_sizes=True,  # a checkpoint that classified into other labels gets a new head
             dtype=torch.float32,  # the master weights; mixed precision is autocast's job
             **dropout_overrides(checkpoint_config, config.dropout),
+            # A classifier reads no KV cache; a decoder would grow one every forward pass (and twice
+            # where activation checkpointing recomputes a block).
+            **({"use_cache": False} if hasattr(checkpoint_config, "use_cache") else {}),
         )
         freeze(network, config.freeze_layers)
         if config.lora is not None:

@@ -122,6 +122,7 @@ class ModuleFamily(ModelFamily):
 
     name = "module"
     task = CLASSIFICATION
+    takes_instances = True
     kinds: ClassVar[dict[str, type[ModuleFamily]]] = {}  # by config.inputs
 
     config: ModuleConfig

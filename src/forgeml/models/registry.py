@@ -99,6 +99,7 @@ class ModelFamily(ABC):
     encoding_fields: ClassVar[tuple[str, ...]] = ()  # model fields the prepared data depends on (not tunable)
     generates: ClassVar[bool] = False  # continues a prompt token by token (``stream``)
     rows_interpolate: ClassVar[bool] = False  # a row between two training rows is a row (SMOTE may rebalance)
+    takes_instances: ClassVar[bool] = False  # trains a network the user built (``adopt``, forgeml.train(model=))
 
     config: Any  # the recipe's model section it was built from
     network: nn.Module

@@ -149,9 +149,6 @@ class ModuleFamily(ModelFamily):
     def assemble(cls, config: ModuleConfig, encoder: Encoder, labels: list[str], network: nn.Module) -> ModuleFamily:
         raise NotImplementedError
 
-    def user_network(self) -> nn.Module:
-        return self.network
-
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.network.state_dict().items()}, str(directory / WEIGHTS))

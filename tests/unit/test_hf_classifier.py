@@ -165,3 +165,56 @@ def test_a_checkpoint_that_cannot_classify_is_named(tiny_checkpoint, tmp_path):
     with pytest.raises(ForgeError, match="is a vit checkpoint, and transformers has no sequence-classification head"):
         build(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "vit"
+
+
+def test_a_checkpoint_with_lora_resumes_from_a_crash_to_the_uninterrupted_weights(tiny_checkpoint, tmp_path):
+    """Dropout draws random numbers and LoRA's adapters and head are the trained state: both come back."""
+    import uuid
+
+    from forgeml.data.shards import write_shards
+    from forgeml.training.builder import loaders
+    from forgeml.training.callbacks import Callback
+    from forgeml.training.checkpoint import Checkpoints
+    from forgeml.training.config import TrainConfig
+    from forgeml.training.loop import fit
+    from forgeml.training.losses import ClassificationLoss
+    from forgeml.training.strategies import Strategy
+
+    class Crash(Callback):
+        def on_step_end(self, state):
+            if state.step == 5:
+                raise KeyboardInterrupt
+
+    class Steps(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, state):
+            self.seen.append(state.step)
+
+    cfg = TrainConfig(max_steps=6, lr=1e-3, warmup_steps=0, seed=0, global_batch_size=4, checkpoint_every=2)
+
+    def run(checkpoints=None, resume=False, callbacks=()):
+        family = build(tiny_checkpoint("llama"), dropout=0.2, lora=LoraConfig(r=4, alpha=8, dropout=0.1))
+        fitted = HFClassifier.fit_encoder(family.config, splits())
+        folder = f"memory://hf-resume-{uuid.uuid4().hex}"
+        table = fitted.rows(splits().train, "label", LABELS)
+        manifest = {
+            "splits": {name: {"shards": write_shards(table, folder, name, 5)} for name in ("train", "val", "test")}
+        }
+        strategy = Strategy.single(torch.device("cpu"))
+        batches, _ = loaders(family, manifest, folder, cfg, cfg.global_batch_size, strategy)
+        torch.manual_seed(0)
+        fit(family.network, batches, cfg, ClassificationLoss(), strategy, callbacks=list(callbacks),
+            checkpoints=checkpoints, resume=resume)  # fmt: skip
+        return {k: v.detach().clone() for k, v in family.network.state_dict().items()}
+
+    straight = run()
+    checkpoints = Checkpoints(tmp_path / "ckpt", tag="t", keep_last=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoints, callbacks=[Crash()])
+    steps = Steps()
+    resumed = run(checkpoints, resume=True, callbacks=[steps])
+    assert steps.seen == [5, 6]  # on from step 4's checkpoint
+    assert straight.keys() == resumed.keys() and any("lora_" in k for k in straight)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

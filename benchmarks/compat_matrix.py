@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import forgeml
+from forgeml.errors import first_line
 from forgeml.tiny_checkpoints import DECODERS, ENCODERS, tiny_checkpoint
 
 STAGES = ["train", "torch-int8", "onnx-fp32", "onnx-int8-static", "distilled", "prune-50", "prune-structured",
@@ -46,10 +47,6 @@ def recipe(checkpoint: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-
-
 def one_architecture(arch: str, folder: Path) -> dict[str, str]:
     cells: dict[str, str] = {}
     run = folder / "run"
@@ -59,13 +56,13 @@ def one_architecture(arch: str, folder: Path) -> dict[str, str]:
             forgeml.train(recipe(tiny_checkpoint(arch, folder / "checkpoint")), run)
         cells["train"] = "pass"
     except Exception as error:  # a cell of the table: whatever went wrong is what it shows
-        return {stage: f"error: {first_line(error)}" if stage == "train" else "not reached" for stage in STAGES}
+        return {stage: f"error: {first_line(error)[:160]}" if stage == "train" else "not reached" for stage in STAGES}
     for stage, work in (("compress", lambda: forgeml.compress(run)), ("explain", lambda: forgeml.explain(run))):
         try:
             with contextlib.redirect_stdout(quiet):
                 work()
         except Exception as error:  # a cell of the table
-            cells[stage] = f"error: {first_line(error)}"
+            cells[stage] = f"error: {first_line(error)[:160]}"
     built = {row["name"] for row in read(run / "compress" / "variants.json", [])}
     skipped = {row["name"]: row["reason"] for row in read(run / "compress" / "skipped.json", [])}
     for name in ("torch-int8", "onnx-fp32", "onnx-int8-static", "distilled", "prune-50", "prune-structured"):
@@ -92,7 +89,7 @@ def attempt(check) -> str:
     try:
         check()
     except Exception as error:  # a cell of the table
-        return f"error: {first_line(error)}"
+        return f"error: {first_line(error)[:160]}"
     return "pass"
 
 

@@ -5,6 +5,11 @@ class ForgeError(Exception):
     """A problem with the user's input (file, row, column, option) and how to fix it."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message, its first line alone (a library's own error, quoted inside ours)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class RecipeError(ForgeError):
     """The recipe or a --set override is invalid."""
 

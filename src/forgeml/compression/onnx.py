@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from forgeml.compression.variants import Logits, Variant, preprocessing_copy
-from forgeml.errors import NotOffered
+from forgeml.errors import NotOffered, first_line
 from forgeml.models.registry import ModelFamily, load_family, logits_of
 
 MODEL = "model.onnx"
@@ -40,8 +40,9 @@ def exporting(family: ModelFamily) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, TypeError, ValueError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise NotOffered(f"the ONNX exporter cannot trace this {family.name} model: {reason}") from error
+        raise NotOffered(
+            f"the ONNX exporter cannot trace this {family.name} model: {first_line(error)[:300]}"
+        ) from error
 
 
 def export(family: ModelFamily, sample: dict[str, torch.Tensor], path: Path) -> None:

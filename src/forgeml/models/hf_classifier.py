@@ -25,7 +25,7 @@ from torch import nn
 from forgeml.errors import ForgeError, NotOffered
 from forgeml.models.checkpoints import PACKAGED_MINILM, checkpoint_source, classification_config, load_tokenizer
 from forgeml.models.inputs import TextInputs
-from forgeml.models.registry import MODELS, BlockLayout, Splits, spread
+from forgeml.models.registry import META_FILE, MODELS, BlockLayout, Splits, is_linear, spread
 from forgeml.models.tokens import TokenBatches, TokenIdEncoder
 from forgeml.section import Section
 from forgeml.tasks import CLASSIFICATION
@@ -61,12 +61,6 @@ class TextClassifierConfig(HFClassifierConfig):
     name: Literal["text-classifier"]  # type: ignore[assignment]
     pretrained: str = Field(PACKAGED_MINILM, description="default: the packaged all-MiniLM-L6-v2")
     max_length: Annotated[int, Field(ge=8, le=512)] = 128
-
-
-def is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weights transposed
-
-    return isinstance(module, nn.Linear | Conv1D)
 
 
 def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
@@ -210,12 +204,12 @@ class HFClassifier(TokenBatches, TextInputs):
         as torch's ParallelStyles on this network's modules."""
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-        base = self.base()
-        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-        plan: dict[str, Any] = {}
         refusal = self.tensor_parallel_refusal(self.config)
         if refusal:
             raise NotOffered(f"tensor parallelism: {refusal}")
+        base = self.base()
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        plan: dict[str, Any] = {}
         for pattern, style in base.config.base_model_tp_plan.items():
             regex = re.compile(re.escape(f"{base.base_model_prefix}.{pattern}").replace(r"\*", r"\d+") + "$")
             for name, _ in base.named_modules():
@@ -321,7 +315,7 @@ class HFClassifier(TokenBatches, TextInputs):
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         config = cls.config_type(**json.loads((directory / "forgeml_config.json").read_text()))
-        meta = json.loads((directory / "forgeml.json").read_text())
+        meta = json.loads((directory / META_FILE).read_text())
         if weights is None:
             network = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
         else:

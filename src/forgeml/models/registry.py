@@ -282,6 +282,13 @@ def spread(n: int, keep: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(keep - 1, 1)) for i in range(keep)})
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer: torch's, or transformers' Conv1D (GPT-2's, its weight transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, nn.Linear | Conv1D)
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """Networks return a tensor, or a transformers output holding ``logits``."""
     return output if isinstance(output, torch.Tensor) else output.logits

@@ -1,6 +1,7 @@
 """The module family: a user's network from a factory or an instance, saved with its factory and
 rebuilt by forgeml.load, and every way it can go wrong named."""
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -73,3 +74,17 @@ def test_an_instance_needs_the_module_family_and_one_process(tmp_path):
         forgeml.train(TABLE, tmp_path / "b", model=network, nproc=2)
     with pytest.raises(ForgeError, match="model.factory: none given"):
         forgeml.train(TABLE, tmp_path / "c")
+
+
+def test_a_text_networks_tokenizer_folder_is_checked_and_named(tmp_path):
+    from forgeml.models.module import ModuleConfig, TextModule
+    from forgeml.models.registry import Splits
+
+    frame = pd.DataFrame({"text": ["a b c"] * 4, "label": ["x", "y"] * 2})
+    splits = Splits(frame, frame, frame, text_column="text", label_column="label", labels=["x", "y"])
+    config = {"name": "module", "inputs": "text", "factory": "user_networks:conv_text"}
+    with pytest.raises(ForgeError, match="model.tokenizer: there is no folder .*missing"):
+        TextModule.fit_encoder(ModuleConfig(**config, tokenizer=str(tmp_path / "missing")), splits)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ForgeError, match=r"model.tokenizer: .*empty holds no tokenizer forgeml can use"):
+        TextModule.fit_encoder(ModuleConfig(**config, tokenizer=str(tmp_path / "empty")), splits)

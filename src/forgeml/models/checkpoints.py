@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from forgeml.errors import ForgeError, first_line
 
@@ -72,28 +72,28 @@ def classification_config(source: str, pretrained: str) -> Any:
     return config
 
 
-def load_tokenizer(source: str, pretrained: str) -> Any:
-    """The checkpoint's tokenizer, with a padding token: decoders often have none, and then pad with
-    their end-of-sequence token (classifiers read the last token that is not padding)."""
+def load_tokenizer(source: str, named: str) -> Any:
+    """The tokenizer in ``source`` (``named`` says where it came from, for the error), with a padding
+    token: decoders often have none, and then pad with their end-of-sequence token (classifiers read
+    the last token that is not padding)."""
     from transformers import AutoTokenizer
+
+    def refuse(reason: str) -> NoReturn:
+        raise ForgeError(
+            f"{named} holds no tokenizer forgeml can use ({reason}); save the checkpoint's tokenizer beside its "
+            "weights with tokenizer.save_pretrained(folder)"
+        )
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as error:
-        tokenizer, reason = None, first_line(error)
-    else:
-        reason = "" if tokenizer is not None and hasattr(tokenizer, "pad") else "none was found"
-        # transformers builds a tokenizer of special tokens alone for a folder without vocabulary files
-        if not reason and len(tokenizer) <= len(tokenizer.all_special_tokens):
-            reason = "no vocabulary files, only its special tokens"
-    if not reason and tokenizer is not None and tokenizer.pad_token is None:
+        refuse(first_line(error))
+    if tokenizer is None or not hasattr(tokenizer, "pad"):
+        refuse("none was found")
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # what transformers builds without vocabulary files
+        refuse("no vocabulary files, only its special tokens")
+    if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            reason = "it has neither a padding token nor an end-of-sequence token to pad with"
-        else:
-            tokenizer.pad_token = tokenizer.eos_token
-    if reason:
-        raise ForgeError(
-            f"model.pretrained: {pretrained} holds no tokenizer forgeml can use ({reason}); save the checkpoint's "
-            "tokenizer beside its weights with tokenizer.save_pretrained(folder)"
-        )
+            refuse("it has neither a padding token nor an end-of-sequence token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

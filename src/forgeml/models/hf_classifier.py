@@ -142,7 +142,7 @@ class HFClassifier(TokenBatches, TextInputs):
 
     @classmethod
     def fit_encoder(cls, config: HFClassifierConfig, splits: Splits) -> TokenIdEncoder:
-        tokenizer = load_tokenizer(checkpoint_source(config.pretrained), config.pretrained)
+        tokenizer = load_tokenizer(checkpoint_source(config.pretrained), f"model.pretrained: {config.pretrained}")
         return TokenIdEncoder(tokenizer, splits.text_column, config.max_length)
 
     @classmethod

@@ -192,7 +192,7 @@ class TextModule(TokenBatches, TextInputs, ModuleFamily):
         if not folder.is_dir():
             raise ForgeError(f"model.tokenizer: there is no folder {folder}; point it at a saved tokenizer")
         return TokenIdEncoder(
-            load_tokenizer(str(folder), f"the tokenizer {folder}"), splits.text_column, config.max_length
+            load_tokenizer(str(folder), f"model.tokenizer: {folder}"), splits.text_column, config.max_length
         )
 
     @classmethod

@@ -410,6 +410,12 @@ def _tuning(run: Run) -> str:
     return _section("Tuning", "\n".join(parts))
 
 
+def _not_offered(what: str, reasons: Mapping[str, Any]) -> str:
+    """What a stage skipped because the model does not offer it (names already HTML), with why."""
+    items = "".join(f"<li>{name}: {escape(str(why))}</li>" for name, why in reasons.items())
+    return f"<p>Not offered for this model, so not {what}:</p><ul>{items}</ul>"
+
+
 def _compression(run: Run) -> str:
     if not run.variants:
         return _absent("Compression", run, "compress")
@@ -436,11 +442,8 @@ def _compression(run: Run) -> str:
         _table(header, rows),
     ]
     if run.skipped_variants:
-        items = "".join(
-            f"<li><code>{escape(str(s.get('name')))}</code>: {escape(str(s.get('reason')))}</li>"
-            for s in run.skipped_variants
-        )
-        parts.append(f"<p>Not offered for this model, so not built:</p><ul>{items}</ul>")
+        skipped = {f"<code>{escape(str(s.get('name')))}</code>": s.get("reason") for s in run.skipped_variants}
+        parts.append(_not_offered("built", skipped))
     if run.pareto_png:
         parts.append(
             _img(run.pareto_png, "accuracy against batch-1 latency, the Pareto front and the recommended variant")
@@ -498,8 +501,7 @@ def _explanations(run: Run) -> str:
         parts.append(_table(header, rows))
     skipped = _dict_or_none(summary.get("skipped")) or {}
     if skipped:
-        items = "".join(f"<li>{escape(str(m))}: {escape(str(why))}</li>" for m, why in skipped.items())
-        parts.append(f"<p>Not offered for this model, so not run:</p><ul>{items}</ul>")
+        parts.append(_not_offered("run", {escape(str(m)): why for m, why in skipped.items()}))
     pictures = {
         n: _img(run.explain_pictures[n], alt) for n, alt in EXPLAIN_PICTURES.items() if n in run.explain_pictures
     }

@@ -146,11 +146,6 @@ class HFClassifier(TokenBatches, TextInputs):
         return TokenIdEncoder(tokenizer, splits.text_column, config.max_length)
 
     @classmethod
-    def load_encoder(cls, config: HFClassifierConfig, folder: Path) -> TokenIdEncoder:
-        column = json.loads((folder / "encoder.json").read_text())["text_column"]
-        return TokenIdEncoder(load_tokenizer(str(folder), str(folder)), column, config.max_length)
-
-    @classmethod
     def create(cls, config: HFClassifierConfig, encoder: TokenIdEncoder, labels: list[str], seed: int) -> HFClassifier:
         from transformers import AutoModelForSequenceClassification
 

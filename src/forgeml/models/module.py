@@ -196,11 +196,6 @@ class TextModule(TokenBatches, TextInputs, ModuleFamily):
         )
 
     @classmethod
-    def load_encoder(cls, config: ModuleConfig, folder: Path) -> TokenIdEncoder:
-        column = json.loads((folder / "encoder.json").read_text())["text_column"]
-        return TokenIdEncoder(load_tokenizer(str(folder), str(folder)), column, config.max_length)
-
-    @classmethod
     def vocab_size(cls, encoder: Encoder) -> int | None:
         return len(encoder.tokenizer)
 

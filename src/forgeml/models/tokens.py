@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from forgeml.models.checkpoints import load_tokenizer
 from forgeml.models.registry import TARGET, Batch, Encoder
 
 
@@ -35,6 +36,12 @@ class TokenIdEncoder(Encoder):
         self.tokenizer.save_pretrained(folder)
         (folder / "encoder.json").write_text(json.dumps({"text_column": self.text_column}))
 
+    @classmethod
+    def read(cls, folder: Path, max_length: int) -> TokenIdEncoder:
+        """What ``save`` wrote."""
+        column = json.loads((folder / "encoder.json").read_text())["text_column"]
+        return cls(load_tokenizer(str(folder), str(folder)), column, max_length)
+
 
 class TokenBatches:
     """Batches of token ids for a family holding ``tokenizer`` and ``config.max_length``."""
@@ -42,6 +49,10 @@ class TokenBatches:
     augmentations: ClassVar[frozenset[str]] = frozenset({"token_dropout", "random_mask"})
     tokenizer: Any
     config: Any
+
+    @classmethod
+    def load_encoder(cls, config: Any, folder: Path) -> TokenIdEncoder:
+        return TokenIdEncoder.read(folder, config.max_length)
 
     def items(self, table: pa.Table) -> Sequence[Any]:
         ids = table.column(TokenIdEncoder.COLUMN).to_pylist()

@@ -18,6 +18,15 @@ class DataError(ForgeError):
     """A data source cannot be read or does not fit the recipe."""
 
 
+class RowError(DataError):
+    """A problem with one row, found where the row's file and line are not known: the stage that
+    read the source names them (``Table.where``)."""
+
+    def __init__(self, row: int, reason: str) -> None:
+        super().__init__(f"row {row}: {reason}")
+        self.row, self.reason = row, reason
+
+
 class NotOffered(ForgeError):
     """What a stage would do does not apply to this model (its architecture offers no student, no
     prunable layout, no export); the stage skips it and says why."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from forgeml.audit.stage import Audit
 from forgeml.compression.stage import Compress
@@ -141,5 +142,6 @@ def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, config_hash: str, forc
         raise
     if env.main:
         run.finish(stage.name, started)
-        console.print(f"[dim]{stage.name}: done in {run.records()[stage.name].duration_s:.1f} s: {result}[/dim]")
+        seconds = run.records()[stage.name].duration_s
+        console.print(f"[dim]{stage.name}: done in {seconds:.1f} s: {escape(str(result))}[/dim]")
     return result

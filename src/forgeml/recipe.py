@@ -281,8 +281,15 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+FILE_FORMATS = ("auto", "csv", "parquet", "jsonl")
+
+
 def _migrate_dataset_options(data: dict[str, Any]) -> dict[str, Any]:
-    """A built-in dataset's options, once keys of the data section, into data.source."""
+    """A built-in dataset's options, once keys of the data section, into data.source; a file type,
+    once data.format, into data.file_format (data.format now says what a row is)."""
+    if data.get("format") in FILE_FORMATS:
+        data = dict(data)
+        _move(data, data, "format", "data.format", "data.file_format", "file_format")
     moved = [key for key in data if key != "name" and datasets_taking(key)]
     if not moved:
         return data

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from forgeml.errors import ForgeError
-from forgeml.training.losses import ClassificationLoss, NextTokenLoss, balanced_weights
+from forgeml.training.losses import IGNORE, ClassificationLoss, NextTokenLoss, balanced_weights
 
 if TYPE_CHECKING:
     from forgeml.training.config import TrainConfig
@@ -134,8 +134,9 @@ class Classification(Task):
 
 class TokenTally(Tally):
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.loss_sum += F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum").item()
-        self.count += targets.numel()
+        flat = targets.flatten()
+        self.loss_sum += F.cross_entropy(logits.flatten(0, -2), flat, ignore_index=IGNORE, reduction="sum").item()
+        self.count += int((flat != IGNORE).sum())
 
     def result(self, labels: list[str]) -> dict[str, Any]:
         loss = self.loss_sum / max(self.count, 1)
@@ -156,6 +157,8 @@ class LanguageModelling(Task):
         return TokenTally()
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor, labels: list[str]) -> dict[str, Any]:
+        trained = targets != IGNORE  # prompt tokens and padding are not scored
+        logits, targets = logits[trained], targets[trained]
         loss = float(F.cross_entropy(logits, targets))
         accuracy = float((logits.argmax(-1) == targets).float().mean())  # of the next token
         return {"loss": loss, "perplexity": perplexity(loss), "accuracy": accuracy}

@@ -2,7 +2,10 @@
 takes any checkpoint: a config of a few small layers saved with save_pretrained, and a tokenizer
 trained here on a few sentences. Encoders get a WordPiece tokenizer with [CLS] / [SEP] / [PAD] /
 [MASK]; decoders a byte-level BPE with an end-of-text token and no padding token, as Llama's,
-Qwen's and GPT-2's have none. forgeml's tests and ``benchmarks/compat_matrix.py`` use them."""
+Qwen's and GPT-2's have none, and a chat template of the kind their family uses: Llama 3's header
+markers ending a turn with <|eot_id|>, ChatML's <|im_start|> / <|im_end|> (with Qwen's default system
+prompt), and Zephyr's plain-text role tags ending a turn with the end-of-text token. forgeml's tests
+and ``benchmarks/compat_matrix.py`` use them."""
 
 from __future__ import annotations
 
@@ -48,20 +51,50 @@ def encoder_tokenizer(vocab_size: int = 400):
     )
 
 
-def decoder_tokenizer(vocab_size: int = 400):
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ZEPHYR_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CHAT = {  # arch -> (its template's special tokens, the template)
+    "llama": (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE),
+    "qwen2": (["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE),
+    "gpt2": ([], ZEPHYR_TEMPLATE),
+}
+
+
+def decoder_tokenizer(vocab_size: int = 400, arch: str = "gpt2"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials, template = CHAT[arch]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=["<|endoftext|>", *specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        additional_special_tokens=specials,
+    )
+    fast.chat_template = template
+    return fast
 
 
 def config_for(arch: str, tokenizer) -> object:
@@ -124,13 +157,15 @@ DECODERS = ("llama", "qwen2", "gpt2")
 
 
 def tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
-    """``folder`` holding a random pretrained-style checkpoint of ``arch`` (the base model, without
-    a classification head, as a user's downloaded encoder or LLM is) and its tokenizer."""
-    from transformers import AutoModel
+    """``folder`` holding a random pretrained-style checkpoint of ``arch`` (an encoder's base model
+    without a classification head, a decoder with its language-model head, as a user's downloaded
+    encoder or LLM is) and its tokenizer."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    tokenizer = encoder_tokenizer() if arch in ENCODERS else decoder_tokenizer()
+    tokenizer = encoder_tokenizer() if arch in ENCODERS else decoder_tokenizer(arch=arch)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config_for(arch, tokenizer))
+    auto = AutoModel if arch in ENCODERS else AutoModelForCausalLM
+    model = auto.from_config(config_for(arch, tokenizer))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -7,8 +7,9 @@ import torch
 from pydantic import ValidationError
 from torch.nn import functional as F
 
-from forgeml.models.gpt import GPT, BPETokenizer, ByteTokenizer, GPTConfig, GPTNetwork, next_token
+from forgeml.models.gpt import GPT, BPETokenizer, ByteTokenizer, GPTConfig, GPTNetwork
 from forgeml.models.registry import MODELS, Splits
+from forgeml.models.sampling import next_token
 
 
 def tiny(**overrides: object) -> GPTConfig:

@@ -11,7 +11,8 @@ from transformers import AutoModelForSequenceClassification
 
 import forgeml
 from forgeml.errors import ForgeError, NotOffered
-from forgeml.models.hf_classifier import HFClassifier, HFClassifierConfig, LoraConfig, lora_targets
+from forgeml.models.hf_classifier import HFClassifier, HFClassifierConfig
+from forgeml.models.hf_network import LoraConfig, lora_targets
 from forgeml.models.registry import Splits
 from forgeml.recipe import validate_recipe
 

@@ -159,8 +159,8 @@ def test_missing_file(tmp_path):
 def test_unknown_suffix_asks_for_data_format(tmp_path):
     path = write(tmp_path / "data.txt", "a,b\n1,2\n")
     message = read_error(cfg(path))
-    assert "'.txt'" in message and "set data.format" in message
-    assert read_table(cfg(path, format="csv")).frame["b"].tolist() == [2]
+    assert "'.txt'" in message and "set data.file_format" in message
+    assert read_table(cfg(path, file_format="csv")).frame["b"].tolist() == [2]
 
 
 def test_unknown_builtin_suggests_a_close_name():

@@ -7,7 +7,8 @@ from transformers import AutoModelForSequenceClassification
 
 import forgeml
 from forgeml.errors import ForgeError
-from forgeml.models.hf_classifier import LoraConfig, TextClassifier, TextClassifierConfig
+from forgeml.models.hf_classifier import TextClassifier, TextClassifierConfig
+from forgeml.models.hf_network import LoraConfig
 from forgeml.models.registry import Splits
 from forgeml.training.config import AugmentConfig
 

@@ -94,8 +94,16 @@ class DataConfig(Section):
         description="a CSV/Parquet/JSONL path or fsspec URL, or a built-in dataset: its name, or "
         "{name: NAME, OPTION: VALUE, ...} with its options"
     )
-    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+    file_format: Literal["auto", "csv", "parquet", "jsonl"] = Field("auto", description="auto: from the suffix")
+    format: Literal["text", "prompt_completion", "chat"] | None = Field(
+        None,
+        description="what one row is for a causal LM: a document (text), a prompt and its completion "
+        "(prompt_completion), or a conversation (chat); classifiers leave it unset",
+    )
     text_column: str | None = None
+    messages_column: str = Field("messages", description="chat: the column of [{role, content}, ...] lists")
+    prompt_column: str = Field("prompt", description="prompt_completion: the prompt column")
+    completion_column: str = Field("completion", description="prompt_completion: the completion column")
     feature_columns: list[str] | None = None
     label_column: str | None = None
     group_column: str | None = Field(None, description="rows sharing a value stay in one split")
@@ -128,6 +136,9 @@ class PrepareConfig(Section):
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     stratify: bool = True
+    packing: bool = Field(
+        False, description="causal LMs: pack several examples into each sequence, attention kept within each"
+    )
     shard_rows: PositiveInt = Field(50_000, description="rows per Parquet shard")
     shards_url: str | None = Field(
         None, description="write the shards here (path or fsspec URL: file://, s3://, ...) instead of data/"

@@ -33,13 +33,12 @@ from forgeml.data.config import PrepareConfig
 from forgeml.data.shards import read_split, schema_of, write_shards
 from forgeml.data.sources import read_table, read_test_table, validate_table
 from forgeml.data.table import Table
-from forgeml.errors import DataError
-from forgeml.models.registry import Splits, family_for
+from forgeml.errors import DataError, RowError
+from forgeml.models.registry import ROW_ID, ModelFamily, Splits, family_for
 from forgeml.recipe import Recipe, hide_secrets, refuse_masked
 from forgeml.rundir import RunDir, sha256_json, write_json
 
 SPLITS = ("train", "val", "test")
-ROW_ID = "_row"  # position of the row in the source, kept so findings can point back to it
 
 
 @dataclass
@@ -47,11 +46,13 @@ class PrepareResult:
     rows: dict[str, int]
     labels: list[str]
     notes: list[str]  # what was cleaned, rebalanced, skipped
+    example: str | None = None  # the first training row as the model trains on it, trained spans in [[ ]]
 
     def __str__(self) -> str:
         rows = " / ".join(f"{n:,} {split}" for split, n in self.rows.items())
         head = f"{rows} rows" + (f", {len(self.labels)} classes" if self.labels else "")
-        return "; ".join([head, *self.notes])
+        shown = f"\nfirst training example, trained tokens between [[ and ]]:\n{self.example}" if self.example else ""
+        return "; ".join([head, *self.notes]) + shown
 
 
 def split_positions(
@@ -141,6 +142,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     )
     if cfg.rebalance != "none" and not classify:
         raise DataError("prepare.rebalance applies to classification; set it to none for language models")
+    check_format(recipe, family)
     notes: list[str] = []
     # What prepare did about each problem the audit checks for, by the audit check's name: the
     # report reads this, never the wording of the notes.
@@ -216,11 +218,24 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     labels_list = sorted(frame[columns.label].unique()) if classify else []
     # Tokenise (or scale) once: the stored rows carry what the network reads.
     raw = Splits(
-        splits["train"], splits["val"], splits["test"], columns.text, columns.features, columns.label, labels_list
+        splits["train"],
+        splits["val"],
+        splits["test"],
+        columns.text,
+        columns.features,
+        columns.label,
+        labels_list,
+        recipe.data.format,
     )
     encoder = family.fit_encoder(recipe.model, raw)
+    if cfg.packing:
+        encoder = encoder.packing()
     encoder.save(run / RunDir.ENCODER)
-    stored = {name: encoder.rows(part, columns.label, labels_list) for name, part in splits.items()}
+    try:
+        stored = {name: encoder.rows(part, columns.label, labels_list) for name, part in splits.items()}
+        example = encoder.shown(splits["train"])
+    except RowError as error:  # the encoder knows the row, the table where it is
+        raise DataError(f"{table.origin}: {table.where(error.row)}: {error.reason}") from None
     manifest: dict[str, Any] = {
         "source": hide_secrets(table.origin),
         "fingerprint": table.fingerprint,
@@ -228,6 +243,9 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         "config_hash": sha256_json(recipe.section_dump("data", "prepare", "model")),
         "location": cfg.shards_url and hide_secrets(cfg.shards_url),  # None: beside this manifest
         "schema": schema_of(stored["train"]),
+        "format": recipe.data.format,
+        "packed": cfg.packing,
+        "example": example,
         "text_column": columns.text,
         "feature_columns": columns.features,
         "label_column": columns.label,
@@ -247,7 +265,17 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         if classify:
             manifest["class_counts"][name] = splits[name][columns.label].value_counts().sort_index().to_dict()
     write_json(run / RunDir.MANIFEST, manifest)
-    return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels_list, notes)
+    return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels_list, notes, example)
+
+
+def check_format(recipe: Recipe, family: type[ModelFamily]) -> None:
+    """Refuse a data.format or prepare.packing the model does not read."""
+    fmt = recipe.data.format
+    if fmt is not None and fmt not in family.formats:
+        reads = f"reads {', '.join(family.formats)}" if family.formats else "reads rows with labels; remove it"
+        raise DataError(f"data.format: {fmt} is not for {family.name} models, which {reads}")
+    if recipe.prepare.packing and not family.packs:
+        raise DataError(f"prepare.packing: {family.name} models do not pack examples; set it to false")
 
 
 def _lines(lines: list[int], shown: int = 10) -> str:
@@ -312,4 +340,5 @@ def load_splits(run: RunDir, shards_url: str | None = None) -> Splits:
         feature_columns=manifest["feature_columns"],
         label_column=label_column,
         labels=labels,
+        format=manifest.get("format"),
     )

@@ -22,6 +22,7 @@ from fsspec.utils import infer_compression
 from pandas.api.types import is_numeric_dtype
 
 from forgeml.data.builtin import DATASETS, build_dataset
+from forgeml.data.examples import as_examples
 from forgeml.data.table import Table
 from forgeml.errors import DataError
 from forgeml.recipe import refuse_masked
@@ -43,6 +44,8 @@ def read_table(cfg: DataConfig) -> Table:
     table.text_column = cfg.text_column or table.text_column
     table.feature_columns = cfg.feature_columns or table.feature_columns
     table.label_column = cfg.label_column or table.label_column
+    if cfg.format in ("chat", "prompt_completion"):
+        as_examples(table, cfg)
     if cfg.max_rows is not None:
         _sample(table, cfg.max_rows, cfg.seed)
     return table
@@ -100,7 +103,7 @@ def _read_file(cfg: DataConfig) -> Table:
     source = cfg.source
     _require_path(source)
     data = _read_bytes(source)
-    fmt = cfg.format if cfg.format != "auto" else _format_from_suffix(source)
+    fmt = cfg.file_format if cfg.file_format != "auto" else _format_from_suffix(source)
     skipped: list[int] = []
     frame, lines = READERS[fmt](data, source, skipped if cfg.on_bad_rows == "skip" else None)
     return Table(
@@ -139,7 +142,7 @@ def _format_from_suffix(source: str) -> str:
     if suffix not in SUFFIX_FORMATS:
         raise DataError(
             f"data.source: cannot tell the format of {source} from its suffix {suffix or '(none)'!r}; "
-            "set data.format to csv, parquet or jsonl"
+            "set data.file_format to csv, parquet or jsonl"
         )
     return SUFFIX_FORMATS[suffix]
 

@@ -3,6 +3,6 @@
 from forgeml.models.registry import MODELS
 
 # Importing the families registers them (they import torch/transformers lazily).
-from forgeml.models import gpt, hf_classifier, mlp, module  # noqa: E402,F401  isort: skip
+from forgeml.models import gpt, hf_causal_lm, hf_classifier, mlp, module  # noqa: E402,F401  isort: skip
 
 __all__ = ["MODELS"]

@@ -23,51 +23,73 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def checkpoint_source(pretrained: str) -> str:
-    """What ``from_pretrained`` is given for ``model.pretrained``: a local folder wherever one holds
-    the checkpoint, else the hub id (fetched only when the hub is not switched off)."""
+def checkpoint_source(pretrained: str, field: str = "model.pretrained", marker: str = "config.json") -> str:
+    """What ``from_pretrained`` is given for ``field`` (model.pretrained, or model.tokenizer with the
+    marker tokenizer_config.json): a local folder wherever one holds the files, else the hub id
+    (fetched only when the hub is not switched off)."""
     if pretrained == PACKAGED_MINILM:
         return str(packaged_minilm_dir())
     path = Path(pretrained).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / marker).exists():
+            what = "a transformers checkpoint" if marker == "config.json" else "a saved tokenizer"
             raise ForgeError(
-                f"model.pretrained: {path} has no config.json, so it is not a transformers checkpoint; "
+                f"{field}: {path} has no {marker}, so it is not {what}; "
                 "save one there with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
             )
         return str(path)
     if looks_like_path(pretrained) or path.exists():
-        raise ForgeError(f"model.pretrained: there is no folder {path}; point it at a checkpoint folder or a hub id")
+        raise ForgeError(f"{field}: there is no folder {path}; point it at a checkpoint folder or a hub id")
     from huggingface_hub import is_offline_mode, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(pretrained, "config.json")
+    cached = try_to_load_from_cache(pretrained, marker)
     if isinstance(cached, str):
         return str(Path(cached).parent)  # the cached snapshot: weights and tokenizer sit beside it
     if is_offline_mode():
         raise ForgeError(
-            f"model.pretrained: {pretrained!r} is not a folder and not in the local Hugging Face cache, and "
+            f"{field}: {pretrained!r} is not a folder and not in the local Hugging Face cache, and "
             f"HF_HUB_OFFLINE=1 keeps it from being downloaded; download it once (hf download {pretrained}) "
-            "or point model.pretrained at a checkpoint folder"
+            f"or point {field} at a checkpoint folder"
         )
     return pretrained
+
+
+def read_config(source: str, pretrained: str) -> Any:
+    """The checkpoint's transformers config."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ForgeError(
+            f"model.pretrained: {pretrained} has no config transformers can read ({first_line(error)})"
+        ) from None
 
 
 def classification_config(source: str, pretrained: str) -> Any:
     """The checkpoint's transformers config, refused where transformers has no sequence-classification
     head for its architecture."""
-    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise ForgeError(
-            f"model.pretrained: {pretrained} has no config transformers can read ({first_line(error)})"
-        ) from None
+    config = read_config(source, pretrained)
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
         raise ForgeError(
             f"model.pretrained: {pretrained} is a {config.model_type} checkpoint, and transformers has no "
             "sequence-classification head for that architecture; choose an encoder (BERT, RoBERTa, ...) or a "
             "decoder (Llama, Qwen2, GPT-2, ...) that AutoModelForSequenceClassification supports"
+        )
+    return config
+
+
+def causal_lm_config(source: str, pretrained: str) -> Any:
+    """The checkpoint's transformers config, refused where it is not a causal language model."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = read_config(source, pretrained)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ForgeError(
+            f"model.pretrained: {pretrained} is a {config.model_type} checkpoint, which transformers cannot load as "
+            "a causal language model (AutoModelForCausalLM); choose a decoder (Llama, Qwen2, GPT-2, Mistral, ...)"
         )
     return config
 

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.inputs import TextInputs
 from forgeml.models.registry import MODELS, Batch, BlockLayout, Encoder, Splits, spread
+from forgeml.models.sampling import next_token
 from forgeml.section import Section
 from forgeml.tasks import LANGUAGE_MODELLING
 
@@ -232,18 +233,6 @@ class GPTNetwork(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
-    """A token id drawn from one position's logits: the most likely at temperature 0, otherwise from the
-    softmax of logits / temperature, restricted to the ``top_k`` most likely tokens if given."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
-
-
 # ---------------------------------------------------------------- tokenizers
 
 
@@ -369,6 +358,7 @@ class GPT(TextInputs):
     task = LANGUAGE_MODELLING
     encoding_fields = ("tokenizer", "vocab_size", "block_size")
     generates = True
+    formats = ("text",)
 
     def __init__(self, config: GPTConfig, tokenizer: TextTokenizer, network: GPTNetwork) -> None:
         self.config = config

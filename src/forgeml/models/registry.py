@@ -40,6 +40,7 @@ class Splits:
     feature_columns: list[str] = field(default_factory=list)
     label_column: str | None = None
     labels: list[str] = field(default_factory=list)  # class names, in class-index order
+    format: str | None = None  # a causal LM's data.format: text, prompt_completion or chat
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Batch:
 
 
 TARGET = "_target"  # stored column: the class index of each row
+ROW_ID = "_row"  # prepared column: the position of the row in the source, so findings can point back to it
 
 
 class Encoder(ABC):
@@ -86,6 +88,14 @@ class Encoder(ABC):
     def table(self, frame: pd.DataFrame, label_column: str | None, labels: list[str]) -> pa.Table:
         return pa.Table.from_pandas(self.rows(frame, label_column, labels), preserve_index=False)
 
+    def packing(self) -> Encoder:
+        """This encoder, packing several examples into each stored row (prepare.packing)."""
+        raise NotOffered("prepare.packing: this model's rows are not packed; set it to false")
+
+    def shown(self, frame: pd.DataFrame) -> str | None:
+        """The first row as the model trains on it, where that says more than the row (what trains)."""
+        return None
+
 
 class ModelFamily(ABC):
     """One kind of model: its encoder, its network, its file format, and what the stages may do with
@@ -100,6 +110,8 @@ class ModelFamily(ABC):
     generates: ClassVar[bool] = False  # continues a prompt token by token (``stream``)
     rows_interpolate: ClassVar[bool] = False  # a row between two training rows is a row (SMOTE may rebalance)
     takes_instances: ClassVar[bool] = False  # trains a network the user built (``adopt``, forgeml.train(model=))
+    formats: ClassVar[tuple[str, ...]] = ()  # the data.format values it reads (causal LMs); () for rows with labels
+    packs: ClassVar[bool] = False  # its encoder packs several examples into a row (prepare.packing)
 
     config: Any  # the recipe's model section it was built from
     network: nn.Module

@@ -49,12 +49,20 @@ class ClassificationLoss:
         return per_class.sum(-1).mean()
 
 
+IGNORE = -100  # a target no loss falls on (a prompt token, padding): torch's ignore_index
+
+
 class NextTokenLoss:
+    """Mean cross-entropy over the trained targets; the loop weighs each micro-batch by its count of
+    them, so the step's loss is the mean over every trained token of the global batch however the
+    batch is split into micro-batches and ranks."""
+
     def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(float(targets.numel()))
+        return (targets != IGNORE).sum().float()
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+        total = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return total / self.normalizer(targets).clamp(min=1)
 
 
 def balanced_weights(counts: torch.Tensor) -> torch.Tensor:

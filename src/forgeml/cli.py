@@ -553,8 +553,12 @@ MAX_NEW_TOKENS = 4096  # the streamed text is decoded afresh after every token, 
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory of a gpt model, e.g. runs/lm")],
+    run_dir: Annotated[Path, typer.Argument(help="a run directory of a language model, e.g. runs/lm")],
     prompt: Annotated[str, typer.Option("--prompt", help="text to continue (empty: start a new document)")] = "",
+    chat: Annotated[
+        str | None,
+        typer.Option("--chat", help="a JSON file of [{role, content}, ...] messages ('-': stdin) to reply to"),
+    ] = None,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", min=1, max=MAX_NEW_TOKENS, help="tokens to sample at most")
     ] = 128,
@@ -566,7 +570,8 @@ def generate(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the sampling; the same seed repeats the text")] = 0,
 ) -> None:
-    """Continue --prompt with the language model trained in RUN_DIR, printing the text as it is sampled."""
+    """Continue --prompt, or reply to the conversation in --chat, with the language model trained in
+    RUN_DIR, printing the text as it is sampled."""
     import time
 
     import torch
@@ -582,16 +587,38 @@ def generate(
             "run, e.g. `forgeml train lm`"
         )
     generator = torch.Generator().manual_seed(seed)
-    sys.stdout.write(prompt)
+    if chat is not None:
+        if prompt:
+            raise ForgeError("--prompt and --chat: give one of them")
+        if not hasattr(model, "stream_chat"):
+            raise ForgeError(f"--chat: {model.name} models take no conversations; continue a --prompt instead")
+        pieces = model.stream_chat(read_messages(chat), max_new_tokens, temperature, top_k, generator)
+    else:
+        sys.stdout.write(prompt)
+        pieces = model.stream(prompt, max_new_tokens, temperature, top_k, generator)
     sys.stdout.flush()
     start, tokens = time.perf_counter(), 0
-    for piece in model.stream(prompt, max_new_tokens, temperature, top_k, generator):
-        tokens += 1  # stream yields one piece per sampled token
+    for piece in pieces:
+        tokens += 1  # a stream yields one piece per sampled token
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     seconds = time.perf_counter() - start
     errors.print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s", highlight=False)
+
+
+def read_messages(source: str) -> Any:
+    """The JSON list of messages in the file ``source``, or on stdin for '-'."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise ForgeError(f"--chat: cannot read {source} ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ForgeError(
+            f"--chat: {source} is not JSON ({exc.msg}, line {exc.lineno}); give [{{role, content}}, ...]"
+        ) from None
 
 
 def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

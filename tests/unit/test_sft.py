@@ -15,7 +15,7 @@ from forgeml.errors import DataError, ForgeError
 from forgeml.models.checkpoints import load_tokenizer
 from forgeml.models.hf_causal_lm import HFCausalLM, HFCausalLMConfig
 from forgeml.models.registry import Splits, logits_of
-from forgeml.models.sft import IGNORE, ChatRenderer, completion_rendered, marked, tokenize
+from forgeml.models.sft import IGNORE, ChatRenderer, completion_rendered, marked, segments, tokenize
 from forgeml.training.config import TrainConfig
 from forgeml.training.loop import Optimization, train_step
 from forgeml.training.losses import NextTokenLoss
@@ -76,7 +76,7 @@ def test_last_turn_only_and_train_on_prompt(arch, tiny_checkpoint):
 def test_the_trained_spans_are_shown_marked(tiny_checkpoint):
     tokenizer = tokenizer_of(tiny_checkpoint, "qwen2")
     example = encode(tokenizer, CONVERSATION)
-    shown = marked(tokenizer, example.input_ids, example.labels)
+    shown = marked(segments(tokenizer, example.input_ids, example.labels))
     assert f"[[{REPLIES[0]}<|im_end|>]]\n<|im_start|>user" in shown
     assert shown.replace("[[", "").replace("]]", "") == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
 

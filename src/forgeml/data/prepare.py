@@ -35,6 +35,7 @@ from forgeml.data.sources import read_table, read_test_table, validate_table
 from forgeml.data.table import Table
 from forgeml.errors import DataError, RowError
 from forgeml.models.registry import ROW_ID, ModelFamily, Splits, family_for
+from forgeml.models.sft import marked
 from forgeml.recipe import Recipe, hide_secrets, refuse_masked
 from forgeml.rundir import RunDir, sha256_json, write_json
 
@@ -46,12 +47,14 @@ class PrepareResult:
     rows: dict[str, int]
     labels: list[str]
     notes: list[str]  # what was cleaned, rebalanced, skipped
-    example: str | None = None  # the first training row as the model trains on it, trained spans in [[ ]]
+    example: list[tuple[str, bool]] | None = None  # the first training row as it trains (Encoder.shown)
 
     def __str__(self) -> str:
         rows = " / ".join(f"{n:,} {split}" for split, n in self.rows.items())
         head = f"{rows} rows" + (f", {len(self.labels)} classes" if self.labels else "")
-        shown = f"\nfirst training example, trained tokens between [[ and ]]:\n{self.example}" if self.example else ""
+        shown = ""
+        if self.example:
+            shown = f"\nthe first training example, trained tokens between [[ and ]]:\n{marked(self.example)}"
         return "; ".join([head, *self.notes]) + shown
 
 

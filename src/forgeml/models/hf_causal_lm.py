@@ -40,7 +40,7 @@ from forgeml.models.hf_network import (
 from forgeml.models.inputs import TextInputs
 from forgeml.models.registry import META_FILE, MODELS, ROW_ID, Batch, Encoder, Splits
 from forgeml.models.sampling import next_token
-from forgeml.models.sft import IGNORE, ChatRenderer, Example, chunks, completion_rendered, marked, pack, tokenize
+from forgeml.models.sft import IGNORE, ChatRenderer, Example, chunks, completion_rendered, pack, segments, tokenize
 from forgeml.section import Section
 from forgeml.tasks import LANGUAGE_MODELLING
 
@@ -170,10 +170,10 @@ class CausalEncoder(Encoder):
     def packing(self) -> CausalEncoder:
         return replace(self, packed=True)
 
-    def shown(self, frame: pd.DataFrame) -> str:
-        """The first row rendered with its trained spans between [[ and ]]."""
+    def shown(self, frame: pd.DataFrame) -> list[tuple[str, bool]]:
+        """The first row as it trains: its text in runs, each with whether it is trained."""
         example = self.examples(frame.head(1))[0]
-        return marked(self.tokenizer, example.input_ids, example.labels)
+        return segments(self.tokenizer, example.input_ids, example.labels)
 
     def settings(self) -> dict[str, Any]:
         return {

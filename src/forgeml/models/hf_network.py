@@ -103,7 +103,6 @@ def with_lora(network: nn.Module, lora: LoraConfig | None, task_type: str) -> nn
         return network
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
-
     from transformers.pytorch_utils import Conv1D
 
     targets = lora.target_modules or lora_targets(network)

@@ -92,8 +92,9 @@ class Encoder(ABC):
         """This encoder, packing several examples into each stored row (prepare.packing)."""
         raise NotOffered("prepare.packing: this model's rows are not packed; set it to false")
 
-    def shown(self, frame: pd.DataFrame) -> str | None:
-        """The first row as the model trains on it, where that says more than the row (what trains)."""
+    def shown(self, frame: pd.DataFrame) -> list[tuple[str, bool]] | None:
+        """The first row as the model trains on it, where that says more than the row: its text in
+        runs, each with whether a loss falls on it."""
         return None
 
 

@@ -179,18 +179,22 @@ def pack(examples: Sequence[Example], max_length: int) -> list[Packed]:
     return rows
 
 
-def marked(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int], start: str = "[[", end: str = "]]") -> str:
-    """The example's text with each trained span between ``start`` and ``end``, to show what trains."""
-    out: list[str] = []
+def segments(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> list[tuple[str, bool]]:
+    """The example's text in runs of tokens, each with whether it trains, to show what trains."""
+    out: list[tuple[str, bool]] = []
     run: list[int] = []
     trained = False
-    for token, label in zip(list(input_ids) + [None], list(labels) + [None], strict=True):
-        now = label is not None and label != IGNORE
+    for token, label in zip([*input_ids, None], [*labels, None], strict=True):
+        now = label is not None and bool(label != IGNORE)
         if token is None or now != trained:
             if run:
-                text = tokenizer.decode(run, skip_special_tokens=False)
-                out.append(f"{start}{text}{end}" if trained else text)
+                out.append((tokenizer.decode(run, skip_special_tokens=False), trained))
             run, trained = [], now
         if token is not None:
             run.append(int(token))
-    return "".join(out)
+    return out
+
+
+def marked(parts: Sequence[tuple[str, bool]], start: str = "[[", end: str = "]]") -> str:
+    """``segments`` as one text, each trained run between ``start`` and ``end``."""
+    return "".join(f"{start}{text}{end}" if trained else text for text, trained in parts)

@@ -248,6 +248,14 @@ def _data(run: Run) -> str:
     done = [str(note) for note in m.get("notes") or []]
     if done:
         parts.append("<ul>" + "".join(f"<li>{escape(note)}</li>" for note in done) + "</ul>")
+    example = m.get("example")
+    if isinstance(example, list) and example:
+        shown = "".join(
+            f"<mark>{escape(str(text))}</mark>" if trained else escape(str(text)) for text, trained in example
+        )
+        parts.append("<h3>What trains</h3>")
+        parts.append(_note("The first training example as the model reads it; the loss falls on the marked tokens."))
+        parts.append(f"<pre class='example'>{shown}</pre>")
     splits = _dict_or_none(m.get("splits")) or {}
     if splits:
         rows = [(name, (_dict_or_none(info) or {}).get("rows")) for name, info in splits.items()]

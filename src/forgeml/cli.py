@@ -417,7 +417,8 @@ def compress(
     result = run_compress(run_dir, overrides=tuple(overrides), console=errors)
     table = Table(title="variants (* Pareto front, ** recommended)")
     lm = "perplexity" in result.variants[0]
-    for column in ("variant", "acc", "ppl" if lm else "F1", "MB", "p50 ms", "p99 ms", "rows/s", "agree"):
+    columns = ["variant", "acc", "ppl" if lm else "F1", "MB", "p50 ms", "p99 ms", "rows/s", "agree"]
+    for column in columns + (["greedy"] if lm else []):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in result.variants:
         mark = " **" if row["recommended"] else " *" if row["pareto"] else ""
@@ -430,6 +431,7 @@ def compress(
             f"{row['p99_ms']:.3g}",
             f"{row['throughput_batch32']:.3g}",
             f"{row['label_agreement']:.3f}",
+            *([f"{row.get('greedy_agreement', float('nan')):.3f}"] if lm else []),
         )
     console.print(table)
     console.print(f"variants: {result.folder / 'variants.json'}")

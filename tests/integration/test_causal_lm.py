@@ -88,6 +88,32 @@ def test_plain_transformers_generates_what_forgeml_generates_and_stops_at_the_en
     assert model.tokenizer.chat_template == (run / "data" / "encoder" / "chat_template.jinja").read_text()
 
 
+def test_every_compressed_variant_is_checked_by_its_greedy_continuations(run):
+    overrides = (
+        "compress.methods=[quantize, onnx, distill]",
+        "compress.latency_runs=10",
+        "compress.throughput_batches=1",
+        "compress.calibration_rows=16",
+        "compress.generation_prompts=3",
+        "compress.generation_tokens=8",
+    )
+    rows = {row["name"]: row for row in forgeml.compress(run, overrides=overrides).variants}
+    assert {"baseline", "torch-int8", "onnx-fp32", "onnx-int8-dynamic", "distilled", "student-alone"} <= set(rows)
+    assert rows["baseline"]["greedy_agreement"] == rows["onnx-fp32"]["greedy_agreement"] == 1.0
+    for row in rows.values():
+        assert 0.0 <= row["greedy_agreement"] <= 1.0 and row["perplexity"] > 1.0 and 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_the_next_token_is_explained_over_the_prompt_and_scored_by_deletion(run):
+    result = forgeml.explain(run, overrides=("explain.n=2", "explain.ig_steps=8", "explain.random_orders=2"))
+    assert set(result.methods) == {"ig"} and result.methods["ig"]["n"] == 2
+    record = result.records[0]
+    assert record["input"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")  # the prompt, no reply
+    assert len(record["attributions"]["ig"]) == len(record["units"]) and abs(record["ig_delta"]) < 0.05
+    named = forgeml.explain(run, overrides=("explain.n=1", "explain.ig_steps=4", "explain.continuation=path file"))
+    assert named.records[0]["predicted"] == "path file"
+
+
 def test_prepare_records_what_trains_and_the_report_shows_it(run):
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     trained = [text for text, is_trained in manifest["example"] if is_trained]

@@ -15,7 +15,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgeml.compression.config import CompressConfig
-from forgeml.compression.measure import Inputs, agreement, pareto, quality, recommend, speed
+from forgeml.compression.measure import (
+    Inputs,
+    agreement,
+    continuations,
+    generation_agreement,
+    pareto,
+    quality,
+    recommend,
+    speed,
+)
 from forgeml.compression.operators import check_promise, integer_operators, operators
 from forgeml.compression.variants import METRICS_FILE, VARIANT_FILE, Variant, baseline, torch_logits
 from forgeml.data.prepare import read_manifest, shard_location
@@ -75,11 +84,13 @@ def measurement_inputs(family: ModelFamily, run: RunDir, cfg: CompressConfig, sh
     targets = torch.cat([family.collate(b, augment=None, generator=None).targets for b in batches])
     cycled = (test * (BATCH // len(test) + 1))[: max(len(test), BATCH)]  # at least one full batch
     full = [cycled[i : i + BATCH] for i in range(0, len(cycled) - BATCH + 1, BATCH)]
+    prompts = [family.prompt_of(item) for item in test] if family.generates else []
     return Inputs(
         batches=[collate(b) for b in batches],
         targets=targets,
         singles=[collate([item]) for item in test[: cfg.latency_runs]],
         thirty_twos=[collate(b) for b in full[: cfg.throughput_batches]],
+        prompts=[p for p in prompts if p][: cfg.generation_prompts],
     )
 
 
@@ -186,11 +197,13 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
             check_promise(variant.name, ops)
         task = progress.add_task("check", total=len(variants))
         rows = []
-        reference = None  # the baseline's probabilities: it comes first
+        reference = greedy = None  # the baseline's probabilities and continuations: it comes first
         for variant, ops in zip(variants, executes, strict=True):
             progress.update(task, description=f"check {variant.name}")
             metrics, probs = quality(variant, inputs)
             reference = probs if reference is None else reference
+            generated = continuations(variant, inputs.prompts, cfg.generation_tokens) if inputs.prompts else []
+            greedy = generated if greedy is None else greedy
             rows.append(
                 {
                     "name": variant.name,
@@ -200,6 +213,7 @@ def build_and_measure(recipe: Recipe, run: RunDir, model_dir: Path, console: Con
                     variant.family.task.quality: metrics[variant.family.task.quality],
                     "size_bytes": variant.size_bytes(),
                     **agreement(probs, reference),
+                    **(generation_agreement(generated, greedy) if generated else {}),
                     "operators": ops,  # what it executes, most frequent first
                     "integer_operators": integer_operators(ops),
                 }

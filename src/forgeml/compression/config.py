@@ -59,6 +59,10 @@ class CompressConfig(Section):
         description="the first N test rows every variant is measured on; default: all of them for a classifier, "
         "64 sequences for a language model, whose every position's probabilities are kept per variant",
     )
+    generation_prompts: Annotated[int, Field(ge=0)] = Field(
+        4, description="language models: test prompts whose greedy continuation every variant must reproduce"
+    )
+    generation_tokens: PositiveInt = Field(16, description="language models: tokens of each greedy continuation")
     calibration_rows: PositiveInt = Field(
         128, description="training rows that calibrate static int8 and find the matrices int8 harms most"
     )

@@ -23,6 +23,7 @@ from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
 from forgeml.training.builder import build_training
 from forgeml.training.loop import fit
+from forgeml.training.losses import IGNORE
 
 
 class WithTeacher(nn.Module):
@@ -57,13 +58,15 @@ class DistillLoss:
     def __call__(self, both: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         student, teacher = both[0], both[1]
         t = self.temperature
-        # One row per prediction: a language model's positions count like a classifier's rows.
+        # One row per prediction: a language model's positions count like a classifier's rows, and
+        # only those the label loss counts (not prompts or padding) are taught.
+        rows_s, rows_t = student.flatten(0, -2), teacher.flatten(0, -2)
+        if not targets.is_floating_point():
+            kept = targets.flatten() != IGNORE
+            rows_s, rows_t = rows_s[kept], rows_t[kept]
         soft = F.kl_div(
-            F.log_softmax(student.flatten(0, -2) / t, -1),
-            F.log_softmax(teacher.flatten(0, -2) / t, -1),
-            log_target=True,
-            reduction="batchmean",
-        )
+            F.log_softmax(rows_s / t, -1), F.log_softmax(rows_t / t, -1), log_target=True, reduction="sum"
+        ) / max(len(rows_s), 1)
         return self.alpha * t * t * soft + (1 - self.alpha) * self.hard(student, targets)
 
 

@@ -4,7 +4,7 @@ batch 1 and 32 (``forgeml.measure``'s rounds), all in one process with a fixed t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,13 @@ from forgeml.measure import percentile_ms, timed_rounds
 @dataclass
 class Inputs:
     """What every variant is measured on: the test split in batches of 32 (with its labels),
-    single rows for latency, and batches of 32 for throughput."""
+    single rows for latency, batches of 32 for throughput, and (language models) prompts."""
 
     batches: list[dict[str, torch.Tensor]]
     targets: torch.Tensor
     singles: list[dict[str, torch.Tensor]]
     thirty_twos: list[dict[str, torch.Tensor]]
+    prompts: list[list[int]] = field(default_factory=list)  # language models: test prompts to continue greedily
 
 
 def quality(variant: Variant, inputs: Inputs) -> tuple[dict[str, Any], torch.Tensor]:
@@ -40,6 +41,27 @@ def agreement(probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
         "max_abs_diff": float((probs - reference).abs().max()),
         "label_agreement": float((probs.argmax(-1) == reference.argmax(-1)).float().mean()),
     }
+
+
+def continuations(variant: Variant, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """Each prompt's greedy continuation of ``tokens`` tokens, by the variant's own logits (every
+    backend alike: the whole context is fed again at each step, so no KV cache is needed)."""
+    out = []
+    for prompt in prompts:
+        ids = list(prompt)
+        for _ in range(tokens):
+            logits = variant.logits(variant.family.generation_inputs(torch.tensor([ids])))
+            ids.append(int(logits[0, -1].argmax()))
+        out.append(ids[len(prompt) :])
+    return out
+
+
+def generation_agreement(generated: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
+    """How much of the source model's greedy continuations a variant reproduces: the share of
+    tokens before the first one that differs, and the share of prompts continued exactly alike."""
+    agreed = [next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(r)) / len(r)
+              for g, r in zip(generated, reference, strict=True)]  # fmt: skip
+    return {"greedy_agreement": float(np.mean(agreed)), "greedy_identical": float(np.mean([a == 1.0 for a in agreed]))}
 
 
 def speed(

@@ -30,4 +30,7 @@ class ExplainConfig(Section):
     surrogate_leaves: Annotated[int, Field(ge=2, le=64)] = Field(
         16, description="the surrogate tree's rules at most (leaves, grown best split first)"
     )
+    continuation: str | None = Field(
+        None, description="causal LMs: the continuation whose probability is attributed; default: the next token"
+    )
     seed: int = 0

@@ -52,6 +52,10 @@ class ExplainResult:
 
 
 def approach_for(family: ModelFamily) -> Approach:
+    if not family.task.classifies:
+        if not (family.generates and family.explained):
+            raise ForgeError(f"explain covers classifiers and causal LMs; {family.name} models are neither")
+        return CONTINUATIONS
     if family.inputs not in APPROACHES:
         raise ForgeError(f"explain covers models of {', '.join(APPROACHES)}; {family.name} models read {family.inputs}")
     return APPROACHES[family.inputs]
@@ -124,8 +128,6 @@ def explain(
     console = console or Console(stderr=True)
     model_dir = trained_model_dir(run.path)
     family = load_family(model_dir)
-    if not family.task.classifies:
-        raise ForgeError(f"explain covers classifiers; {run.path} holds a {family.name} model ({family.task.name})")
     if not cfg.methods:
         raise ForgeError("explain.methods is empty; name some, e.g. --method ig,lime, or all")
     approach = approach_for(family)
@@ -188,7 +190,8 @@ def chosen_inputs(
     if splits.test.empty:
         raise ForgeError("nothing to explain: the test split is empty; raise prepare.test_fraction or give --inputs")
     sample = splits.test.sample(n=min(cfg.n, len(splits.test)), random_state=cfg.seed)
-    return family.split_inputs(sample, splits), sample[splits.label_column].tolist()
+    labels = sample[splits.label_column].tolist() if splits.label_column else [None] * len(sample)
+    return family.split_inputs(sample, splits), labels
 
 
 def write_outputs(run: RunDir, summary: dict[str, Any], outcome: Outcome, text_methods: list[str] | None) -> None:
@@ -338,7 +341,7 @@ def predicted_classes(family: ModelFamily, inputs: list[Any]) -> np.ndarray:
 
 
 def fit_surrogate(family: ModelFamily, splits: Splits, cfg: ExplainConfig) -> dict[str, Any] | None:
-    if splits.val.empty or splits.test.empty:
+    if not family.task.classifies or splits.val.empty or splits.test.empty:
         return None
     fit_inputs, test_inputs = family.split_inputs(splits.val, splits), family.split_inputs(splits.test, splits)
     # The tree reads texts as they are, feature records as a matrix with the features named.
@@ -366,6 +369,14 @@ class Approach:
     tokens_page: bool
 
 
+def continuation_explanations(*args: Any) -> Outcome:
+    from forgeml.explaining.generation import generation_explanations
+
+    return generation_explanations(*args)
+
+
+# Causal LMs: the prompt's tokens, attributed for the model's next token (or a named continuation).
+CONTINUATIONS = Approach(("ig",), "the padding token in the token's place", continuation_explanations, True)
 APPROACHES = {
     "text": Approach(("ig", "lime", "attention"), "the padding token in the token's place", text_explanations, True),
     "features": Approach(("shap", "lime", "ig"), "the feature's training mean", table_explanations, False),

@@ -16,8 +16,9 @@ class Explain(Stage):
     sections = ("data", "prepare", "model", "train", "explain")
 
     def enabled(self, recipe: Recipe) -> bool:
-        # A language model has no class to explain.
-        return bool(recipe.explain.methods) and family_for(recipe.model).task.classifies
+        # A classifier's class is explained, or a causal LM's next token where its family offers it.
+        family = family_for(recipe.model)
+        return bool(recipe.explain.methods) and (family.task.classifies or family.generates and family.explained)
 
     def inputs(self, recipe: Recipe, run: RunDir) -> dict[str, str]:
         return file_hashes(RunDir.MODEL, RunDir.MANIFEST)(run)

@@ -359,6 +359,7 @@ class GPT(TextInputs):
     encoding_fields = ("tokenizer", "vocab_size", "block_size")
     generates = True
     formats = ("text",)
+    explained = False  # its tokenizers are not transformers', whose offsets explanations read
 
     def __init__(self, config: GPTConfig, tokenizer: TextTokenizer, network: GPTNetwork) -> None:
         self.config = config
@@ -402,6 +403,13 @@ class GPT(TextInputs):
             size=x.size(0),
             tokens=targets.numel(),
         )
+
+    def prompt_of(self, item: torch.Tensor) -> list[int]:
+        """The first half of a chunk: the second half is what it would continue with."""
+        return item[: len(item) // 2].tolist()
+
+    def generation_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": ids[:, -self.config.block_size :]}
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -327,6 +327,25 @@ class HFCausalLM(HFNetwork, TextInputs):
             inputs = {"input_ids": input_ids, "attention_mask": mask}
         return Batch(inputs, targets, n, tokens=int(lengths.sum()))
 
+    def prompt_of(self, item: Any) -> list[int]:
+        """The tokens before the first trained one (of the first example, in a packed row); for
+        documents, which train everywhere, the first half."""
+        ids, labels = item[0], item[1]
+        end = len(ids) if len(item) < 3 else next((i for i, p in enumerate(item[2]) if i and p == 0), len(ids))
+        first = next((i for i in range(end) if labels[i] != IGNORE), end)
+        return list(ids[: first if 0 < first < end else end // 2])
+
+    def generation_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def split_inputs(self, frame: pd.DataFrame, splits: Splits) -> list[str]:
+        """The prompts of a prepared split's rows, as text (a tokenizer's BOS left for it to add)."""
+        columns = [c for c in ("input_ids", "labels", "position_ids") if c in frame.columns]
+        prompts = [self.prompt_of(item) for item in zip(*(frame[c] for c in columns), strict=True)]
+        bos = self.tokenizer.bos_token_id
+        adds_bos = bos is not None and self.tokenizer("a")["input_ids"][:1] == [bos]
+        return [self.tokenizer.decode(p[1:] if adds_bos and p[:1] == [bos] else p) for p in prompts]
+
     # ------------------------------------------------------------ files
 
     def save(self, directory: Path) -> None:

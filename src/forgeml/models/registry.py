@@ -113,6 +113,7 @@ class ModelFamily(ABC):
     takes_instances: ClassVar[bool] = False  # trains a network the user built (``adopt``, forgeml.train(model=))
     formats: ClassVar[tuple[str, ...]] = ()  # the data.format values it reads (causal LMs); () for rows with labels
     packs: ClassVar[bool] = False  # its encoder packs several examples into a row (prepare.packing)
+    explained: ClassVar[bool] = True  # the explain stage covers it (a classifier, or a causal LM with a tokenizer)
 
     config: Any  # the recipe's model section it was built from
     network: nn.Module
@@ -244,6 +245,15 @@ class ModelFamily(ABC):
         generator: torch.Generator | None = None,
     ) -> Iterator[str]:
         """The prompt's continuation, one piece of text per sampled token (families that generate)."""
+        raise NotOffered(f"{self.name} models do not generate text")
+
+    def prompt_of(self, item: Any) -> list[int] | None:
+        """A stored row's prompt (families that generate): what compress continues greedily with
+        every variant, to see that each continues it as the trained model does."""
+        raise NotOffered(f"{self.name} models do not generate text")
+
+    def generation_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Network inputs (as ``collate`` names them) for rows of token ids (batch, length), to read their logits."""
         raise NotOffered(f"{self.name} models do not generate text")
 
     def dynamic_axes(self, names: list[str]) -> dict[str, dict[int, str]]:

@@ -430,7 +430,10 @@ def _compression(run: Run) -> str:
     quality = "perplexity" if "perplexity" in run.variants[0] else "macro_f1"
     header = ["variant", "method", "accuracy", "perplexity" if quality == "perplexity" else "macro-F1"]
     header += ["size MB", "p50 ms", "p99 ms", "rows/s at 32"]
-    header += ["max prob. diff", "label agreement", "integer operators it runs", ""]
+    header += ["max prob. diff", "label agreement"]
+    greedy = "greedy_agreement" in run.variants[0]  # language models: the equivalence gate on generation
+    header += ["greedy agreement"] if greedy else []
+    header += ["integer operators it runs", ""]
     rows = []
     for row in run.variants:
         mark = "recommended" if row.get("recommended") else "Pareto front" if row.get("pareto") else ""
@@ -440,12 +443,15 @@ def _compression(run: Run) -> str:
             [row.get("name"), row.get("method"), row.get("accuracy"), row.get(quality)]
             + [row["size_bytes"] / 1e6 if isinstance(row.get("size_bytes"), (int, float)) else None]
             + [row.get(k) for k in ("p50_ms", "p99_ms", "throughput_batch32", "max_abs_diff", "label_agreement")]
+            + ([row.get("greedy_agreement")] if greedy else [])
             + [runs, mark]
         )
     parts = [
         "<p>Each variant of the trained model (<code>baseline</code>), measured in one process on the test split; "
         "latency at batch 1, throughput at batch 32; then its class probabilities and labels against the baseline's "
-        "on the same rows, and the integer operators it executes (as ONNX Runtime runs the graph, or the quantised "
+        "on the same rows (for a language model also the share of the baseline's greedy continuation of the first "
+        "test prompts that it reproduces before it first differs), and the integer operators it executes (as "
+        "ONNX Runtime runs the graph, or the quantised "
         "torch modules). Files: <code>compress/&lt;variant&gt;/</code>.</p>",
         _table(header, rows),
     ]

@@ -33,6 +33,7 @@ CAPABILITIES = {
     "hf-classifier": {"predict", "blocks", "distillation student", "input embeddings", "augmentation token_dropout",
                       "augmentation random_mask"},
     "module": {"predict"},
+    "hf-causal-lm": {"generate", "blocks", "distillation student", "input embeddings", "flops per token"},
 }  # fmt: skip
 # hf-classifier runs on a tiny random checkpoint of each of these architectures.
 ARCHITECTURES = {
@@ -41,6 +42,8 @@ ARCHITECTURES = {
     "llama": {"tensor-parallel plan"},
     "gpt2": set(),
 }
+# hf-causal-lm fine-tunes a tiny random checkpoint of each decoder.
+CAUSAL_ARCHITECTURES = {"llama": {"tensor-parallel plan"}, "qwen2": {"tensor-parallel plan"}, "gpt2": set()}
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small"]
 
 
@@ -65,13 +68,14 @@ def feature_splits() -> Splits:
     return Splits(*frames, feature_columns=["a", "b", "c"], label_column="y", labels=["hi", "lo"])
 
 
-CASES = [(name, None) for name in MODELS.names() if name not in ("hf-classifier", "module")]
-CASES += [("hf-classifier", arch) for arch in ARCHITECTURES] + [("module", kind) for kind in MODULES]
+PER_ARCHITECTURE = {"hf-classifier": ARCHITECTURES, "hf-causal-lm": CAUSAL_ARCHITECTURES, "module": MODULES}
+CASES = [(name, None) for name in MODELS.names() if name not in PER_ARCHITECTURE]
+CASES += [(name, arch) for name, archs in PER_ARCHITECTURE.items() for arch in archs]
 
 
 def test_every_registered_family_has_a_case():
     assert {name for name, _ in CASES} == set(MODELS.names())
-    assert set(ARCHITECTURES) <= set(ENCODERS + DECODERS)
+    assert set(ARCHITECTURES) <= set(ENCODERS + DECODERS) and set(CAUSAL_ARCHITECTURES) <= set(DECODERS)
     assert set(MODULES) == set(MODELS.get("module").build.kinds)
 
 
@@ -89,7 +93,6 @@ def test_every_registered_family_conforms(name, arch, tiny_checkpoint):
     splits = feature_splits() if family.inputs == "features" else text_splits(family.task.classifies)
     passed = check_family(family, config, splits)
     assert {"encoder round trip", "create", "training step", "save and load", "export axes"} <= set(passed)
-    wanted = CAPABILITIES.get(name, set()) | (MODULE_CAPABILITIES if name == "module" else ARCHITECTURES).get(
-        arch, set()
-    )
+    extra = {"module": MODULE_CAPABILITIES, "hf-causal-lm": CAUSAL_ARCHITECTURES}.get(name, ARCHITECTURES)
+    wanted = CAPABILITIES.get(name, set()) | extra.get(arch, set())
     assert wanted <= set(passed), sorted(wanted - set(passed))

@@ -132,7 +132,6 @@ def test_save_load_round_trip(splits: Splits, tmp_path: Path, tokenizer: str) ->
     model.save(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
     assert all(name.endswith((".json", ".safetensors")) for name in files)
-    assert ("tokenizer.json" in files) == (tokenizer == "bpe")
 
     loaded = GPT.load(tmp_path)
     assert loaded.network.lm_head.weight is loaded.network.wte.weight
@@ -140,6 +139,26 @@ def test_save_load_round_trip(splits: Splits, tmp_path: Path, tokenizer: str) ->
     x = torch.tensor([loaded.tokenizer.encode("hello world, the quick")[:16]])
     assert torch.equal(model.network.eval()(x), loaded.network(x))
     assert loaded.tokenizer.encode("ünïcödé fox") == model.tokenizer.encode("ünïcödé fox")
+
+
+@pytest.mark.parametrize(("tokenizer", "bias"), [("byte", True), ("bpe", False)])
+def test_the_export_is_a_gpt2_checkpoint_with_the_same_logits_and_tokens(splits, tmp_path, tokenizer, bias):
+    """transformers alone loads the saved model and its tokenizer: the same ids, the same text back,
+    the same logits within 1e-4 (fp32), and generation stops at end-of-text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model = GPT.fit(tiny(tokenizer=tokenizer, vocab_size=300, bias=bias), splits, seed=0)[0]
+    model.save(tmp_path)
+    network = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    text = "hi wörld<|endoftext|>ab"
+    ids = model.tokenizer.encode("hi wörld") + [model.tokenizer.eot_id] + model.tokenizer.encode("ab")
+    assert hf_tokenizer(text)["input_ids"] == ids
+    assert hf_tokenizer.decode(ids) == model.tokenizer.decode(ids)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(network(x).logits, model.network.eval()(x), rtol=0, atol=1e-4)
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == model.tokenizer.eot_id
 
 
 def test_training_reduces_loss() -> None:

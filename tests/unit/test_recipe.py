@@ -300,3 +300,11 @@ def test_flat_tune_options_of_older_recipes_move_into_their_sampler_and_pruner()
     with pytest.warns(RecipeWarning, match="tune.prune_from_eval has moved to tune.pruner.from_eval"):
         recipe = validate_recipe({**BASE, "tune": old})
     assert (recipe.tune.sampler.name, recipe.tune.sampler.startup_trials, recipe.tune.pruner.from_eval) == ("tpe", 2, 5)
+
+
+def test_a_file_type_given_as_data_format_moves_to_file_format():
+    with pytest.warns(RecipeWarning, match="data.format has moved to data.file_format"):
+        recipe = validate_recipe({**BASE, "data": {"source": "rows.txt", "format": "csv"}})
+    assert (recipe.data.file_format, recipe.data.format) == ("csv", None)
+    chat = validate_recipe({**BASE, "data": {"source": "chat.jsonl", "format": "chat"}})
+    assert (chat.data.file_format, chat.data.format, chat.data.messages_column) == ("auto", "chat", "messages")

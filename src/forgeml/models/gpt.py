@@ -35,7 +35,7 @@ from forgeml.tasks import LANGUAGE_MODELLING
 
 EOT = "<|endoftext|>"
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "forgeml_config.json"  # the GPTConfig; config.json is transformers' (GPT-2 layout)
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -320,6 +320,107 @@ class BPETokenizer:
 TextTokenizer = ByteTokenizer | BPETokenizer
 
 
+# ---------------------------------------------------------------- the GPT-2 layout
+
+# The network is GPT-2's but for separate q, k, v projections (GPT-2 fuses them in one Conv1D, whose
+# weight is stored transposed), exact GELU (GPT-2's config names it "gelu") and optional biases
+# (GPT-2's are zeros then). So the export is a transformers GPT-2 checkpoint, which
+# AutoModelForCausalLM, vLLM and TGI load as they are.
+PROJECTIONS = ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def gpt2_config(config: GPTConfig, vocab_size: int, eot_id: int) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=4 * config.n_embd,
+        activation_function="gelu",
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def to_gpt2(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """The network's weights (without the tied head) under GPT-2's names and shapes."""
+    like = state["wte.weight"]
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return state.get(name, like.new_zeros(size))
+
+    out = {"transformer.wte.weight": state["wte.weight"], "transformer.wpe.weight": state["wpe.weight"]}
+    for norm in ("ln_f",):
+        out[f"transformer.{norm}.weight"] = state[f"{norm}.weight"]
+        out[f"transformer.{norm}.bias"] = bias(f"{norm}.bias", like.size(1))
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
+        for norm in ("ln_1", "ln_2"):
+            out[f"{theirs}.{norm}.weight"] = state[f"{ours}.{norm}.weight"]
+            out[f"{theirs}.{norm}.bias"] = bias(f"{ours}.{norm}.bias", like.size(1))
+        qkv = [f"{ours}.attn.{p}_proj" for p in "qkv"]
+        out[f"{theirs}.attn.c_attn.weight"] = torch.cat([state[f"{n}.weight"] for n in qkv]).T
+        out[f"{theirs}.attn.c_attn.bias"] = torch.cat([bias(f"{n}.bias", state[f"{n}.weight"].size(0)) for n in qkv])
+        for name in PROJECTIONS:
+            weight = state[f"{ours}.{name}.weight"]
+            out[f"{theirs}.{name}.weight"] = weight.T
+            out[f"{theirs}.{name}.bias"] = bias(f"{ours}.{name}.bias", weight.size(0))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_gpt2(state: dict[str, torch.Tensor], n_layer: int, with_bias: bool) -> dict[str, torch.Tensor]:
+    """``to_gpt2``'s inverse: GPT-2's weights as the network's (biases only where it has them)."""
+    out = {"wte.weight": state["transformer.wte.weight"], "wpe.weight": state["transformer.wpe.weight"]}
+
+    def copy_norm(theirs: str, ours: str) -> None:
+        out[f"{ours}.weight"] = state[f"{theirs}.weight"]
+        if with_bias:
+            out[f"{ours}.bias"] = state[f"{theirs}.bias"]
+
+    copy_norm("transformer.ln_f", "ln_f")
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
+        copy_norm(f"{theirs}.ln_1", f"{ours}.ln_1")
+        copy_norm(f"{theirs}.ln_2", f"{ours}.ln_2")
+        weights = state[f"{theirs}.attn.c_attn.weight"].T.chunk(3)
+        biases = state[f"{theirs}.attn.c_attn.bias"].chunk(3)
+        for p, weight, b in zip("qkv", weights, biases, strict=True):
+            out[f"{ours}.attn.{p}_proj.weight"] = weight
+            if with_bias:
+                out[f"{ours}.attn.{p}_proj.bias"] = b
+        for name in PROJECTIONS:
+            out[f"{ours}.{name}.weight"] = state[f"{theirs}.{name}.weight"].T
+            if with_bias:
+                out[f"{ours}.{name}.bias"] = state[f"{theirs}.{name}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def transformers_tokenizer(tokenizer: TextTokenizer) -> Any:
+    """The tokenizer as transformers' PreTrainedTokenizerFast: the trained BPE as it is; the byte
+    tokenizer as a byte-level BPE without merges, whose 256 byte tokens have the byte values as ids
+    and end-of-text 256, as ByteTokenizer's."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if isinstance(tokenizer, BPETokenizer):
+        inner = Tokenizer.from_str(tokenizer.tokenizer.to_str())
+    else:  # GPT-2's byte-level alphabet: byte b is written as the character bytes_to_unicode()[b]
+        inner = Tokenizer(models.BPE(vocab={char: byte for byte, char in bytes_to_unicode().items()}, merges=[]))
+        inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        inner.decoder = decoders.ByteLevel()
+        inner.add_special_tokens([EOT])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token=EOT, bos_token=EOT)
+
+
 # ---------------------------------------------------------------- family
 
 
@@ -411,19 +512,44 @@ class GPT(TextInputs):
     def generation_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": ids[:, -self.config.block_size :]}
 
+    def gpt2_layout(self) -> bool:
+        """Whether every block has the config's full width (structured pruning cuts heads and
+        channels, which GPT-2's config cannot say)."""
+        width = self.config.n_embd
+        return all(
+            block.attn.q_proj.out_features == width and block.mlp.c_fc.out_features == 4 * width
+            for block in self.network.blocks
+        )
+
     def save(self, directory: Path) -> None:
+        """A transformers GPT-2 checkpoint (config.json, model.safetensors, tokenizer, generation
+        config) with the GPTConfig beside it; a network cut narrower than GPT-2's layout allows is
+        saved under its own names."""
+        from transformers import GenerationConfig
+
         directory.mkdir(parents=True, exist_ok=True)
         # lm_head.weight is wte.weight; safetensors refuses shared tensors, so store it once.
         state = {k: v.contiguous() for k, v in self.network.state_dict().items() if k != "lm_head.weight"}
+        layout = "gpt2" if self.gpt2_layout() else "forgeml"
+        eot = self.tokenizer.eot_id
+        if layout == "gpt2":
+            config = gpt2_config(self.config, self.tokenizer.vocab_size, eot)
+            config.save_pretrained(directory)
+            GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot).save_pretrained(directory)
+            state = to_gpt2(state, self.config.n_layer)
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        config = {"config": self.config.model_dump(mode="json"), "vocab_size": self.tokenizer.vocab_size}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if isinstance(self.tokenizer, BPETokenizer):
-            self.tokenizer.save(directory / TOKENIZER_FILE)
+        transformers_tokenizer(self.tokenizer).save_pretrained(directory)
+        saved = {
+            "config": self.config.model_dump(mode="json"),
+            "vocab_size": self.tokenizer.vocab_size,
+            "layout": layout,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
         self.write_meta(directory)
 
     @classmethod
     def load(cls, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> GPT:
+        """What ``save`` wrote; ``weights`` are under the network's own names."""
         saved = json.loads((directory / CONFIG_FILE).read_text())
         config = GPTConfig.model_validate(saved["config"])
         tokenizer: TextTokenizer = ByteTokenizer()
@@ -435,7 +561,10 @@ class GPT(TextInputs):
                 f"was saved with {saved['vocab_size']}"
             )
         network = GPTNetwork(config, tokenizer.vocab_size)
-        weights = load_file(str(directory / WEIGHTS_FILE)) if weights is None else weights
+        if weights is None:
+            weights = load_file(str(directory / WEIGHTS_FILE))
+            if saved["layout"] == "gpt2":
+                weights = from_gpt2(weights, config.n_layer, config.bias)
         missing, unexpected = network.load_state_dict(weights, strict=False)
         if weights and (missing != ["lm_head.weight"] or unexpected):
             raise ForgeError(f"{directory / WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")

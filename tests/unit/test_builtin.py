@@ -1,3 +1,4 @@
+import json
 import sysconfig
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_registered_names_and_options():
         "breast-cancer",
         "digits",
         "stdlib-code",
+        "stdlib-docstring-sft",
         "stdlib-docstrings",
         "synthetic-imbalanced",
         "wine",
@@ -82,6 +84,22 @@ def test_top_k_labels_keeps_the_largest_packages_in_order(docstrings):
     pd.testing.assert_frame_equal(table.frame, expected)
     assert set(table.frame["label"]) == set(top)
     assert table.fingerprint != docstrings.fingerprint
+
+
+def test_docstring_sft_is_chat_a_function_asked_and_its_docstring_replied():
+    table = read_table(cfg("stdlib-docstring-sft"))
+    assert table.format == "chat" and table.text_column == "messages" and len(table.frame) > 3000
+    conversations = [json.loads(text) for text in table.frame["messages"]]
+    assert all([m["role"] for m in c] == ["user", "assistant"] for c in conversations)
+    question, reply = conversations[0][0]["content"], conversations[0][1]["content"]
+    assert question.startswith("Write the docstring of this function from the module ") and "\ndef " in question
+    assert reply and reply not in question  # the docstring is taken out of the body shown
+    replies = [c[1]["content"] for c in conversations]
+    assert len(set(replies)) == len(replies)  # so no reply is in two splits
+    assert read_table(cfg("stdlib-docstring-sft")).frame.equals(table.frame)
+    whole = read_table(cfg("stdlib-docstring-sft", reply="whole", body_lines=0))
+    code = json.loads(whole.frame["messages"][0])[0]["content"].split("\n\n", 1)[1]
+    assert code.splitlines()[1:] == ["    ..."]  # the signature alone
 
 
 def test_code_rows_are_files(code):

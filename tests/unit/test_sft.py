@@ -51,7 +51,7 @@ def trained_runs(tokenizer, example) -> list[str]:
 def encode(tokenizer, conversation, **options):
     settings = {"train_on_prompt": False, "train_on_turns": "all", **options}
     rendered = ChatRenderer(tokenizer, tokenizer.chat_template, **settings)(conversation)
-    return tokenize(tokenizer, [rendered], 512, add_special_tokens=False)[0]
+    return tokenize(tokenizer, [rendered], add_special_tokens=False)[0]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -84,7 +84,7 @@ def test_the_trained_spans_are_shown_marked(tiny_checkpoint):
 def test_a_completion_trains_with_the_end_of_sequence_token(tiny_checkpoint):
     tokenizer = tokenizer_of(tiny_checkpoint, "llama")
     rendered = completion_rendered("def basename(p):\n", "Return the base name.", tokenizer.eos_token)
-    example = tokenize(tokenizer, [rendered], 512, add_special_tokens=True)[0]
+    example = tokenize(tokenizer, [rendered], add_special_tokens=True)[0]
     assert trained_runs(tokenizer, example) == ["Return the base name.<|endoftext|>"]
 
 
@@ -196,3 +196,17 @@ def test_four_micro_batches_of_8_step_as_one_batch_of_32(tiny_checkpoint):
     assert abs(whole - split) < 1e-5
     for name, value in weights_whole.items():
         assert torch.allclose(value, weights_split[name], atol=1e-5), name
+
+
+def test_examples_longer_than_max_length_are_left_out_and_counted(tiny_checkpoint):
+    config = HFCausalLMConfig(name="hf-causal-lm", pretrained=str(tiny_checkpoint("llama")), max_length=40)
+    frame = pd.DataFrame({"messages": [json.dumps(c) for c in chat_rows(32)]})
+    encoder = HFCausalLM.fit_encoder(config, Splits(frame, frame, frame, text_column="messages", format="chat"))
+    kept = encoder.table(frame, None, [])
+    assert 0 < kept.num_rows < len(frame)
+    assert max(len(ids) for ids in kept.column("input_ids").to_pylist()) <= 40
+    assert encoder.notes() == [
+        f"left out {len(frame) - kept.num_rows} examples longer than model.max_length (40 tokens)"
+    ]
+    with pytest.raises(ForgeError, match="more than the 128 positions the network reads"):
+        HFCausalLM.create(config.model_copy(update={"max_length": 200}), encoder, [], seed=0)

@@ -27,6 +27,7 @@ from forgeml.data.config import (
     Digits,
     StdlibCode,
     StdlibDocstrings,
+    StdlibDocstringSFT,
     SyntheticImbalanced,
     Wine,
 )
@@ -120,6 +121,50 @@ def stdlib_code(options: StdlibCode, seed: int) -> Table:
     paths, sources = zip(*_stdlib_sources(), strict=True)
     frame = pd.DataFrame({"text": sources, "path": paths})
     return _table("stdlib-code", frame, {}, text="text")
+
+
+def _function_examples(path: str, source: str, options: StdlibDocstringSFT) -> list[dict[str, Any]]:
+    """A chat example per documented function: its signature and the first lines of its body (the
+    docstring taken out) asked about, the docstring replied."""
+    module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    rows = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        doc = (ast.get_docstring(node) or "").strip()
+        if not doc:
+            continue
+        reply = doc.split("\n\n")[0].strip() if options.reply == "first_paragraph" else doc
+        returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+        prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+        header = f"{prefix} {node.name}({ast.unparse(node.args)}){returns}:"
+        body = [line for stmt in node.body[1:] for line in ast.unparse(stmt).splitlines()]
+        shown = [f"    {line}" for line in body[: options.body_lines]]
+        if len(body) > options.body_lines:
+            shown.append("    ...")
+        code = "\n".join([header, *(shown or ["    ..."])])
+        question = f"Write the docstring of this function from the module {module}:\n\n{code}"
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        rows.append({"messages": messages, "module": module, "function": node.name, "reply": reply})
+    return rows
+
+
+@DATASETS.register("stdlib-docstring-sft", StdlibDocstringSFT)
+def stdlib_docstring_sft(options: StdlibDocstringSFT, seed: int) -> Table:
+    """Supervised fine-tuning (chat): a function of the standard library shown by its signature and
+    the start of its body, and its docstring as the reply. A reply that another function already
+    has is left out, so no reply is in two splits."""
+    rows = [row for path, source in _stdlib_sources() for row in _function_examples(path, source, options)]
+    frame = pd.DataFrame(rows).drop_duplicates("reply").drop(columns="reply").reset_index(drop=True)
+    table = _table("stdlib-docstring-sft", frame, options.model_dump(exclude={"name"}))
+    table.format = "chat"
+    return table
 
 
 # ---------------------------------------------------------------- tables

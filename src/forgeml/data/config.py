@@ -22,6 +22,14 @@ class StdlibCode(Section):
     name: Literal["stdlib-code"]
 
 
+class StdlibDocstringSFT(Section):
+    name: Literal["stdlib-docstring-sft"]
+    body_lines: Annotated[int, Field(ge=0)] = Field(6, description="lines of the function's body shown, at most")
+    reply: Literal["first_paragraph", "whole"] = Field(
+        "first_paragraph", description="the reply: the docstring's first paragraph, or all of it"
+    )
+
+
 class BreastCancer(Section):
     name: Literal["breast-cancer"]
 
@@ -56,7 +64,7 @@ class SyntheticImbalanced(Section):
         return self
 
 
-DATASET_CONFIGS = (StdlibDocstrings, StdlibCode, BreastCancer, Digits, Wine, SyntheticImbalanced)
+DATASET_CONFIGS = (StdlibDocstrings, StdlibCode, StdlibDocstringSFT, BreastCancer, Digits, Wine, SyntheticImbalanced)
 BuiltinDataset = Union[DATASET_CONFIGS]  # noqa: UP007 - a union of a tuple of classes
 DATASET_NAMES = tuple(typing.get_args(c.model_fields["name"].annotation)[0] for c in DATASET_CONFIGS)
 FILE = "file"  # the tag of a source that is a path or URL

@@ -25,14 +25,14 @@ PROMPT, COMPLETION = "prompt", "completion"
 
 def as_examples(table: Table, cfg: DataConfig) -> None:
     """Replace the example columns of ``table`` with one canonical JSON column, its text column."""
-    if cfg.format == "chat":
+    if table.format == "chat":
         column = cfg.messages_column
         _require(table, column, "data.messages_column")
         values = table.frame[column]
         rows = [conversation_json(v, f"{table.origin}: {table.where(i)}") for i, v in enumerate(values)]
         table.frame = table.frame.assign(**{column: rows})
         table.text_column = column
-    elif cfg.format == "prompt_completion":
+    elif table.format == "prompt_completion":
         for column, key in (
             (cfg.prompt_column, "data.prompt_column"),
             (cfg.completion_column, "data.completion_column"),

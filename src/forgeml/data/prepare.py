@@ -145,7 +145,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     )
     if cfg.rebalance != "none" and not classify:
         raise DataError("prepare.rebalance applies to classification; set it to none for language models")
-    check_format(recipe, family)
+    check_format(table.format, recipe, family)
     notes: list[str] = []
     # What prepare did about each problem the audit checks for, by the audit check's name: the
     # report reads this, never the wording of the notes.
@@ -228,7 +228,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         columns.features,
         columns.label,
         labels_list,
-        recipe.data.format,
+        table.format,
     )
     encoder = family.fit_encoder(recipe.model, raw)
     if cfg.packing:
@@ -239,6 +239,10 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         example = encoder.shown(splits["train"])
     except RowError as error:  # the encoder knows the row, the table where it is
         raise DataError(f"{table.origin}: {table.where(error.row)}: {error.reason}") from None
+    notes += encoder.notes()
+    for name, part in stored.items():
+        if not len(part):
+            raise DataError(f"{table.origin}: no row of the {name} split is left once encoded ({'; '.join(notes)})")
     manifest: dict[str, Any] = {
         "source": hide_secrets(table.origin),
         "fingerprint": table.fingerprint,
@@ -246,7 +250,7 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
         "config_hash": sha256_json(recipe.section_dump("data", "prepare", "model")),
         "location": cfg.shards_url and hide_secrets(cfg.shards_url),  # None: beside this manifest
         "schema": schema_of(stored["train"]),
-        "format": recipe.data.format,
+        "format": table.format,
         "packed": cfg.packing,
         "example": example,
         "text_column": columns.text,
@@ -271,9 +275,8 @@ def prepare(recipe: Recipe, run: RunDir) -> PrepareResult:
     return PrepareResult({n: manifest["splits"][n]["rows"] for n in SPLITS}, labels_list, notes, example)
 
 
-def check_format(recipe: Recipe, family: type[ModelFamily]) -> None:
-    """Refuse a data.format or prepare.packing the model does not read."""
-    fmt = recipe.data.format
+def check_format(fmt: str | None, recipe: Recipe, family: type[ModelFamily]) -> None:
+    """Refuse a format (data.format, or the built-in dataset's) or prepare.packing the model does not read."""
     if fmt is not None and fmt not in family.formats:
         reads = f"reads {', '.join(family.formats)}" if family.formats else "reads rows with labels; remove it"
         raise DataError(f"data.format: {fmt} is not for {family.name} models, which {reads}")

@@ -44,7 +44,8 @@ def read_table(cfg: DataConfig) -> Table:
     table.text_column = cfg.text_column or table.text_column
     table.feature_columns = cfg.feature_columns or table.feature_columns
     table.label_column = cfg.label_column or table.label_column
-    if cfg.format in ("chat", "prompt_completion"):
+    table.format = cfg.format or table.format
+    if table.format in ("chat", "prompt_completion"):
         as_examples(table, cfg)
     if cfg.max_rows is not None:
         _sample(table, cfg.max_rows, cfg.seed)

@@ -19,6 +19,7 @@ class Table:
     lines: list[int] | None  # 1-based file line where each row starts (CSV, JSONL)
     fingerprint: str  # sha256 hex of the content
     skipped_lines: list[int] = field(default_factory=list)  # malformed rows left out (on_bad_rows: skip)
+    format: str | None = None  # what a row is for a causal LM (data.format), where the source says
 
     def where(self, row: int) -> str:
         """Where a row (position in frame) is, for messages: "row 12 (line 14)"."""

@@ -39,7 +39,11 @@ def checkpoint_source(pretrained: str, field: str = "model.pretrained", marker: 
             )
         return str(path)
     if looks_like_path(pretrained) or path.exists():
-        raise ForgeError(f"{field}: there is no folder {path}; point it at a checkpoint folder or a hub id")
+        hint = ""
+        if (path.parent.name, path.name) == ("train", "model"):  # where a forgeml run keeps its trained model
+            run = path.parent.parent
+            hint = f"; it is the trained model of the run {run}: run that recipe first (forgeml run {run.name})"
+        raise ForgeError(f"{field}: there is no folder {path}; point it at a checkpoint folder or a hub id{hint}")
     from huggingface_hub import is_offline_mode, try_to_load_from_cache
 
     cached = try_to_load_from_cache(pretrained, marker)

@@ -61,7 +61,9 @@ class HFCausalLMConfig(Section):
     config: dict[str, Any] = Field({}, description="architecture only: its config fields (hidden_size, ...)")
     tokenizer: str | None = Field(None, description="a tokenizer folder or hub id; default: the checkpoint's")
     max_length: Annotated[int, Field(ge=8)] = Field(512, description="tokens per sequence; longer examples are cut")
-    chat_template: str | None = Field(None, description="a Jinja chat template file; default: the tokenizer's")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, or a file holding one; default: the tokenizer's"
+    )
     train_on_prompt: bool = Field(False, description="chat and prompt_completion: train on every token")
     train_on_turns: Literal["all", "last"] = Field("all", description="chat: train every assistant reply, or the last")
     freeze_layers: Annotated[int, Field(ge=0)] = Field(0, description="freeze the embeddings and this many blocks")
@@ -91,8 +93,10 @@ class HFCausalLMConfig(Section):
 
 
 def read_template(config: HFCausalLMConfig, tokenizer: Any) -> str:
-    """The chat template: model.chat_template's file, else the tokenizer's own."""
+    """The chat template: model.chat_template (the template itself, or its file), else the tokenizer's own."""
     if config.chat_template is not None:
+        if "{{" in config.chat_template or "{%" in config.chat_template:
+            return config.chat_template
         path = Path(config.chat_template).expanduser()
         if not path.is_file():
             raise ForgeError(f"model.chat_template: there is no file {path}; point it at a Jinja chat template")
@@ -118,6 +122,7 @@ class CausalEncoder(Encoder):
     train_on_turns: str = "all"
     packed: bool = False
     end_of_turn: list[str] = field(default_factory=list)  # chat: the template's end-of-turn tokens
+    too_long: int = field(default=0, compare=False)  # examples left out so far: longer than max_length
 
     def renderer(self) -> ChatRenderer:
         return ChatRenderer(self.tokenizer, self.tokenizer.chat_template, self.train_on_prompt, self.train_on_turns)
@@ -136,23 +141,22 @@ class CausalEncoder(Encoder):
         if self.format == "chat":
             render = self.renderer()
             rendered = [render(examples.messages(t)) for t in texts]
-            return self._checked(frame, tokenize(self.tokenizer, rendered, self.max_length, add_special_tokens=False))
+            return self._fitting(frame, tokenize(self.tokenizer, rendered, add_special_tokens=False))
         eos = self.tokenizer.eos_token
         rendered = [completion_rendered(*examples.prompt_completion(t), eos) for t in texts]
-        return self._checked(frame, tokenize(self.tokenizer, rendered, self.max_length, add_special_tokens=True))
+        return self._fitting(frame, tokenize(self.tokenizer, rendered, add_special_tokens=True))
 
-    def _checked(self, frame: pd.DataFrame, encoded: list[Example]) -> list[Example]:
-        """Every example trains some token: one that trains none (all prompt, or cut off by
-        max_length) is a mistake in the data, named."""
+    def _fitting(self, frame: pd.DataFrame, encoded: list[Example]) -> list[Example]:
+        """The examples that fit in model.max_length tokens (the others are counted in ``too_long``,
+        as Axolotl drops them: a cut one would train on half a reply and never on its end). An example
+        with no trained token at all is a mistake in the data, named."""
         for position, example in enumerate(encoded):
             if example.trained_targets() == 0:
                 row = int(frame[ROW_ID].iloc[position]) if ROW_ID in frame else position
-                raise RowError(
-                    row,
-                    f"no token of it is trained (no reply within model.max_length = {self.max_length} tokens, "
-                    "or none at all); give it a reply, raise model.max_length or drop the row",
-                )
-        return encoded
+                raise RowError(row, "no token of it is trained (it has no reply); give it one, or drop the row")
+        fitting = [e for e in encoded if len(e.input_ids) <= self.max_length]
+        self.too_long += len(encoded) - len(fitting)
+        return fitting
 
     def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
         encoded = self.examples(frame)
@@ -174,6 +178,11 @@ class CausalEncoder(Encoder):
         """The first row as it trains: its text in runs, each with whether it is trained."""
         example = self.examples(frame.head(1))[0]
         return segments(self.tokenizer, example.input_ids, example.labels)
+
+    def notes(self) -> list[str]:
+        if not self.too_long:
+            return []
+        return [f"left out {self.too_long} examples longer than model.max_length ({self.max_length} tokens)"]
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -288,6 +297,14 @@ class HFCausalLM(HFNetwork, TextInputs):
             if hasattr(checkpoint, "use_cache"):
                 checkpoint.use_cache = False
             network = AutoModelForCausalLM.from_config(checkpoint, **kwargs)
+        context = getattr(network.config, "max_position_embeddings", None) or getattr(
+            network.config, "n_positions", None
+        )
+        if context is not None and config.max_length > context:
+            raise ForgeError(
+                f"model.max_length: {config.max_length} is more than the {context} positions the network reads; "
+                f"use at most {context}"
+            )
         if len(tokenizer) > network.get_input_embeddings().num_embeddings:
             network.resize_token_embeddings(len(tokenizer))  # tokens the tokenizer added (a template's markers)
         freeze(network, config.freeze_layers)

@@ -92,6 +92,10 @@ class Encoder(ABC):
         """This encoder, packing several examples into each stored row (prepare.packing)."""
         raise NotOffered("prepare.packing: this model's rows are not packed; set it to false")
 
+    def notes(self) -> list[str]:
+        """What encoding did to the rows that a user should know (examples left out), for prepare's notes."""
+        return []
+
     def shown(self, frame: pd.DataFrame) -> list[tuple[str, bool]] | None:
         """The first row as the model trains on it, where that says more than the row: its text in
         runs, each with whether a loss falls on it."""

@@ -108,16 +108,10 @@ def completion_rendered(prompt: str, completion: str, eos: str) -> Rendered:
     return Rendered(prompt + completion + eos, [(len(prompt), len(prompt) + len(completion) + len(eos))])
 
 
-def tokenize(tokenizer: Any, rendered: Sequence[Rendered], max_length: int, add_special_tokens: bool) -> list[Example]:
-    """Token ids of each rendered example, truncated to ``max_length``, and their labels: a token is
-    trained where its characters overlap a trained span."""
-    encoded = tokenizer(
-        [r.text for r in rendered],
-        add_special_tokens=add_special_tokens,
-        return_offsets_mapping=True,
-        truncation=True,
-        max_length=max_length,
-    )
+def tokenize(tokenizer: Any, rendered: Sequence[Rendered], add_special_tokens: bool) -> list[Example]:
+    """Token ids of each rendered example and their labels: a token is trained where its characters
+    overlap a trained span."""
+    encoded = tokenizer([r.text for r in rendered], add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     examples = []
     for example, ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True):
         ids = np.asarray(ids, dtype=np.int32)

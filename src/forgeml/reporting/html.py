@@ -339,11 +339,12 @@ def _training(run: Run) -> str:
         parts.append(_img(plots.loss_curves(run.metrics, best), "loss curves"))
     if ev:
         val, test = _scalar_metrics(ev.get("val")), _scalar_metrics(ev.get("test"))
+        before = _scalar_metrics(ev.get("test_before"))
         names = list(dict.fromkeys([*test, *val]))
         if names:
             parts.append("<h3>Final metrics (held-out test, with validation)</h3>")
-            rows = [(name, test.get(name), val.get(name)) for name in names]
-            parts.append(_table(["metric", "test", "val"], rows))
+            rows = [(name, test.get(name), val.get(name), *([before.get(name)] if before else [])) for name in names]
+            parts.append(_table(["metric", "test", "val", *(["test, before training"] if before else [])], rows))
         steps, best = ev.get("steps"), ev.get("best_step")
         after = f" after {steps} steps" if isinstance(steps, int) else ""
         ended = "Early stopping ended training" if ev.get("stopped_early") else "Training ran to completion"

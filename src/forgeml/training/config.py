@@ -45,6 +45,11 @@ class TrainConfig(Section):
     seed: int = 0
     eval_every: PositiveInt | None = Field(None, description="steps between evaluations; default: once per epoch")
     eval_batch_size: PositiveInt = 64
+    eval_before: bool = Field(
+        False,
+        description="also score the network on the test split before training (a pretrained one: what training bought)",
+        json_schema_extra=UNHASHED,
+    )
     checkpoint_every: PositiveInt | None = None
     keep_last: PositiveInt = 2
     resume: Literal["auto", "never", "require"] = Field(

@@ -141,6 +141,8 @@ def train(
 
     flops_per_token = family.flops_per_token()  # of the whole model, before any sharding
     model = strategy.wrap(family)
+    # Before any step, on every rank (evaluation is a collective); a resumed run has trained already.
+    before = training.evaluate(model, "test") if cfg.eval_before and not (resume and checkpoints.complete()) else None
     torch.manual_seed(cfg.seed + strategy.dp_rank)  # dropout: its own masks on each data-parallel rank
     state = fit(
         model,
@@ -177,6 +179,7 @@ def train(
                 },
                 "val": val,
                 "test": test,
+                **({"test_before": before} if before is not None else {}),
             },
         )
     env.barrier()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one command: the CUDA test module (tests/gpu) and the trainer-overhead benchmark
-# on the GPU, in fp32 and bf16. CI has no GPU; run this on a machine that has one.
+# The GPU checks in one command: the CUDA test module (tests/gpu), the trainer-overhead benchmark
+# on the GPU in fp32 and bf16, and the SFT benchmark at a 0.3B-parameter Llama built from a config
+# (bf16, with MFU). CI has no GPU; run this on a machine that has one.
 #
 #   benchmarks/gpu_smoke.sh --fetch-wheels   on a machine with the package index: download into .whl/
 #                                            the wheels a bare GPU machine lacks (for Python $PYVER,
@@ -15,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(pydantic pydantic_core annotated-types typing-inspection typing_extensions fastapi starlette
-        annotated-doc uvicorn datasketch cleanlab termcolor imbalanced-learn sklearn-compat pytest-timeout)
+        annotated-doc uvicorn datasketch cleanlab termcolor imbalanced-learn sklearn-compat pytest-timeout
+        peft accelerate)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     py=.venv/bin/python
@@ -46,4 +48,6 @@ for precision in fp32 bf16; do
     python3 benchmarks/train_overhead.py --device cuda --precision "$precision" --rounds 3 2>&1 \
         | tee -a "$OUT/train_overhead.log" || status=1
 done
+python3 benchmarks/sft.py --device cuda --precision bf16 --hidden 1024 --layers 24 --max-length 1024 \
+    --batch 8 --steps 30 --rounds 1 --rows 3000 2>&1 | tee "$OUT/sft.log" || status=1
 exit $status

@@ -73,7 +73,7 @@ CHAT = {  # arch -> (its template's special tokens, the template)
 }
 
 
-def decoder_tokenizer(vocab_size: int = 400, arch: str = "gpt2"):
+def decoder_tokenizer(vocab_size: int = 400, arch: str = "gpt2", corpus: list[str] = CORPUS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,7 +86,7 @@ def decoder_tokenizer(vocab_size: int = 400, arch: str = "gpt2"):
         special_tokens=["<|endoftext|>", *specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|endoftext|>",

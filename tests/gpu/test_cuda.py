@@ -137,3 +137,29 @@ def test_two_gpus_train_over_nccl(tmp_path, strategy):
     result = trained(tmp_path / "run")
     assert (result["world_size"], result["strategy"], result["steps"]) == (2, strategy, 6)
     assert math.isfinite(result["val"]["loss"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_causal_lm_fine_tunes_packed_on_cuda_and_replies(tmp_path, tiny_checkpoint, precision):
+    """LoRA on packed chat data: the packed attention (SDPA's block mask from per-example
+    positions) runs on the GPU, and the trained model replies through its KV cache there."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"number {i}"}]}
+        for i in range(64)
+    ]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {
+        "name": "sft-cuda",
+        "data": {"source": str(source), "format": "chat"},
+        "audit": {"enabled": False},
+        "prepare": {"packing": True},
+        "model": {"name": "hf-causal-lm", "pretrained": str(tiny_checkpoint("llama")), "max_length": 64, "lora": {}},
+        "train": {"max_steps": 6, "global_batch_size": 8, "precision": precision, "eval_every": 3},
+        "parallel": {"device": "cuda"},
+    }
+    forgeml.train(spec, tmp_path / "run")
+    assert math.isfinite(trained(tmp_path / "run")["val"]["loss"])
+    model = forgeml.load(tmp_path / "run")
+    model.network.cuda()
+    assert isinstance(model.chat([{"role": "user", "content": "say 3"}], max_new_tokens=4, temperature=0), str)

@@ -24,7 +24,7 @@ class StdlibCode(Section):
 
 class StdlibDocstringSFT(Section):
     name: Literal["stdlib-docstring-sft"]
-    body_lines: Annotated[int, Field(ge=0)] = Field(6, description="lines of the function's body shown, at most")
+    body_lines: Annotated[int, Field(ge=0)] = Field(3, description="lines of the function's body shown, at most")
     reply: Literal["first_paragraph", "whole"] = Field(
         "first_paragraph", description="the reply: the docstring's first paragraph, or all of it"
     )

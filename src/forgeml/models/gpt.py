@@ -12,7 +12,6 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -29,7 +28,7 @@ from torch.nn import functional as F
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.inputs import TextInputs
 from forgeml.models.registry import MODELS, Batch, BlockLayout, Encoder, Splits, spread
-from forgeml.models.sampling import next_token
+from forgeml.models.sampling import evaluating, next_token, text_pieces
 from forgeml.section import Section
 from forgeml.tasks import LANGUAGE_MODELLING
 
@@ -641,27 +640,9 @@ class GPT(TextInputs):
         eot = self.tokenizer.eot_id
         # An empty prompt starts a new document, which in training follows end-of-text.
         ids = self.tokenizer.encode(prompt) or [eot]
-        new: list[int] = []
-        shown = 0
-        was_training = self.network.training
-        self.network.eval()
-        tokens = islice(self.network.sample(ids, temperature, top_k, generator), max_new_tokens)
-        try:
-            for step, token in enumerate(tokens):
-                ended = token == eot
-                if not ended:
-                    new.append(token)
-                # Decoding all new ids each time, not token by token, keeps a character whose bytes span
-                # tokens whole; a trailing U+FFFD may be one whose remaining bytes are still to come, so it
-                # waits until the last token.
-                text = self.tokenizer.decode(new)
-                end = len(text) if ended or step == max_new_tokens - 1 else len(text.rstrip("\ufffd"))
-                yield text[shown:end]
-                shown = end
-                if ended:
-                    break
-        finally:
-            self.network.train(was_training)
+        with evaluating(self.network):
+            tokens = self.network.sample(ids, temperature, top_k, generator)
+            yield from text_pieces(tokens, self.tokenizer.decode, {eot}, max_new_tokens)
 
     def generate(
         self,

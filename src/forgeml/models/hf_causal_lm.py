@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,7 +38,7 @@ from forgeml.models.hf_network import (
 )
 from forgeml.models.inputs import TextInputs
 from forgeml.models.registry import META_FILE, MODELS, ROW_ID, Batch, Encoder, Splits
-from forgeml.models.sampling import next_token
+from forgeml.models.sampling import evaluating, next_token, text_pieces
 from forgeml.models.sft import IGNORE, ChatRenderer, Example, chunks, completion_rendered, pack, segments, tokenize
 from forgeml.section import Section
 from forgeml.tasks import LANGUAGE_MODELLING
@@ -454,25 +453,9 @@ class HFCausalLM(HFNetwork, TextInputs):
         """The continuation of ``ids`` as text, one piece per sampled token, stopping at a stop token."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        stops = set(self.stop_ids)
-        new: list[int] = []
-        shown = 0
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            for step, token in enumerate(islice(self.sample(ids, temperature, top_k, generator), max_new_tokens)):
-                ended = token in stops
-                if not ended:
-                    new.append(token)
-                # Decoded afresh each time: a character whose bytes span tokens shows once it is whole.
-                text = self.tokenizer.decode(new, skip_special_tokens=False)
-                end = len(text) if ended or step == max_new_tokens - 1 else len(text.rstrip("\ufffd"))
-                yield text[shown:end]
-                shown = end
-                if ended:
-                    break
-        finally:
-            self.network.train(was_training)
+        with evaluating(self.network):
+            tokens = self.sample(ids, temperature, top_k, generator)
+            yield from text_pieces(tokens, self.tokenizer.decode, set(self.stop_ids), max_new_tokens)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """A prompt's ids as training saw a prompt: with the tokenizer's special tokens (BOS)."""

@@ -10,7 +10,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import forgeml
+from forgeml.data.config import DataConfig
 from forgeml.data.examples import conversation_json, messages
+from forgeml.data.sources import read_table
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.checkpoints import load_tokenizer
 from forgeml.models.hf_causal_lm import HFCausalLM, HFCausalLMConfig
@@ -210,3 +213,22 @@ def test_examples_longer_than_max_length_are_left_out_and_counted(tiny_checkpoin
     ]
     with pytest.raises(ForgeError, match="more than the 128 positions the network reads"):
         HFCausalLM.create(config.model_copy(update={"max_length": 200}), encoder, [], seed=0)
+
+
+def test_the_sft_recipe_without_the_lm_run_says_to_run_it_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/lm here
+    with pytest.raises(ForgeError, match=r"trained model of the run runs/lm: run that recipe first \(forgeml run lm\)"):
+        forgeml.prepare("sft", tmp_path / "run")
+
+
+def test_chat_rows_read_from_parquet_as_from_jsonl(tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    pd.DataFrame({"messages": [conversation, conversation[:1]]}).to_parquet(tmp_path / "chat.parquet")
+    (tmp_path / "chat.jsonl").write_text(
+        "".join(json.dumps({"messages": c}) + "\n" for c in (conversation, conversation[:1]))
+    )
+    tables = [
+        read_table(DataConfig(source=str(tmp_path / f"chat.{kind}"), format="chat")) for kind in ("parquet", "jsonl")
+    ]
+    assert tables[0].frame["messages"].tolist() == tables[1].frame["messages"].tolist()
+    assert messages(tables[0].frame["messages"][0]) == conversation

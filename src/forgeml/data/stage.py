@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from forgeml.data.prepare import PrepareResult, prepare
 from forgeml.data.sources import source_fingerprints
+from forgeml.models.registry import family_for
 from forgeml.recipe import Recipe
 from forgeml.rundir import RunDir
 from forgeml.stage import Context, Stage
@@ -14,6 +15,9 @@ class Prepare(Stage):
     # The audit's normalisation and near-duplicate settings decide which rows are duplicates; the
     # model section decides the encoder (tokenizer, feature scales) fitted here.
     sections = ("data", "prepare", "audit.normalize", "audit.near_duplicates", "model")
+
+    def check(self, recipe: Recipe) -> None:
+        family_for(recipe.model).check_config(recipe.model)
 
     def inputs(self, recipe: Recipe, run: RunDir) -> dict[str, str]:
         return source_fingerprints(recipe.data)

@@ -82,7 +82,6 @@ class HFCausalLMConfig(Section):
             raise ValueError("a network built from an architecture needs a tokenizer: set tokenizer to its folder")
         return self
 
-    @property
     def tokenizer_source(self) -> tuple[str, str]:
         """Where the tokenizer is, and the recipe field that says so."""
         if self.tokenizer is not None:
@@ -101,7 +100,7 @@ def read_template(config: HFCausalLMConfig, tokenizer: Any) -> str:
             raise ForgeError(f"model.chat_template: there is no file {path}; point it at a Jinja chat template")
         return path.read_text()
     if not getattr(tokenizer, "chat_template", None):
-        _, named = config.tokenizer_source
+        _, named = config.tokenizer_source()
         raise ForgeError(
             f"{named}: its tokenizer has no chat template, which data.format: chat needs; set model.chat_template "
             "to a Jinja template file, or use a checkpoint whose tokenizer has one"
@@ -210,7 +209,7 @@ class CausalEncoder(Encoder):
 
 
 def fit_encoder(config: HFCausalLMConfig, splits: Splits) -> CausalEncoder:
-    source, named = config.tokenizer_source
+    source, named = config.tokenizer_source()
     tokenizer = load_tokenizer(source, named)
     if not getattr(tokenizer, "is_fast", True):
         raise ForgeError(f"{named}: forgeml needs a fast (Rust) tokenizer, for the offsets of each token")
@@ -251,6 +250,12 @@ class HFCausalLM(HFNetwork, TextInputs):
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.labels = []
+
+    @classmethod
+    def check_config(cls, config: HFCausalLMConfig) -> None:
+        if config.pretrained is not None:
+            checkpoint_source(config.pretrained)
+        config.tokenizer_source()
 
     @classmethod
     def fit_encoder(cls, config: HFCausalLMConfig, splits: Splits) -> CausalEncoder:

@@ -66,6 +66,10 @@ class HFClassifier(HFNetwork, TokenBatches, TextInputs):
         self.labels = labels
 
     @classmethod
+    def check_config(cls, config: HFClassifierConfig) -> None:
+        checkpoint_source(config.pretrained)
+
+    @classmethod
     def fit_encoder(cls, config: HFClassifierConfig, splits: Splits) -> TokenIdEncoder:
         tokenizer = load_tokenizer(checkpoint_source(config.pretrained), f"model.pretrained: {config.pretrained}")
         return TokenIdEncoder(tokenizer, splits.text_column, config.max_length)

@@ -130,6 +130,12 @@ class ModelFamily(ABC):
         return cls
 
     @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Refuse, before any stage runs, a config whose files cannot be found (a checkpoint folder),
+        so that the error comes before the audit's and prepare's work, not after."""
+        return None  # most families read no files of their own
+
+    @classmethod
     @abstractmethod
     def fit_encoder(cls, config: Any, splits: Splits) -> Encoder:
         """Fit the encoder on the training split (train a tokenizer, measure feature scales)."""

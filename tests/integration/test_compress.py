@@ -159,8 +159,10 @@ def test_a_language_model_is_distilled_pruned_quantised_and_exported(tmp_path):
     overrides = ("compress.methods=[distill,prune,quantize,onnx]", "compress.test_rows=16")
     result = forgeml.compress(folder, overrides=overrides + tuple(f"compress.{k}={v}" for k, v in QUICK.items()))
     rows = {row["name"]: row for row in result.variants}
-    assert all(set(row) == FIELDS - {"macro_f1"} | {"perplexity"} for row in rows.values())
+    greedy = {"greedy_agreement", "greedy_identical"}  # the equivalence gate on generation
+    assert all(set(row) == FIELDS - {"macro_f1"} | {"perplexity"} | greedy for row in rows.values())
     assert all(row["perplexity"] < 260 for row in rows.values())  # better than a uniform guess at a byte
+    assert rows["baseline"]["greedy_agreement"] == rows["onnx-fp32"]["greedy_agreement"] == 1.0
     student = load_variant(folder / "compress" / "distilled").family
     assert student.config.n_layer == 1 and len(student.network.blocks) == 1
     for block in load_variant(folder / "compress" / "prune-structured").family.network.blocks:

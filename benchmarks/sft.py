@@ -5,7 +5,9 @@ template), LoRA on its attention projections, the built-in stdlib-docstring-sft 
 prepared once by forgeml (replies alone trained), then trained for the same steps from the same
 initial weights on the same rows in the same order by forgeml's loop and by the loop a user writes
 with transformers and peft (a DataLoader, padding, ``model(**batch, labels=...)``, AdamW, the same
-warmup-cosine schedule and clipping). Each run is a fresh process, so its peak memory is its own
+warmup-cosine schedule and clipping). The forgeml run's process is set up as ``forgeml train`` sets
+it (glibc keeps freed memory for reuse); the hand loop's keeps glibc's defaults, as a user's script
+does. Each run is a fresh process, so its peak memory is its own
 (resident memory on CPU, read from the kernel's high-water mark after it is reset; allocated memory
 on CUDA); runs alternate, forgeml first in even rounds. Packing on and off are both measured.
 
@@ -108,11 +110,14 @@ def one_run(kind: str, run_dir: str, spec: dict[str, Any], threads: int, queue: 
     from forgeml.training.callbacks import Callback
     from forgeml.training.loop import fit
     from forgeml.training.losses import NextTokenLoss
+    from forgeml.training.memory import keep_freed_memory
     from forgeml.training.strategies import Strategy
 
     torch.set_num_threads(threads)
     recipe = forgeml.as_recipe(spec)
     cfg, device = recipe.train, torch.device(spec["parallel"]["device"])
+    if kind == "forgeml" and recipe.parallel.keep_freed_memory:
+        keep_freed_memory()  # as `forgeml train` sets the process up; the hand loop keeps glibc's defaults
     run = RunDir(Path(run_dir))
     family_cls = family_for(recipe.model)
     family = family_cls.create(recipe.model, family_cls.load_encoder(recipe.model, run / RunDir.ENCODER), [], cfg.seed)

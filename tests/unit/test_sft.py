@@ -211,6 +211,11 @@ def test_examples_longer_than_max_length_are_left_out_and_counted(tiny_checkpoin
     assert encoder.notes() == [
         f"left out {len(frame) - kept.num_rows} examples longer than model.max_length (40 tokens)"
     ]
+    long = [{"role": "user", "content": "open " * 60}, {"role": "assistant", "content": "read"}]
+    long_first = pd.concat([pd.DataFrame({"messages": [json.dumps(long)]}), frame], ignore_index=True)
+    counted = encoder.too_long
+    shown = encoder.shown(long_first)  # the first that fits; showing leaves nothing out
+    assert shown and "open open" not in "".join(text for text, _ in shown) and encoder.too_long == counted
     with pytest.raises(ForgeError, match="more than the 128 positions the network reads"):
         HFCausalLM.create(config.model_copy(update={"max_length": 200}), encoder, [], seed=0)
 

@@ -167,7 +167,10 @@ def test_unknown_builtin_suggests_a_close_name():
     message = read_error(cfg("digitz"))
     assert "'digitz' is neither a built-in dataset nor a file" in message
     assert "Did you mean 'digits'?" in message
-    assert "breast-cancer, digits, stdlib-code, stdlib-docstring-sft, stdlib-docstrings, synthetic-imbalanced, wine" in message
+    assert (
+        "breast-cancer, digits, stdlib-code, stdlib-docstring-sft, stdlib-docstrings, synthetic-imbalanced, wine"
+        in message
+    )
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ FORMATS = ("text", "prompt_completion", "chat")
 ENCODER_FILE = "encoder.json"
 CONFIG_FILE = "forgeml_config.json"
 PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+SHOWN_CANDIDATES = 50  # training rows looked through for one that fits in max_length, to show
 
 
 class HFCausalLMConfig(Section):
@@ -172,10 +173,12 @@ class CausalEncoder(Encoder):
     def packing(self) -> CausalEncoder:
         return replace(self, packed=True)
 
-    def shown(self, frame: pd.DataFrame) -> list[tuple[str, bool]]:
-        """The first row as it trains: its text in runs, each with whether it is trained."""
-        example = self.examples(frame.head(1))[0]
-        return segments(self.tokenizer, example.input_ids, example.labels)
+    def shown(self, frame: pd.DataFrame) -> list[tuple[str, bool]] | None:
+        """The first example that fits, as it trains: its text in runs, each with whether it is trained."""
+        counted = self.too_long
+        fitting = self.examples(frame.head(SHOWN_CANDIDATES))
+        self.too_long = counted  # shown, not stored: these count as nothing left out
+        return segments(self.tokenizer, fitting[0].input_ids, fitting[0].labels) if fitting else None
 
     def notes(self) -> list[str]:
         if not self.too_long:

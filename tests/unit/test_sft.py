@@ -237,3 +237,30 @@ def test_chat_rows_read_from_parquet_as_from_jsonl(tmp_path):
     ]
     assert tables[0].frame["messages"].tolist() == tables[1].frame["messages"].tolist()
     assert messages(tables[0].frame["messages"][0]) == conversation
+
+
+PHI3 = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "specials", "end"),
+    [(PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>"), (MISTRAL, [], "<|endoftext|>")],
+    ids=["phi-3", "mistral"],
+)
+def test_templates_that_close_the_conversation_or_have_no_generation_prompt(tiny_checkpoint, template, specials, end):
+    """Phi-3's template ends a whole conversation with the end-of-sequence token after its last
+    <|end|>, which later turns do not have; Mistral's has no generation prompt and skips the
+    system message. Each reply still trains with the token that ends its turn, and only that."""
+    tokenizer = tokenizer_of(tiny_checkpoint, "llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    renderer = ChatRenderer(tokenizer, template, False, "all")
+    example = tokenize(tokenizer, [renderer(CONVERSATION)], add_special_tokens=False)[0]
+    assert trained_runs(tokenizer, example) == [reply + end for reply in REPLIES]
+    assert renderer.end_of_turn == {end}

@@ -4,8 +4,9 @@ A conversation is rendered with a chat template and the replies are found by ren
 of assistant turn i is what ``messages[:i + 1]`` adds to ``messages[:i]`` with the generation
 prompt, up to and including the end-of-turn token that closes it. This needs no markup in the
 template (TRL's ``return_assistant_tokens_mask`` needs ``{% generation %}`` blocks, which few
-templates have), and it checks that each rendering is a prefix of the next, so a template that
-renders earlier turns differently once more follow is refused instead of mislabelled.
+templates have), and it checks that each rendering, up to the end of its last reply, begins the
+next, so a template that renders earlier turns differently once more follow is refused instead of
+mislabelled.
 
 Token ids and labels (-100 where no loss falls) are stored aligned, as transformers' ``labels``
 are; the collate shifts them to next-token targets. Packing puts several examples in one sequence
@@ -78,27 +79,38 @@ class ChatRenderer:
         for i in replies:
             before = self.render(messages[:i], add_generation_prompt=True) if i else ""
             after = self.render(messages[: i + 1])
-            if not (after.startswith(before) and text.startswith(after)):
+            end = self._end_of_reply(after, len(before), messages[i]["content"]) if after.startswith(before) else 0
+            # Up to the end of the reply, not beyond: a template may close the whole conversation
+            # after its last message (Phi-3 adds the end-of-sequence token), which later turns follow instead.
+            if not end or not text.startswith(after[:end]):
                 raise ForgeError(
                     "the chat template renders the first turns of a conversation differently once more turns "
                     f"follow (at message {i}), so which tokens are the replies cannot be told; use a template whose "
                     "rendering of a conversation's beginning is the beginning of its rendering (model.chat_template)"
                 )
-            spans.append((len(before), self._end_of_reply(after, len(before))))
+            spans.append((len(before), end))
         return Rendered(text, spans)
 
-    def _end_of_reply(self, text: str, start: int) -> int:
-        """Where the reply starting at ``start`` ends: after the last special token the template puts
-        after it (<|im_end|>, <|eot_id|>, </s>); what follows that token (a newline) is not trained."""
+    def _end_of_reply(self, text: str, start: int, content: str) -> int:
+        """Where the reply starting at ``start`` ends: after the first special token the template puts
+        after its content (<|im_end|>, <|eot_id|>, <|end|>, </s>); what follows (a newline, a token
+        closing the conversation) is not trained. Where the template changes the content so that it
+        is not found, after the last special token of the turn."""
         reply = text[start:]
-        found = [(reply.rfind(token), token) for token in self.specials if token in reply]
+        body = content.strip()
+        at = reply.rfind(body) if body else -1  # the last: a short content may also be in a role header
+        after = at + len(body) if at >= 0 else 0
+        found = [(reply.find(token, after), token) for token in self.specials if token in reply[after:]]
         if not found:
             raise ForgeError(
                 "the chat template closes an assistant turn with no special token, so the model could not learn "
                 "to stop; use a template that ends each turn with one (as ChatML's <|im_end|>, or {{ eos_token }}) "
                 "in model.chat_template"
             )
-        position, token = max(found, key=lambda pair: (pair[0] + len(pair[1]), len(pair[1])))
+        if at >= 0:  # the first one after the content, the longest where two start there (<|im_end|>, <|im)
+            position, token = min(found, key=lambda pair: (pair[0], -len(pair[1])))
+        else:
+            position, token = max(found, key=lambda pair: (pair[0] + len(pair[1]), len(pair[1])))
         self.end_of_turn.add(token)
         return start + position + len(token)
 

@@ -137,7 +137,10 @@ def test_the_cli_replies_to_a_conversation(run, tmp_path, capsys):
     args = ["generate", str(run), "--chat", str(conversation), "--temperature", "0", "--max-new-tokens", "24"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert forgeml.load(run).chat(QUESTION, max_new_tokens=24, temperature=0) in result.stdout
+    reply = forgeml.load(run).chat(QUESTION, max_new_tokens=24, temperature=0)
+    assert reply in result.stdout
+    piped = CliRunner().invoke(app, [*args[:3], "-", *args[4:]], input=json.dumps(QUESTION))  # --chat -: stdin
+    assert piped.exit_code == 0 and reply in piped.stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"role": "robot", "content": "hi"}]))
     with pytest.raises(SystemExit) as exit:

@@ -66,10 +66,21 @@ ZEPHYR_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+PHI3_TEMPLATE = (  # closes a whole conversation with the end-of-sequence token after its last turn
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (  # no generation prompt, no system turn
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 CHAT = {  # arch -> (its template's special tokens, the template)
     "llama": (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE),
     "qwen2": (["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE),
     "gpt2": ([], ZEPHYR_TEMPLATE),
+    "mistral": ([], MISTRAL_TEMPLATE),
+    "phi3": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], PHI3_TEMPLATE),
+    "gpt_neox": (["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE),
 }
 
 
@@ -144,6 +155,22 @@ def config_for(arch: str, tokenizer) -> object:
             vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=2,
             intermediate_size=inner, max_position_embeddings=positions, bos_token_id=eos, eos_token_id=eos,
         )  # fmt: skip
+    if arch == "mistral":
+        return tf.MistralConfig(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=2,
+            intermediate_size=inner, max_position_embeddings=positions, bos_token_id=eos, eos_token_id=eos,
+        )  # fmt: skip
+    if arch == "phi3":  # q, k and v fused in one qkv_proj
+        return tf.Phi3Config(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=2,
+            intermediate_size=inner, max_position_embeddings=positions, bos_token_id=eos, eos_token_id=eos,
+            pad_token_id=eos,
+        )  # fmt: skip
+    if arch == "gpt_neox":  # fused query_key_value, rotary on part of each head
+        return tf.GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inner,
+            max_position_embeddings=positions, bos_token_id=eos, eos_token_id=eos,
+        )  # fmt: skip
     if arch == "gpt2":
         return tf.GPT2Config(
             vocab_size=vocab, n_embd=h, n_layer=n, n_head=heads, n_positions=positions, bos_token_id=eos,
@@ -153,7 +180,8 @@ def config_for(arch: str, tokenizer) -> object:
 
 
 ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert")
-DECODERS = ("llama", "qwen2", "gpt2")
+DECODERS = ("llama", "qwen2", "gpt2")  # the compatibility matrix's
+CAUSAL_LMS = (*DECODERS, "mistral", "phi3", "gpt_neox")  # fine-tuned as causal LMs in the tests
 
 
 def tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:

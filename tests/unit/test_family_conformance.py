@@ -8,7 +8,7 @@ import pytest
 from forgeml.models import MODELS
 from forgeml.models.registry import Splits, family_for
 from forgeml.testing import check_family
-from forgeml.tiny_checkpoints import DECODERS, ENCODERS
+from forgeml.tiny_checkpoints import CAUSAL_LMS, DECODERS, ENCODERS
 
 # Small settings where a family's defaults would be slow; any other family runs with its defaults.
 SMALL = {
@@ -43,7 +43,10 @@ ARCHITECTURES = {
     "gpt2": set(),
 }
 # hf-causal-lm fine-tunes a tiny random checkpoint of each decoder.
-CAUSAL_ARCHITECTURES = {"llama": {"tensor-parallel plan"}, "qwen2": {"tensor-parallel plan"}, "gpt2": set()}
+CAUSAL_ARCHITECTURES = {
+    "llama": {"tensor-parallel plan"}, "qwen2": {"tensor-parallel plan"}, "gpt2": set(),
+    "mistral": {"tensor-parallel plan"}, "phi3": set(), "gpt_neox": set(),
+}  # fmt: skip
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small"]
 
 
@@ -75,7 +78,7 @@ CASES += [(name, arch) for name, archs in PER_ARCHITECTURE.items() for arch in a
 
 def test_every_registered_family_has_a_case():
     assert {name for name, _ in CASES} == set(MODELS.names())
-    assert set(ARCHITECTURES) <= set(ENCODERS + DECODERS) and set(CAUSAL_ARCHITECTURES) <= set(DECODERS)
+    assert set(ARCHITECTURES) <= set(ENCODERS + DECODERS) and set(CAUSAL_ARCHITECTURES) == set(CAUSAL_LMS)
     assert set(MODULES) == set(MODELS.get("module").build.kinds)
 
 

@@ -1,6 +1,7 @@
 """What trains in supervised fine-tuning: replies and their end-of-turn token, never prompts, under
-three chat-template styles (Llama 3's, ChatML with a default system prompt, Zephyr's), and the loss
-packing and gradient accumulation must leave unchanged."""
+the chat-template styles of six decoder families (Llama 3's, ChatML with Qwen's default system
+prompt, Zephyr's, Mistral's without a generation prompt, Phi-3's closing the conversation with EOS,
+ChatML on GPT-NeoX), and the loss packing and gradient accumulation must leave unchanged."""
 
 import json
 
@@ -17,15 +18,19 @@ from forgeml.data.sources import read_table
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.checkpoints import load_tokenizer
 from forgeml.models.hf_causal_lm import HFCausalLM, HFCausalLMConfig
-from forgeml.models.registry import Splits, logits_of
+from forgeml.models.registry import Splits, load_family, logits_of
 from forgeml.models.sft import IGNORE, ChatRenderer, completion_rendered, marked, segments, tokenize
+from forgeml.tiny_checkpoints import CAUSAL_LMS
 from forgeml.training.config import TrainConfig
 from forgeml.training.loop import Optimization, train_step
 from forgeml.training.losses import NextTokenLoss
 from forgeml.training.strategies import Strategy
 
-ARCHS = ("llama", "qwen2", "gpt2")
-END_OF_TURN = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>", "gpt2": "<|endoftext|>"}
+ARCHS = CAUSAL_LMS  # each with a chat template of its family's kind (forgeml.tiny_checkpoints)
+END_OF_TURN = {
+    "llama": "<|eot_id|>", "qwen2": "<|im_end|>", "gpt2": "<|endoftext|>",
+    "mistral": "<|endoftext|>", "phi3": "<|end|>", "gpt_neox": "<|im_end|>",
+}  # fmt: skip
 CONVERSATION = [
     {"role": "system", "content": "You write docstrings."},
     {"role": "user", "content": "Parse a date string."},
@@ -168,8 +173,17 @@ def batch_loss(family, batch) -> torch.Tensor:
         return NextTokenLoss()(logits_of(family.network(**batch.inputs)), batch.targets)
 
 
+def token_losses(family, batch) -> torch.Tensor:
+    """Each trained target's loss, in order (row by row, then position by position)."""
+    family.network.eval()
+    with torch.no_grad():
+        logits = logits_of(family.network(**batch.inputs)).float()
+    trained = batch.targets != IGNORE
+    return torch.nn.functional.cross_entropy(logits[trained], batch.targets[trained], reduction="none")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_examples_give_the_loss_they_give_unpacked(arch, tiny_checkpoint):
+def test_packed_examples_give_the_loss_they_give_unpacked(arch, tiny_checkpoint, tmp_path):
     family, encoder, frame = family_and_encoder(tiny_checkpoint, arch, packed=False)
     plain = family.collate(list(family.items(encoder.table(frame, None, []))), None, None)
     packed_encoder = encoder.packing()
@@ -178,6 +192,12 @@ def test_packed_examples_give_the_loss_they_give_unpacked(arch, tiny_checkpoint)
     packed = family.collate(list(packed_items), None, None)
     assert int((packed.targets != IGNORE).sum()) == int((plain.targets != IGNORE).sum())
     assert abs(batch_loss(family, packed).item() - batch_loss(family, plain).item()) < 1e-3
+    # Token by token, so no example can have seen the one before it: the same loss within 1e-4.
+    torch.testing.assert_close(token_losses(family, packed), token_losses(family, plain), rtol=0, atol=1e-4)
+    # As compress and explain read it: loaded from its export, scored without a KV cache.
+    family.save(tmp_path / "model")
+    loaded = load_family(tmp_path / "model")
+    torch.testing.assert_close(token_losses(loaded, packed), token_losses(loaded, plain), rtol=0, atol=1e-4)
 
 
 def test_four_micro_batches_of_8_step_as_one_batch_of_32(tiny_checkpoint):
@@ -264,3 +284,16 @@ def test_templates_that_close_the_conversation_or_have_no_generation_prompt(tiny
     example = tokenize(tokenizer, [renderer(CONVERSATION)], add_special_tokens=False)[0]
     assert trained_runs(tokenizer, example) == [reply + end for reply in REPLIES]
     assert renderer.end_of_turn == {end}
+
+
+def test_packing_is_refused_for_a_network_that_does_not_read_per_example_positions():
+    """OPT counts its positions from the attention mask, so packed examples would see each other."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    from forgeml.models.hf_causal_lm import check_document_isolation
+
+    small = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    opt = AutoModelForCausalLM.from_config(OPTConfig(**small, ffn_dim=32, word_embed_proj_dim=16))  # use_cache on
+    with pytest.raises(ForgeError, match="the opt network lets packed examples attend to each other"):
+        check_document_isolation(opt, 64)
+    check_document_isolation(AutoModelForCausalLM.from_config(LlamaConfig(**small, intermediate_size=32)), 64)

@@ -377,8 +377,11 @@ class HFCausalLM(HFNetwork, TextInputs):
 
         directory.mkdir(parents=True, exist_ok=True)
         network = self.merged()
-        network.config.use_cache = True  # what a user's generate() wants; training set it off
-        network.save_pretrained(directory, safe_serialization=True)
+        network.config.use_cache = True  # what a user's generate() wants, in the saved config only
+        try:
+            network.save_pretrained(directory, safe_serialization=True)
+        finally:
+            network.config.use_cache = False
         self.tokenizer.save_pretrained(directory)
         generation = GenerationConfig.from_model_config(network.config)
         generation.eos_token_id = self.stop_ids
@@ -399,6 +402,9 @@ class HFCausalLM(HFNetwork, TextInputs):
         else:
             network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
             network.load_state_dict(weights, strict=bool(weights))
+        # Batches are scored without a KV cache, as in training: where one is made, transformers
+        # no longer reads packed rows' positions as separate examples. Sampling asks for its own.
+        network.config.use_cache = False
         network.eval()
         return cls(config, network, load_tokenizer(str(directory), str(directory)), meta["stop_ids"])
 
@@ -534,8 +540,8 @@ def check_document_isolation(network: nn.Module, vocab: int) -> None:
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
     was_training = network.training
     network.eval()
-    packed = network(input_ids=ids, position_ids=positions).logits[0, 4:]
-    alone = network(input_ids=ids[:, 4:], position_ids=positions[:, 4:]).logits[0]
+    packed = network(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 4:]
+    alone = network(input_ids=ids[:, 4:], position_ids=positions[:, 4:], use_cache=False).logits[0]
     network.train(was_training)
     if not torch.allclose(packed, alone, atol=1e-4):
         raise ForgeError(

@@ -25,8 +25,11 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 # The attention's query and value projections, by the names architectures give them (BERT's
 # query/value, Llama's q_proj/v_proj, DistilBERT's q_lin/v_lin, DeBERTa's query_proj/value_proj),
-# or the fused projection where q, k and v are one layer (GPT-2's c_attn, ModernBERT's Wqkv).
-QUERY_VALUE = re.compile(r"^(query|value|q_proj|v_proj|q_lin|v_lin|query_proj|value_proj|c_attn|Wqkv|qkv_proj|qkv)$")
+# or the fused projection where q, k and v are one layer (GPT-2's c_attn, ModernBERT's Wqkv, GPT-NeoX's,
+# Falcon's and BLOOM's query_key_value).
+QUERY_VALUE = re.compile(
+    r"^(query|value|q_proj|v_proj|q_lin|v_lin|query_proj|value_proj|c_attn|Wqkv|qkv_proj|qkv|query_key_value)$"
+)
 DROPOUT = re.compile(r"(dropout|pdrop)")  # the config fields that set a dropout probability
 
 

@@ -34,6 +34,7 @@ from forgeml.models.hf_network import (
     dropout_overrides,
     fewer_layers,
     freeze,
+    read_network,
     with_lora,
 )
 from forgeml.models.inputs import TextInputs
@@ -393,19 +394,14 @@ class HFCausalLM(HFNetwork, TextInputs):
 
     @classmethod
     def load(cls, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> HFCausalLM:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         config = HFCausalLMConfig(**json.loads((directory / CONFIG_FILE).read_text()))
         meta = json.loads((directory / META_FILE).read_text())
-        if weights is None:
-            network = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        else:
-            network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
-            network.load_state_dict(weights, strict=bool(weights))
+        network = read_network(directory, weights, AutoModelForCausalLM)
         # Batches are scored without a KV cache, as in training: where one is made, transformers
         # no longer reads packed rows' positions as separate examples. Sampling asks for its own.
         network.config.use_cache = False
-        network.eval()
         return cls(config, network, load_tokenizer(str(directory), str(directory)), meta["stop_ids"])
 
     # ------------------------------------------------------------ what the stages ask

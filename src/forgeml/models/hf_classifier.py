@@ -27,6 +27,7 @@ from forgeml.models.hf_network import (
     embedding_modules,
     fewer_layers,
     freeze,
+    read_network,
     repeated_blocks,
     with_lora,
 )
@@ -150,16 +151,11 @@ class HFClassifier(HFNetwork, TokenBatches, TextInputs):
 
     @classmethod
     def load(cls, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> HFClassifier:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
         config = cls.config_type(**json.loads((directory / "forgeml_config.json").read_text()))
         meta = json.loads((directory / META_FILE).read_text())
-        if weights is None:
-            network = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
-        else:
-            network = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(directory))
-            network.load_state_dict(weights, strict=bool(weights))
-        network.eval()
+        network = read_network(directory, weights, AutoModelForSequenceClassification)
         return cls(config, network, load_tokenizer(str(directory), str(directory)), meta["labels"])
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import torch
@@ -157,6 +158,19 @@ def fewer_layers(teacher: nn.Module, layers: int | None, auto_class: Any) -> nn.
         state[key] = value.clone()
     network.load_state_dict(state, strict=True)
     return network
+
+
+def read_network(directory: Path, weights: dict[str, torch.Tensor] | None, auto_class: Any) -> nn.Module:
+    """The transformers network saved in ``directory`` (in eval mode), or of its config with ``weights``
+    instead of the weights file (none at all: ``{}``, for a family that only preprocesses)."""
+    from transformers import AutoConfig
+
+    if weights is None:
+        network = auto_class.from_pretrained(directory, dtype=torch.float32)
+    else:
+        network = auto_class.from_config(AutoConfig.from_pretrained(directory))
+        network.load_state_dict(weights, strict=bool(weights))
+    return network.eval()
 
 
 class HFNetwork:

@@ -305,9 +305,7 @@ class HFCausalLM(HFNetwork, TextInputs):
             if hasattr(checkpoint, "use_cache"):
                 checkpoint.use_cache = False
             network = AutoModelForCausalLM.from_config(checkpoint, **kwargs)
-        context = getattr(network.config, "max_position_embeddings", None) or getattr(
-            network.config, "n_positions", None
-        )
+        context = context_length(network.config)
         if context is not None and config.max_length > context:
             raise ForgeError(
                 f"model.max_length: {config.max_length} is more than the {context} positions the network reads; "
@@ -426,10 +424,6 @@ class HFCausalLM(HFNetwork, TextInputs):
 
     # ------------------------------------------------------------ generation
 
-    def context_length(self) -> int | None:
-        c = self.base().config
-        return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
-
     @torch.no_grad()
     def sample(
         self, ids: list[int], temperature: float, top_k: int | None, generator: torch.Generator | None
@@ -439,7 +433,7 @@ class HFCausalLM(HFNetwork, TextInputs):
         same steps, but takes no torch.Generator and streams only through a second thread."""
         from transformers import DynamicCache
 
-        limit = self.context_length()
+        limit = context_length(self.base().config)
         if limit is not None and len(ids) >= limit:
             raise ForgeError(f"the prompt is {len(ids)} tokens, and the model reads at most {limit}; shorten it")
         device = self.input_embeddings().weight.device
@@ -525,6 +519,11 @@ class HFCausalLM(HFNetwork, TextInputs):
     ) -> str:
         """The assistant's reply to ``messages`` ({role, content} dicts), up to its end of turn."""
         return "".join(self.stream_chat(messages, max_new_tokens, temperature, top_k, generator))
+
+
+def context_length(config: Any) -> int | None:
+    """The positions a network reads at most, under the name its config gives them (GPT-2: n_positions)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 @torch.no_grad()

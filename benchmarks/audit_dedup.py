@@ -4,11 +4,13 @@ Synthetic corpus (seeded): documents of 30-80 words drawn from a generated vocab
 frequencies, and 10% planted copies of earlier documents (so copies of copies form larger groups): 10% exact
 copies, 40% with one word substituted, inserted or deleted within 4 words of an end, 30% with one such edit
 anywhere, and 20% with three scattered edits. 70% of the copies have a 5-gram Jaccard >= 0.8 with their source
-(a fifth of those in 0.8-0.85, where LSH at num_perm 128 misses about half), most of the rest 0.5-0.8.
+(a fifth of those in 0.8-0.85, where datasketch's banding at num_perm 128 misses about half), most of the rest
+0.5-0.8.
 
 Both methods use the same shingles (word 5-grams), num_perm, threshold and seed. The datasketch loop builds a
 MinHash per document (update_batch of the utf-8 shingles), inserts it into MinHashLSH, queries every document
-and keeps the candidates whose estimated Jaccard reaches the threshold, which is what near_duplicates returns.
+and keeps the candidates whose estimated Jaccard reaches the threshold; near_duplicates bands for recall and keeps
+the candidates whose exact Jaccard does.
 Both run on one process and on every core (datasketch: worker processes hash shares of the documents, the
 parent builds the LSH index from their signatures), alternating, --repeats times each; medians are reported.
 Precision and recall are measured against exact all-pairs Jaccard on a sample of ~2,000 documents: half of it

@@ -339,7 +339,7 @@ def audit(
     from forgeml.audit.checks import failed_checks
     from forgeml.audit.config import AuditConfig
     from forgeml.data.config import DataConfig, PrepareConfig
-    from forgeml.data.sources import read_table, read_test_table, validate_table
+    from forgeml.data.sources import batch_check, open_source, open_test_source, require_classes
     from forgeml.recipe import apply_overrides, validate_sections
     from forgeml.reporting.html import write_audit_page
     from forgeml.rundir import write_json
@@ -351,17 +351,15 @@ def audit(
         source["feature_columns"] = [c.strip() for c in features.split(",") if c.strip()]
     sections = apply_overrides({"data": source, "audit": {}, "prepare": {}}, tuple(set_ or ()))
     cfg, audit_cfg, prepare_cfg = validate_sections(sections, DataConfig, AuditConfig, PrepareConfig)
-    table = read_table(cfg)
-    needs = "text" if table.text_column and not cfg.feature_columns else "features"
-    validate_table(table, needs=needs, task="classification", missing_ok=("*",))
-    test_table = None
-    if cfg.test_source:
-        test_table = read_test_table(cfg, table, needs, "classification", missing_ok=("*",))
-    report = run_audit(table, audit_cfg, prepare_cfg, test_table)
+    rows = open_source(cfg)
+    needs = "text" if rows.text_column and not cfg.feature_columns else "features"
+    check = batch_check(needs, "classification", missing_ok=("*",))
+    test_rows = open_test_source(cfg) if cfg.test_source else None
+    report = run_audit(rows, audit_cfg, prepare_cfg, test_rows, check, seed=cfg.seed)
+    require_classes(rows.origin, rows.label_column, report["class_counts"])
     console.print(checks_table(report))
-    if table.skipped_lines:
-        shown = ", ".join(map(str, table.skipped_lines[:10])) + (" ..." if len(table.skipped_lines) > 10 else "")
-        console.print(f"skipped {len(table.skipped_lines)} malformed rows (lines {shown})")
+    if rows.bad.count:
+        console.print(f"skipped {rows.bad.count} malformed rows ({rows.bad.lines()})")
     if json_out:
         write_json(json_out, report)
         console.print(f"json: {json_out}")

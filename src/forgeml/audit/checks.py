@@ -18,9 +18,11 @@ import pandas as pd
 from pandas.api.types import is_bool_dtype, is_integer_dtype, is_numeric_dtype
 
 from forgeml.audit.config import AuditConfig
-from forgeml.data.clean import Columns, label_conflicts, row_keys, texts
+from forgeml.data.clean import Columns, label_conflicts, texts
 from forgeml.data.config import PrepareConfig
-from forgeml.data.dedup import cross_matches, exact_groups, near_duplicates
+from forgeml.data.dedup import best_matches, components
+from forgeml.data.scan import SAMPLE_ROW, Check, Scan, fetch, first_of, groups_of, missing_mask, scan
+from forgeml.data.stream import Source
 from forgeml.data.table import Table
 
 SNIPPET_CHARS = 120  # characters of a text (or of a row's feature values) shown in an example
@@ -32,41 +34,53 @@ SHOWN_NAMES = 5  # columns or classes named in a note before "and N more"
 # ---------------------------------------------------------------- the report
 
 
-def audit(table: Table, cfg: AuditConfig, prepare: PrepareConfig, test: Table | None = None) -> dict[str, Any]:
-    """Audit ``table`` (and a separate ``test`` table for leakage); the report as plain, JSON-ready types."""
-    columns = Columns.of(table)
-    frame = table.frame
-    keys = row_keys(frame, columns, cfg, with_label=True)
-    exact = exact_groups(keys)
-    near, pairs = _near_duplicates(frame, columns, cfg, keys)
-    labels = _labels(frame, columns)
-    issues, issues_note = _label_issues(frame, columns, labels, cfg)
-    leaks, leak_scores = _target_leaks(frame, columns, labels, cfg)
-    missing = _missing_mask(frame)
-    id_like = _id_like_columns(frame, columns, missing, cfg.id_like_fraction)
-    counts = _class_counts(labels)
+def audit(
+    source: Source | Table,
+    cfg: AuditConfig,
+    prepare: PrepareConfig,
+    test: Source | Table | None = None,
+    check: Check | None = None,
+    check_test: Check | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Audit ``source`` (and a separate ``test`` set for leakage), read in batches, each first passed to
+    ``check``; the report as plain, JSON-ready types."""
+    source = source if isinstance(source, Source) else Source.of_table(source)
+    test = test if test is None or isinstance(test, Source) else Source.of_table(test)
+    found = scan(source, cfg, check or (lambda batch: None), test, check_test, sample_seed=seed)
+    columns = found.columns
+    exact = groups_of(found.key)
+    near, pairs = _near_duplicates(found, cfg)
+    sample = found.sample
+    labels = _labels(sample, columns)
+    issues, issues_note = _label_issues(sample, columns, labels, cfg, found.n_rows)
+    leaks, leak_scores = _target_leaks(sample, columns, labels, cfg)
+    id_like = _id_like_columns(sample, columns, cfg.id_like_fraction)
+    counts = _class_counts(found)
     report: dict[str, Any] = {
-        "n_rows": len(frame),
-        "n_test_rows": None if test is None else len(test.frame),
+        "n_rows": found.n_rows,
+        "n_test_rows": found.test_rows,
+        "sample_rows": len(sample),
+        "skipped_rows": {"count": source.bad.count, "listed": [list(at) for at in source.bad.listed]},
         "exact_duplicates": exact,
         "near_duplicates": near,
         "near_duplicate_pairs": pairs,
         # text: exact duplicates only (a few changed words may rightly change the label); tables: equal features
-        "label_conflicts": label_conflicts(exact if columns.text else near, labels),
-        "leakage": _leakage(table, columns, cfg, test),
+        "label_conflicts": label_conflicts(exact if columns.text else near, found.labels),
+        "leakage": _leakage(found),
         "class_counts": counts,
         "imbalance_ratio": max(counts.values()) / min(counts.values()) if counts else None,
-        "missing": {str(c): int(n) for c, n in missing.sum().items()},
-        "constant_columns": _constant_columns(frame, missing),
+        "missing": {str(c): int(n) for c, n in found.stats.missing.items()},
+        "constant_columns": [str(c) for c in found.stats.constant()],
         "id_like_columns": list(id_like),
         "id_like_fractions": id_like,
         "target_leak_columns": leaks,
         "target_leak_scores": leak_scores,
         "label_issues": issues,
-        "text_lengths": _text_lengths(frame[columns.text]) if columns.text else None,
+        "text_lengths": _text_lengths(found) if columns.text else None,
     }
-    report["checks"] = _checks(report, columns, missing, cfg, prepare, issues_note)
-    report["examples"] = _examples(report, table, columns, missing, test, cfg)
+    report["checks"] = _checks(report, columns, found, cfg, prepare, issues_note)
+    report["examples"] = _examples(report, found, source, test, cfg)
     return report
 
 
@@ -88,42 +102,48 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- duplicates and leakage
 
 
-def _near_duplicates(
-    frame: pd.DataFrame, columns: Columns, cfg: AuditConfig, keys: list[Hashable]
-) -> tuple[list[list[int]], list[dict[str, Any]]]:
+def _near_duplicates(found: Scan, cfg: AuditConfig) -> tuple[list[list[int]], list[dict[str, Any]]]:
     """Groups of near duplicates, leaving out groups of exact duplicates only, and the near (not exact) pairs.
 
     Text: MinHash LSH over the normalised text. Tables: rows with equal features whose labels differ
     (feature-equal rows with equal labels are exact duplicates already)."""
-    if not columns.text:
-        groups = exact_groups(row_keys(frame, columns, cfg, with_label=False))
-        return [g for g in groups if len({keys[i] for i in g}) > 1], []
-    near = cfg.near_duplicates
-    if not near.enabled:
+    keys = found.key
+    if not found.columns.text:
+        groups = groups_of(found.features_key)
+        return [g for g in groups if len(set(keys[g].tolist())) > 1], []
+    if not cfg.near_duplicates.enabled:
         return [], []
-    found = near_duplicates(keys, near.num_perm, near.threshold, near.ngram, processes=1)
-    groups = [g for g in found.groups if len({keys[i] for i in g}) > 1]
-    pairs = [{"rows": [i, j], "similarity": s} for i, j, s in found.pairs if keys[i] != keys[j]]
+    i, j, s = found.near_pairs
+    groups = [g for g in components(found.n_rows, i, j) if len(set(keys[g].tolist())) > 1]
+    differ = keys[i] != keys[j]
+    pairs = [
+        {"rows": [a, b], "similarity": c}
+        for a, b, c in zip(i[differ].tolist(), j[differ].tolist(), s[differ].tolist(), strict=True)
+    ]
     return groups, pairs
 
 
-def _leakage(table: Table, columns: Columns, cfg: AuditConfig, test: Table | None) -> list[dict[str, Any]]:
-    """Test rows equal (similarity 1.0) or, for text, nearly equal to a row of the table, with the first
-    training row they match best."""
-    if test is None:
+def _leakage(found: Scan) -> list[dict[str, Any]]:
+    """Test rows equal (similarity 1.0) or, for text, nearly equal to a row of the source, with the first
+    source row they match best."""
+    if found.test_key is None:
         return []
-    train_keys = row_keys(table.frame, columns, cfg, with_label=False)
-    test_keys = row_keys(test.frame, columns, cfg, with_label=False)
-    first: dict[Hashable, int] = {}
-    for row, key in enumerate(train_keys):
-        first.setdefault(key, row)
-    matches = {i: (first[key], 1.0) for i, key in enumerate(test_keys) if key in first}
-    near = cfg.near_duplicates
-    if columns.text and near.enabled:
-        found = cross_matches(test_keys, train_keys, near.num_perm, near.threshold, near.ngram, processes=1)
-        for i, row, similarity in found:
-            matches.setdefault(i, (row, similarity))
+    matches = first_matches(found.test_key, found.match_key)
+    if found.cross_pairs is not None and len(found.cross_pairs[0]):
+        # A test row equal to an earlier test row shares that row's near matches.
+        near = {q: (c, s) for q, c, s in best_matches(*found.cross_pairs, exact={})}
+        for row, first in enumerate(first_of(found.test_key).tolist()):
+            if row not in matches and first in near:
+                matches[row] = near[first]
     return [{"test_row": i, "train_row": row, "similarity": s} for i, (row, s) in sorted(matches.items())]
+
+
+def first_matches(queries: np.ndarray, keys: np.ndarray) -> dict[int, tuple[int, float]]:
+    """Each query whose key some row has: (the first such row, 1.0)."""
+    unique, first = np.unique(keys, return_index=True)
+    at = np.clip(np.searchsorted(unique, queries), 0, max(len(unique) - 1, 0))
+    hit = np.flatnonzero(unique[at] == queries) if len(unique) else np.zeros(0, np.int64)
+    return {int(q): (int(first[at[q]]), 1.0) for q in hit}
 
 
 def _dropped_rows(groups: list[list[int]]) -> int:
@@ -153,8 +173,12 @@ def _labels(frame: pd.DataFrame, columns: Columns) -> pd.Series | None:
     return labels.astype(str).where(labels.notna())
 
 
-def _class_counts(labels: pd.Series | None) -> dict[str, int]:
-    return {} if labels is None else {str(k): int(n) for k, n in labels.value_counts().items()}
+def _class_counts(found: Scan) -> dict[str, int]:
+    if found.labels is None:
+        return {}
+    counts = np.bincount(found.labels[found.labels >= 0], minlength=len(found.classes))
+    order = np.argsort(-counts, kind="stable")  # largest first, as value_counts
+    return {found.classes[k]: int(counts[k]) for k in order}
 
 
 def _cv_rows(labels: pd.Series, folds: int) -> tuple[np.ndarray, list[str]]:
@@ -187,11 +211,19 @@ def _fast_model(columns: Columns) -> Any:
     return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), LogisticRegression(max_iter=1000))
 
 
+def _on_sample(sample: pd.DataFrame, n_rows: int) -> str:
+    return (
+        ""
+        if len(sample) >= n_rows
+        else f"; on a seeded sample of {len(sample):,} of {n_rows:,} rows (audit.sample_rows)"
+    )
+
+
 def _label_issues(
-    frame: pd.DataFrame, columns: Columns, labels: pd.Series | None, cfg: AuditConfig
+    frame: pd.DataFrame, columns: Columns, labels: pd.Series | None, cfg: AuditConfig, n_rows: int
 ) -> tuple[list[dict[str, Any]], str]:
-    """Rows cleanlab flags as likely mislabelled, from out-of-fold probabilities of the fast model, most
-    confident suggestion first; and a note on what was (not) examined."""
+    """Rows cleanlab flags as likely mislabelled, from out-of-fold probabilities of the fast model on the
+    sample, most confident suggestion first; and a note on what was (not) examined."""
     from cleanlab.filter import find_label_issues
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import cross_val_predict
@@ -211,25 +243,18 @@ def _label_issues(
         probs = cross_val_predict(_fast_model(columns), x, y, cv=_cv(cfg.cv_folds), method="predict_proba", n_jobs=1)
     flagged = np.flatnonzero(find_label_issues(y, probs, n_jobs=1))
     suggested = probs[flagged].argmax(axis=1)
+    source_rows = frame[SAMPLE_ROW].to_numpy()[rows]
     issues = [
-        {"row": int(rows[i]), "given": str(classes[y[i]]), "suggested": str(classes[s]), "confidence": float(p)}
+        {"row": int(source_rows[i]), "given": str(classes[y[i]]), "suggested": str(classes[s]), "confidence": float(p)}
         for i, s, p in zip(flagged, suggested, probs[flagged, suggested], strict=True)
     ]
     issues.sort(key=lambda issue: -issue["confidence"])
     accuracy = float((probs.argmax(axis=1) == y).mean())
-    return issues, f"out-of-fold accuracy of the model {accuracy:.3f} on {len(rows)} rows{left_out}"
+    note = f"out-of-fold accuracy of the model {accuracy:.3f} on {len(rows)} rows{left_out}"
+    return issues, note + _on_sample(frame, n_rows)
 
 
 # ---------------------------------------------------------------- columns
-
-
-def _missing_mask(frame: pd.DataFrame) -> pd.DataFrame:
-    """True where a value is missing: NaN, None or a blank string."""
-    mask = frame.isna()
-    for column in frame.columns:
-        if not is_numeric_dtype(frame[column]):
-            mask[column] |= frame[column].map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
-    return mask
 
 
 def _present(frame: pd.DataFrame, missing: pd.DataFrame, column: str) -> pd.Series:
@@ -240,16 +265,14 @@ def _present(frame: pd.DataFrame, missing: pd.DataFrame, column: str) -> pd.Seri
     return values
 
 
-def _constant_columns(frame: pd.DataFrame, missing: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if _present(frame, missing, c).nunique() == 1]
-
-
-def _id_like_columns(frame: pd.DataFrame, columns: Columns, missing: pd.DataFrame, fraction: float) -> dict[str, float]:
-    """Integer or short-string columns (not the text or label) with a distinct value in almost every row, and
-    their fraction of unique values. Longer strings are prose, unique without being IDs."""
+def _id_like_columns(frame: pd.DataFrame, columns: Columns, fraction: float) -> dict[str, float]:
+    """Integer or short-string columns (not the text or label) with a distinct value in almost every row (of
+    the sample), and their fraction of unique values. Longer strings are prose, unique without being IDs."""
     found = {}
-    for column in frame.columns:
-        values = _present(frame, missing, column)
+    data = frame.drop(columns=[SAMPLE_ROW])
+    missing = missing_mask(data)
+    for column in data.columns:
+        values = _present(data, missing, column)
         if column in (columns.text, columns.label) or values.empty:
             continue
         if is_numeric_dtype(values):
@@ -269,9 +292,9 @@ def _numeric(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
 def _target_leaks(
     frame: pd.DataFrame, columns: Columns, labels: pd.Series | None, cfg: AuditConfig
 ) -> tuple[list[str], dict[str, float]]:
-    """Feature columns that alone predict the label, with their score: the cross-validated balanced accuracy
-    of a small decision tree on that column. (Balanced, so that a tiny minority class does not make every
-    column look like a leak.)"""
+    """Feature columns that alone predict the label (on the sample), with their score: the cross-validated
+    balanced accuracy of a small decision tree on that column. (Balanced, so that a tiny minority class does
+    not make every column look like a leak.)"""
     from sklearn.model_selection import cross_val_score
     from sklearn.tree import DecisionTreeClassifier
 
@@ -293,23 +316,8 @@ def _target_leaks(
     return list(scores), scores
 
 
-def _text_lengths(values: pd.Series) -> dict[str, dict[str, float]]:
-    docs = texts(values)
-    lengths = {"words": [len(t.split()) for t in docs], "characters": [len(t) for t in docs]}
-    return {unit: _stats(np.asarray(n, float)) for unit, n in lengths.items()}
-
-
-def _stats(values: np.ndarray) -> dict[str, float]:
-    if not len(values):
-        return {}
-    quantiles = np.quantile(values, [0.0, 0.5, 0.95, 1.0])
-    return {
-        "min": float(quantiles[0]),
-        "median": float(quantiles[1]),
-        "mean": float(values.mean()),
-        "p95": float(quantiles[2]),
-        "max": float(quantiles[3]),
-    }
+def _text_lengths(found: Scan) -> dict[str, dict[str, float]]:
+    return {"words": found.words.stats(), "characters": found.characters.stats()}
 
 
 # ---------------------------------------------------------------- checks
@@ -332,7 +340,7 @@ def _status(value: float | None, threshold: float | None, fixed: bool, warn_abov
 def _checks(
     report: dict[str, Any],
     columns: Columns,
-    missing: pd.DataFrame,
+    found: Scan,
     cfg: AuditConfig,
     prepare: PrepareConfig,
     issues_note: str,
@@ -343,7 +351,7 @@ def _checks(
         "duplicate_fraction": _duplicate_check(report, fail_on.duplicate_fraction, prepare),
         "imbalance_ratio": _imbalance_check(report, fail_on.imbalance_ratio, prepare),
         "label_issue_fraction": _label_issue_check(report, fail_on.label_issue_fraction, issues_note),
-        "missing_fraction": _missing_check(columns, missing, fail_on.missing_fraction, prepare),
+        "missing_fraction": _missing_check(columns, found, fail_on.missing_fraction, prepare),
         "label_conflicts": _label_conflict_check(report),
         "target_leak": _column_check(
             report["target_leak_scores"],
@@ -412,20 +420,17 @@ def _imbalance_check(report: dict[str, Any], threshold: float | None, prepare: P
 
 def _label_issue_check(report: dict[str, Any], threshold: float | None, issues_note: str) -> dict[str, Any]:
     flagged = len(report["label_issues"])
-    value = flagged / max(report["n_rows"], 1)
+    value = flagged / max(report["sample_rows"], 1)  # of the rows examined
     note = issues_note
     if flagged:
         note = f"{flagged} row(s) look mislabelled; review label_issues and fix the labels ({issues_note})"
     return _check(_status(value, threshold, fixed=False), value, threshold, note)
 
 
-def _missing_check(
-    columns: Columns, missing: pd.DataFrame, threshold: float | None, prepare: PrepareConfig
-) -> dict[str, Any]:
+def _missing_check(columns: Columns, found: Scan, threshold: float | None, prepare: PrepareConfig) -> dict[str, Any]:
     """Rows with a missing value in a column a model reads; imputation fixes feature columns only."""
-    used = missing[columns.used]
-    value = float(used.any(axis=1).mean()) if len(used) else 0.0
-    holes = [c for c in columns.used if used[c].any()]
+    value = float(found.missing_used.mean()) if found.n_rows else 0.0
+    holes = [c for c in columns.used if found.stats.missing.get(c, 0)]
     rest = [c for c in holes if c not in columns.features or prepare.impute_columns.get(c, prepare.impute) == "none"]
     if not holes:
         note = "no missing values in the columns used"
@@ -466,71 +471,69 @@ def _constant_check(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _examples(
-    report: dict[str, Any],
-    table: Table,
-    columns: Columns,
-    missing: pd.DataFrame,
-    test: Table | None,
-    cfg: AuditConfig,
+    report: dict[str, Any], found: Scan, source: Source, test: Source | None, cfg: AuditConfig
 ) -> dict[str, list[dict[str, Any]]]:
-    """Up to ``cfg.examples`` examples of each finding, as flat records for the HTML report's tables."""
+    """Up to ``cfg.examples`` examples of each finding, as flat records for the HTML report's tables; their
+    rows are read back from the source by one more pass (the sample holds the label issues' rows)."""
     k = cfg.examples
-    frame = table.frame
+    columns = found.columns
+    grouped = [g[:k] for name in ("exact_duplicates", "near_duplicates", "label_conflicts") for g in report[name][:k]]
+    leaks = report["leakage"][:k] if test is not None else []
+    holes = np.flatnonzero(found.missing_used)[:k]
+    wanted = [*(i for g in grouped for i in g), *(leak["train_row"] for leak in leaks), *holes.tolist()]
+    rows = fetch(source, np.asarray(wanted, np.int64))
+    sample = found.sample.set_index(SAMPLE_ROW)
+    test_rows = fetch(test, np.asarray([leak["test_row"] for leak in leaks], np.int64)) if leaks else None
 
-    def groups(found: list[list[int]]) -> list[dict[str, Any]]:
+    def shown(row: int, frame: pd.DataFrame = rows, where: Source = source) -> dict[str, Any]:
+        return _row(frame.loc[row], row, where.line(row), columns)
+
+    def groups(found_groups: list[list[int]]) -> list[dict[str, Any]]:
         return [
-            {"group": n, "size": len(group), **_row(table, columns, i)}
-            for n, group in enumerate(found[:k], start=1)
+            {"group": n, "size": len(group), **shown(i)}
+            for n, group in enumerate(found_groups[:k], start=1)
             for i in group[:k]
         ]
 
-    used = missing[columns.used]
-    holes = np.flatnonzero(used.any(axis=1).to_numpy())[:k].tolist()
+    missing = missing_mask(rows[[c for c in columns.used if c in rows.columns]]) if len(holes) else None
+    head = found.head
     return {
         "exact_duplicates": groups(report["exact_duplicates"]),
         "near_duplicates": groups(report["near_duplicates"]),
         "label_conflicts": groups(report["label_conflicts"]),
-        "leakage": [_leak_example(leak, table, test, columns) for leak in report["leakage"][:k]]
-        if test is not None
-        else [],
+        "leakage": [
+            {
+                "similarity": leak["similarity"],
+                **{f"test_{key}": v for key, v in shown(leak["test_row"], test_rows, test).items()},
+                **{f"train_{key}": v for key, v in shown(leak["train_row"]).items()},
+            }
+            for leak in leaks
+        ],
         "label_issues": [
-            {**_row(table, columns, issue["row"]), **{key: issue[key] for key in ("given", "suggested", "confidence")}}
+            {
+                **_row(sample.loc[issue["row"]], issue["row"], source.line(issue["row"]), columns),
+                **{key: issue[key] for key in ("given", "suggested", "confidence")},
+            }
             for issue in report["label_issues"][:k]
         ],
         "missing": [
-            {**_row(table, columns, i), "missing": ", ".join(map(str, used.columns[used.iloc[i].to_numpy()]))}
-            for i in holes
+            {**shown(int(i)), "missing": ", ".join(map(str, missing.columns[missing.loc[i].to_numpy()]))} for i in holes
         ],
         "constant_columns": [
-            {"column": c, "value": _plain(_present(frame, missing, c).iloc[0])} for c in report["constant_columns"][:k]
+            {"column": c, "value": _plain(found.stats.first[c])} for c in report["constant_columns"][:k]
         ],
         "id_like_columns": [
-            {"column": c, "values": _snippet(", ".join(map(str, frame[c].head(k))))}
+            {"column": c, "values": _snippet(", ".join(map(str, head[c].head(k))))}
             for c in report["id_like_columns"][:k]
         ],
         "target_leak_columns": [{"column": c, "score": s} for c, s in list(report["target_leak_scores"].items())[:k]],
     }
 
 
-def _leak_example(leak: dict[str, Any], table: Table, test: Table, columns: Columns) -> dict[str, Any]:
-    test_row = _row(test, columns, leak["test_row"])
-    train_row = _row(table, columns, leak["train_row"])
-    return {
-        "similarity": leak["similarity"],
-        **{f"test_{key}": value for key, value in test_row.items()},
-        **{f"train_{key}": value for key, value in train_row.items()},
-    }
-
-
-def _row(table: Table, columns: Columns, row: int) -> dict[str, Any]:
-    """A row as an example: its position, file line, label, and a snippet of its text or feature values."""
-    values = table.frame.iloc[row]
+def _row(values: pd.Series, row: int, line: int | None, columns: Columns) -> dict[str, Any]:
+    """A row as an example: its source row id, file line, label, and a snippet of its text or feature values."""
     label = None if columns.label is None else _plain(values[columns.label])
-    shown = {
-        "row": row,
-        "line": None if table.lines is None else table.lines[row],
-        "label": None if label is None else str(label),
-    }
+    shown = {"row": row, "line": line, "label": None if label is None else str(label)}
     if columns.text:
         text = values[columns.text]
         shown["text"] = _snippet(text if isinstance(text, str) else "")

@@ -51,5 +51,11 @@ class AuditConfig(Section):
     target_leak_score: Annotated[float, Field(gt=0.5, le=1)] = Field(
         0.98, description="a single feature whose cross-validated accuracy reaches this is a target leak"
     )
+    sample_rows: PositiveInt = Field(
+        20_000, description="the label-noise, target-leak and ID-like checks run on a seeded sample of this many rows"
+    )
+    memory_budget_mb: PositiveInt = Field(
+        256, description="near-duplicate band keys past this size spill to disk (a temporary folder)"
+    )
     fail_on: FailOnConfig = FailOnConfig()
     examples: PositiveInt = Field(5, description="examples of each finding shown in the report")

@@ -9,8 +9,7 @@ from typing import Any
 from rich.console import Console
 
 from forgeml.audit.checks import audit, failed_checks, summary_lines
-from forgeml.data.sources import read_table, read_test_table, source_fingerprints, validate_table
-from forgeml.data.table import Table
+from forgeml.data.sources import batch_check, open_source, open_test_source, require_classes, source_fingerprints
 from forgeml.errors import ForgeError
 from forgeml.models.registry import family_for
 from forgeml.recipe import Recipe
@@ -34,17 +33,6 @@ class AuditResult:
         return f"{self.report['n_rows']:,} rows audited; checks: {counts or 'all pass'}"
 
 
-def read_for_audit(recipe: Recipe) -> tuple[Table, Table | None]:
-    """The source (and separate test set) as the audit sees them: missing values are findings, not errors."""
-    family = family_for(recipe.model)
-    table = read_table(recipe.data)
-    validate_table(table, needs=family.inputs, task=family.task.name, missing_ok=("*",))
-    test = None
-    if recipe.data.test_source:
-        test = read_test_table(recipe.data, table, family.inputs, family.task.name, missing_ok=("*",))
-    return table, test
-
-
 class Audit(Stage):
     name = "audit"
     sections = ("data", "audit", "prepare", "model.name")
@@ -56,8 +44,14 @@ class Audit(Stage):
         return source_fingerprints(recipe.data)
 
     def run(self, recipe: Recipe, run: RunDir, context: Context | None = None) -> AuditResult:
-        table, test = read_for_audit(recipe)
-        report = audit(table, recipe.audit, recipe.prepare, test)
+        family = family_for(recipe.model)
+        data = recipe.data
+        check = batch_check(family.inputs, family.task.name, missing_ok=("*",))
+        test = open_test_source(data) if data.test_source else None
+        source = open_source(data)
+        report = audit(source, recipe.audit, recipe.prepare, test, check, seed=data.seed)
+        if family.task.classifies:
+            require_classes(source.origin, source.label_column, report["class_counts"])
         write_json(run / REPORT, report)
         return AuditResult(report)
 

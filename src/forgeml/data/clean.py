@@ -72,9 +72,13 @@ def duplicate_groups(frame: pd.DataFrame, columns: Columns, mode: str, audit: Au
     return groups
 
 
-def label_conflicts(groups: list[list[int]], labels: pd.Series | None) -> list[list[int]]:
-    """The groups of duplicate rows whose labels differ."""
-    return [] if labels is None else [g for g in groups if labels.iloc[g].nunique() > 1]
+def label_conflicts(groups: list[list[int]], labels: pd.Series | np.ndarray | None) -> list[list[int]]:
+    """The groups of duplicate rows whose labels (or class indices, -1 for missing) differ."""
+    if labels is None:
+        return []
+    if isinstance(labels, pd.Series):
+        return [g for g in groups if labels.iloc[g].nunique() > 1]
+    return [g for g in groups if len({c for c in labels[g].tolist() if c >= 0}) > 1]
 
 
 def keep_first(frame: pd.DataFrame, groups: list[list[int]]) -> pd.DataFrame:

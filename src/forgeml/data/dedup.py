@@ -55,7 +55,7 @@ def exact_groups(keys: Sequence[Hashable]) -> list[list[int]]:
     """Groups (len >= 2) of positions with equal keys, each sorted, ordered by their first position."""
     first_seen: dict[Hashable, int] = {}
     labels = np.fromiter((first_seen.setdefault(key, len(first_seen)) for key in keys), np.int64, len(keys))
-    return _groups_of(labels)
+    return groups_of_labels(labels)
 
 
 @dataclass(frozen=True)
@@ -181,15 +181,16 @@ class BandIndex:
             yield np.fromfile(name, _ENTRY)
             name.unlink()
 
-    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct (i, j), i < j, sharing a key in some band, sorted."""
+    def pairs(self, members: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct (i, j), i < j, sharing a key in some band, sorted; with ``members`` (a mask over ids),
+        only pairs of members."""
         if self.spilled:
             self._spill()  # what was still held joins the files, so each band is read from one place
         found: list[np.ndarray] = []
         held = 0
         for band in range(self.bands):
             for entries in self._band(band):
-                found.append(_bucket_pairs(entries))
+                found.append(_bucket_pairs(entries if members is None else entries[members[entries["id"]]]))
                 held += len(found[-1])
                 if held > 4 * sum(map(len, found[:1])) + (1 << 20):  # merge now and then, not every time
                     found = [np.unique(np.concatenate(found))]
@@ -484,10 +485,10 @@ def components(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:
     from scipy.sparse.csgraph import connected_components
 
     graph = coo_matrix((np.ones(len(i), bool), (i, j)), shape=(n, n))
-    return _groups_of(connected_components(graph, directed=False)[1])
+    return groups_of_labels(connected_components(graph, directed=False)[1])
 
 
-def _groups_of(labels: np.ndarray) -> list[list[int]]:
+def groups_of_labels(labels: np.ndarray) -> list[list[int]]:
     """Groups (len >= 2) of positions sharing a label, each sorted, ordered by their first position."""
     shared = np.flatnonzero(np.bincount(labels)[labels] >= 2)
     if not len(shared):

@@ -38,11 +38,20 @@ def as_examples(table: Table, cfg: DataConfig) -> None:
             (cfg.completion_column, "data.completion_column"),
         ):
             _require(table, column, key)
-        joined = f"{cfg.prompt_column}+{cfg.completion_column}"
+        joined = example_column(table.format, cfg)
         pairs = zip(table.frame[cfg.prompt_column], table.frame[cfg.completion_column], strict=True)
         examples = [_prompt_completion(p, c, table, i, cfg) for i, (p, c) in enumerate(pairs)]
         table.frame = table.frame.assign(**{joined: examples})
         table.text_column = joined
+
+
+def example_column(fmt: str | None, cfg: DataConfig) -> str | None:
+    """The column that holds each example's canonical JSON, for the example formats."""
+    if fmt == "chat":
+        return cfg.messages_column
+    if fmt == "prompt_completion":
+        return f"{cfg.prompt_column}+{cfg.completion_column}"
+    return None
 
 
 def messages(text: str) -> list[dict[str, str]]:

@@ -1,12 +1,9 @@
-"""Read a data source (a built-in name, or a CSV/Parquet/JSONL path or fsspec URL) into a Table,
+"""Open a data source (a built-in name, or CSV/Parquet/JSONL files: a path, glob, folder or fsspec URL),
 and check that the table fits the task, naming the file, line and column of any problem."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
 import sys
 from collections.abc import Callable, Collection
@@ -14,42 +11,64 @@ from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
-import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-from fsspec.utils import infer_compression
 from pandas.api.types import is_numeric_dtype
 
 from forgeml.data.builtin import DATASETS, build_dataset
-from forgeml.data.examples import as_examples
+from forgeml.data.stream import Source, files_fingerprint, source_files
 from forgeml.data.table import Table
 from forgeml.errors import DataError
-from forgeml.recipe import refuse_masked
 
 if TYPE_CHECKING:
     from forgeml.data.config import DataConfig
 
-SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SHOWN_ROWS = 5  # rows named in a message before "and N more"
 
 
 # ---------------------------------------------------------------- reading
 
 
+def open_source(cfg: DataConfig) -> Source:
+    """The rows of cfg.source, to be read batch by batch (a built-in dataset is built here, in memory)."""
+    if cfg.dataset is not None:
+        return Source(cfg, build_dataset(cfg.dataset, cfg.seed))
+    _require_path(cfg.source)
+    return Source(cfg)
+
+
+def open_test_source(cfg: DataConfig) -> Source:
+    """The separate test set (cfg.test_source), read like the main source, with its column choices."""
+    return open_source(_test_config(cfg))
+
+
 def read_table(cfg: DataConfig) -> Table:
-    """The rows of cfg.source, with the recipe's column choices and max_rows sample applied."""
-    table = _read_file(cfg) if cfg.dataset is None else build_dataset(cfg.dataset, cfg.seed)
-    # The recipe's column choices win over a built-in's defaults.
-    table.text_column = cfg.text_column or table.text_column
-    table.feature_columns = cfg.feature_columns or table.feature_columns
-    table.label_column = cfg.label_column or table.label_column
-    table.format = cfg.format or table.format
-    if table.format in ("chat", "prompt_completion"):
-        as_examples(table, cfg)
-    if cfg.max_rows is not None:
-        _sample(table, cfg.max_rows, cfg.seed)
-    return table
+    """All the rows of cfg.source in one Table, with the recipe's column choices and max_rows sample applied:
+    for data that fits in memory (the stages stream ``open_source`` instead)."""
+    return whole(open_source(cfg))
+
+
+def whole(source: Source) -> Table:
+    """A source's rows, all read into one Table."""
+    batches = list(source.batches())
+    frames = [b.frame for b in batches]
+    lines = None if source.table is not None and source.table.lines is None else []
+    for batch in batches:
+        if lines is not None and batch.lines is not None:
+            lines += list(batch.lines)
+    if lines is not None and (not lines or any(b.lines is None for b in batches)):
+        lines = None
+    return Table(
+        frame=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+        origin=source.origin,
+        text_column=source.text_column,
+        feature_columns=source.feature_columns,
+        label_column=source.label_column,
+        lines=lines,
+        fingerprint=source.fingerprint,
+        skipped_lines=[line for _, line in source.bad.listed],
+        format=source.format,
+    )
 
 
 def read_test_table(
@@ -68,12 +87,12 @@ def read_test_table(
 
 
 def source_fingerprint(cfg: DataConfig) -> str:
-    """What the source's content depends on beyond the recipe, without parsing it: the file's bytes,
+    """What the source's content depends on beyond the recipe, without parsing it: the files' bytes,
     or for a built-in the Python whose standard library (and bundled tables) it reads."""
     if cfg.dataset is not None:
         return hashlib.sha256(f"{cfg.dataset.name}\n{sys.version}".encode()).hexdigest()
     _require_path(cfg.source)
-    return hashlib.sha256(_read_bytes(cfg.source)).hexdigest()
+    return files_fingerprint(source_files(cfg.source, cfg.file_format))
 
 
 def source_fingerprints(cfg: DataConfig) -> dict[str, str]:
@@ -100,171 +119,25 @@ def _require_path(source: str) -> None:
         )
 
 
-def _read_file(cfg: DataConfig) -> Table:
-    source = cfg.source
-    _require_path(source)
-    data = _read_bytes(source)
-    fmt = cfg.file_format if cfg.file_format != "auto" else _format_from_suffix(source)
-    skipped: list[int] = []
-    frame, lines = READERS[fmt](data, source, skipped if cfg.on_bad_rows == "skip" else None)
-    return Table(
-        frame=frame,
-        origin=source,
-        text_column=None,
-        feature_columns=None,
-        label_column=None,
-        lines=lines,
-        fingerprint=hashlib.sha256(data).hexdigest(),
-        skipped_lines=skipped,
-    )
-
-
 def _looks_like_path(source: str) -> bool:
     return "/" in source or os.sep in source or bool(PurePosixPath(source).suffix) or Path(source).exists()
 
 
-def _read_bytes(source: str) -> bytes:
-    """The file's content, decompressed when its suffix says so (.gz, .bz2, .zst, ...)."""
-    refuse_masked("data.source", source, "give the URL with its password, e.g. --set data.source=URL")
-    try:
-        with fsspec.open(source, "rb", compression="infer") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DataError(f"data.source: file not found: {source}") from None
-    except (OSError, ValueError, ImportError) as exc:
-        raise DataError(f"data.source: cannot read {source} ({exc})") from exc
-
-
-def _format_from_suffix(source: str) -> str:
-    suffixes = [s.lower() for s in PurePosixPath(source).suffixes]
-    if suffixes and infer_compression(source):
-        suffixes.pop()  # data.csv.gz is a CSV
-    suffix = suffixes[-1] if suffixes else ""
-    if suffix not in SUFFIX_FORMATS:
-        raise DataError(
-            f"data.source: cannot tell the format of {source} from its suffix {suffix or '(none)'!r}; "
-            "set data.file_format to csv, parquet or jsonl"
-        )
-    return SUFFIX_FORMATS[suffix]
-
-
-def _decode(data: bytes, origin: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{origin}: line {line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
-
-
-def _read_csv(data: bytes, origin: str, skipped: list[int] | None) -> tuple[pd.DataFrame, list[int]]:
-    """``skipped``: None to fail on a malformed record, else a list that collects the lines left out."""
-    text = _decode(data, origin)
-    records = _csv_records(text, origin, skipped)
-    if not records:
-        raise DataError(f"{origin}: empty file; a CSV starts with a header line")
-    if skipped:
-        text = "".join(record for _, record in records)  # pandas reads only the well-formed records
-    try:
-        frame = pd.read_csv(io.StringIO(text), low_memory=False)
-    except pd.errors.ParserError as exc:
-        if "EOF inside string" in str(exc):
-            # The csv module let the open quote run to the end: the last record holds it.
-            raise DataError(f"{origin}: line {records[-1][0]}: a quoted field is never closed") from None
-        raise DataError(f"{origin}: cannot parse as CSV ({exc})") from None
-    lines = [start for start, _ in records[1:]]
-    if len(frame) != len(lines):
-        # pandas' tokenizer drops rows in some files mixing \r and \n line ends.
-        raise DataError(
-            f"{origin}: pandas read {len(frame)} rows but the file holds {len(lines)} records; "
-            "check for mixed line endings (\\r, \\n) or stray quotes"
-        )
-    return frame, lines
-
-
-def _csv_records(text: str, origin: str, skipped: list[int] | None) -> list[tuple[int, str]]:
-    """(file line where it starts, raw text) of each record, the header first. Every record must
-    have the header's width: otherwise an error, or with ``skipped`` its line is collected.
-
-    pandas cannot give this: its "line N" in errors counts a record with quoted newlines as
-    one line, and it pads short rows with NaN instead of complaining.
-    """
-    physical = io.StringIO(text, newline="").readlines()  # splits at \n, \r\n and \r, like pandas
-    reader = csv.reader(physical)
-    records: list[tuple[int, str]] = []
-    width = end = 0
-    limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))  # a field may be a long document
-    try:
-        for record in reader:
-            start, end = end + 1, reader.line_num
-            if start == end and not physical[start - 1].strip(" \t\r\n"):
-                continue  # pandas skips blank and whitespace-only lines
-            if not records:
-                width = len(record)
-            elif len(record) != width:
-                if skipped is None:
-                    raise DataError(
-                        f"{origin}: line {start}: expected {width} fields, saw {len(record)} "
-                        "(fix the row, or set data.on_bad_rows: skip)"
-                    )
-                skipped.append(start)
-                continue
-            records.append((start, "".join(physical[start - 1 : end])))
-    finally:
-        csv.field_size_limit(limit)
-    return records
-
-
-def _read_jsonl(data: bytes, origin: str, skipped: list[int] | None) -> tuple[pd.DataFrame, list[int]]:
-    records, lines = [], []
-    # Split at \n only: a JSON string may hold U+2028 and other characters str.splitlines splits at.
-    for number, line in enumerate(_decode(data, origin).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            problem = (
-                None if isinstance(record, dict) else f"expected a JSON object (one row), got {type(record).__name__}"
-            )
-        except json.JSONDecodeError as exc:
-            problem = f"invalid JSON ({exc.msg} at column {exc.colno})"
-        if problem and skipped is not None:
-            skipped.append(number)
-            continue
-        if problem:
-            raise DataError(f"{origin}: line {number}: {problem} (fix the row, or set data.on_bad_rows: skip)")
-        records.append(record)
-        lines.append(number)
-    return pd.DataFrame(records), lines
-
-
-def _read_parquet(data: bytes, origin: str, skipped: list[int] | None) -> tuple[pd.DataFrame, None]:
-    try:
-        frame = pd.read_parquet(io.BytesIO(data))
-    except pa.ArrowException as exc:
-        raise DataError(f"{origin}: not a readable Parquet file ({exc})") from None
-    # A named index (written from df.set_index("id")) is data; an unnamed one is not.
-    return frame.reset_index(drop=frame.index.names == [None]), None
-
-
-READERS: dict[str, Callable[[bytes, str, list[int] | None], tuple[pd.DataFrame, list[int] | None]]] = {
-    "csv": _read_csv,
-    "jsonl": _read_jsonl,
-    "parquet": _read_parquet,
-}
-
-
-def _sample(table: Table, max_rows: int, seed: int) -> None:
-    """Keep a seeded random sample of max_rows rows, in source order."""
-    n = len(table.frame)
-    if max_rows >= n:
-        return
-    keep = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-    table.frame = table.frame.iloc[keep].reset_index(drop=True)
-    if table.lines is not None:
-        table.lines = [table.lines[i] for i in keep]
-
-
 # ---------------------------------------------------------------- validation
+
+
+def batch_check(
+    needs: Literal["text", "features"], task: Literal["classification", "lm"], missing_ok: Collection[str] = ()
+) -> Callable[[Table], None]:
+    """validate_table for one batch of a source: a batch may hold a single class (``require_classes``
+    checks the whole source's)."""
+    return lambda batch: validate_table(batch, needs, task, missing_ok, one_class_ok=True)
+
+
+def require_classes(origin: str, column: str | None, classes: Collection[str]) -> None:
+    if column is not None and len(classes) < 2:
+        shown = f"a single class, {next(iter(classes))!r}" if classes else "no class"
+        raise DataError(f"{origin}: label column {column!r} holds {shown}; classification needs at least 2")
 
 
 def validate_table(

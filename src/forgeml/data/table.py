@@ -20,9 +20,12 @@ class Table:
     fingerprint: str  # sha256 hex of the content
     skipped_lines: list[int] = field(default_factory=list)  # malformed rows left out (on_bad_rows: skip)
     format: str | None = None  # what a row is for a causal LM (data.format), where the source says
+    start: int = 0  # the source row id of the frame's first row (a batch of a larger source)
+    file: str | None = None  # the file the rows come from, where the source has several
 
     def where(self, row: int) -> str:
-        """Where a row (position in frame) is, for messages: "row 12 (line 14)"."""
-        if self.lines is None:
-            return f"row {row}"
-        return f"row {row} (line {self.lines[row]})"
+        """Where a row (position in frame) is, for messages: "row 12 (line 14)", "row 12 (a.csv line 14)"."""
+        at = None if self.lines is None else f"line {self.lines[row]}"
+        if self.file is not None:
+            at = f"{self.file} {at}" if at else f"in {self.file}"
+        return f"row {self.start + row} ({at})" if at else f"row {self.start + row}"

@@ -25,9 +25,20 @@ tqdm.tqdm.monitor_interval = 0
 GRACE_S = 5.0  # a thread or process told to stop may take a moment to go
 
 
+def _resource_tracker() -> int | None:
+    """multiprocessing's resource tracker: started once per process by the first spawned pool and kept
+    until the interpreter exits, by design, so not a test's leak."""
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
 def _children() -> dict[int, str]:
     found = {}
+    tracker = _resource_tracker()
     for child in psutil.Process().children(recursive=True):
+        if child.pid == tracker:
+            continue
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
                 found[child.pid] = " ".join(child.cmdline())[:200]

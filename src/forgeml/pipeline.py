@@ -24,6 +24,7 @@ from forgeml.explaining.stage import Explain
 from forgeml.recipe import Recipe, hide_secrets, mask_secrets
 from forgeml.reporting.stage import Report
 from forgeml.rundir import RunDir, sha256_json
+from forgeml.section import Section
 from forgeml.stage import Context, Stage
 from forgeml.training.processes import ONE_PROCESS, Dist, process_group
 from forgeml.training.stage import Train
@@ -39,7 +40,9 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 def config_slice(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
     # Masked: a hash of a known text and a password would let anyone who reads run.json guess it.
-    dump = mask_secrets({**recipe.model_dump(mode="json"), "train": recipe.train.hashed_dump()})
+    full = recipe.model_dump(mode="json")
+    parts = {name: getattr(recipe, name) for name in full}
+    dump = mask_secrets({n: p.hashed_dump() if isinstance(p, Section) else full[n] for n, p in parts.items()})
     out: dict[str, Any] = {}
     for dotted in sections:
         value: Any = dump

@@ -92,7 +92,7 @@ class Recipe(Section):
     def section_dump(self, *names: str) -> dict[str, Any]:
         """Sections as hashed into run.json and the manifest: masked, so that a hash gives no handle
         on a password, and a recipe read back from its run directory hashes the same."""
-        return mask_secrets({n: getattr(self, n).model_dump(mode="json") for n in names})
+        return mask_secrets({n: getattr(self, n).hashed_dump() for n in names})
 
     def secrets(self) -> list[tuple[list[str], Any]]:
         """The values ``mask_secrets`` hides, each with its path of keys: what a process started on a

@@ -75,6 +75,7 @@ class RunDir:
     DATA = "data"  # prepare: the shards, unless prepare.shards_url puts them elsewhere
     MANIFEST = "data/manifest.json"  # prepare: shards, their checksums, labels, what was cleaned
     ENCODER = "data/encoder"  # prepare: the fitted tokenizer or feature scales
+    PROGRESS = "data/progress.json"  # prepare, while it runs: the shards finished, for a resume
     MODEL = "train/model"  # train: the exported model (config, weights, encoder)
     EVAL = "train/eval.json"
     METRICS = "train/metrics.jsonl"

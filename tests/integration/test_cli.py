@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -382,3 +383,28 @@ def test_stages_that_read_the_model_rerun_when_its_weights_change(tmp_path):
     assert rerun["compress"] is not None and rerun["explain"] is not None
     baseline = load_file(run / "compress" / "baseline" / "model.safetensors")
     assert torch.equal(baseline["layers.0.weight"], load_file(weights_file)["layers.0.weight"])
+
+
+def test_run_on_a_folder_of_parquet_files_streams_it_into_training(tmp_path):
+    """A source read in batches of 8 rows from three files, prepared by two worker processes."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rng = random.Random(0)
+    words = [f"tok{i}" for i in range(50)]
+    for part in range(3):
+        docs = [" ".join(rng.choices(words, k=60)) for _ in range(20)]
+        pd.DataFrame({"text": docs}).to_parquet(folder / f"part-{part}.parquet", index=False)
+    recipe = {
+        "name": "folder",
+        "data": {"source": str(folder), "text_column": "text", "batch_rows": 8},
+        "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "tokenizer": "byte"},
+        "prepare": {"workers": 2, "shard_rows": 16},
+        "train": {"max_steps": 3, "global_batch_size": 8},
+        "compress": {"methods": []},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = forgeml("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "runs" / "folder" / "data" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] > 0 and len(manifest["splits"]["train"]["shards"]) >= 1
+    assert json.loads((tmp_path / "runs" / "folder" / "train" / "eval.json").read_text())["steps"] == 3

@@ -10,8 +10,6 @@ from forgeml.data.dedup import (
     BandIndex,
     MinHashing,
     NearDuplicates,
-    cross_matches,
-    exact_groups,
     near_duplicates,
     normalize,
 )
@@ -59,7 +57,7 @@ def components(n: int, pairs: list[tuple[int, int, float]]) -> list[list[int]]:
     return sorted((g for g in groups.values() if len(g) >= 2), key=lambda g: g[0])
 
 
-# ---------------------------------------------------------------- normalize and exact groups
+# ---------------------------------------------------------------- normalize
 
 
 def test_normalize():
@@ -67,17 +65,6 @@ def test_normalize():
     assert normalize("A  B", lowercase=False) == "A B"
     assert normalize("A  B ", whitespace=False) == "a  b "
     assert normalize("") == ""
-
-
-def test_exact_groups():
-    assert exact_groups(["a", "b", "a", "c", "b", "a"]) == [[0, 2, 5], [1, 4]]
-    assert exact_groups([("x", 1), ("y", 1), ("x", 1)]) == [[0, 2]]
-    assert exact_groups(["only", "distinct"]) == []
-    assert exact_groups([]) == []
-
-
-def test_exact_groups_are_ordered_by_first_position():
-    assert exact_groups([3, 1, 1, 3, 2, 2]) == [[0, 3], [1, 2], [4, 5]]
 
 
 # ---------------------------------------------------------------- near duplicates
@@ -152,7 +139,6 @@ def test_same_result_for_any_number_of_processes(monkeypatch):
     one = near_duplicates(docs, processes=1)
     assert len(one.groups) == 60
     assert near_duplicates(docs, processes=2) == one
-    assert cross_matches(docs[:100], docs[100:], processes=2) == cross_matches(docs[:100], docs[100:], processes=1)
 
 
 def test_short_and_empty_texts():
@@ -163,7 +149,6 @@ def test_short_and_empty_texts():
     assert result.pairs == [(2, 3, 1.0), (5, 6, 1.0)]
     assert near_duplicates([], processes=1) == NearDuplicates(groups=[], pairs=[])
     assert near_duplicates(["", ""], processes=1) == NearDuplicates(groups=[], pairs=[])
-    assert cross_matches(["", "a b"], ["", "a b"], processes=1) == [(1, 1, 1.0)]
 
 
 def test_identical_documents_do_not_blow_up():
@@ -188,34 +173,7 @@ def test_rejects_bad_parameters():
     with pytest.raises(ValueError):
         near_duplicates(["a"], threshold=0.0)
     with pytest.raises(ValueError):
-        cross_matches(["a"], ["a"], ngram=0)
-
-
-# ---------------------------------------------------------------- cross matches (leakage)
-
-
-def test_cross_matches_finds_planted_leaks_with_the_best_match():
-    corpus = random_docs(200, seed=7, lengths=(70, 80))
-    queries = random_docs(50, seed=8, lengths=(70, 80))
-    queries[3] = substitute(corpus[17], 1)
-    queries[10] = corpus[42]
-    queries[20] = substitute(corpus[99], -2)
-    # Query 30 matches corpus 121 (one word changed) and, less closely, corpus 120 (two words changed).
-    corpus[121] = substitute(corpus[120], 35)
-    queries[30] = substitute(corpus[121], 0)
-    assert jaccard(queries[30], corpus[120]) >= 0.8
-    corpus.append(corpus[42])  # an equally good later match: the first is reported
-
-    matches = cross_matches(queries, corpus, processes=1)
-    assert [(q, c) for q, c, _ in matches] == [(3, 17), (10, 42), (20, 99), (30, 121)]
-    by_query = {q: s for q, _, s in matches}
-    assert by_query[10] == 1.0
-    assert by_query[3] == pytest.approx(jaccard(queries[3], corpus[17]), abs=1e-12)
-
-
-def test_cross_matches_without_leaks():
-    assert cross_matches(random_docs(30, seed=9), random_docs(30, seed=10), processes=1) == []
-    assert cross_matches([], random_docs(3, seed=11), processes=1) == []
+        near_duplicates(["a"], ngram=0)
 
 
 # ---------------------------------------------------------------- properties

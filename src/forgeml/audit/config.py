@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, PositiveInt
 
-from forgeml.section import Section
+from forgeml.section import UNHASHED, Section
 
 
 class NormalizeConfig(Section):
@@ -55,7 +55,9 @@ class AuditConfig(Section):
         20_000, description="the label-noise, target-leak and ID-like checks run on a seeded sample of this many rows"
     )
     memory_budget_mb: PositiveInt = Field(
-        256, description="near-duplicate band keys past this size spill to disk (a temporary folder)"
+        256,
+        description="near-duplicate band keys past this size spill to disk (a temporary folder)",
+        json_schema_extra=UNHASHED,
     )
     fail_on: FailOnConfig = FailOnConfig()
     examples: PositiveInt = Field(5, description="examples of each finding shown in the report")

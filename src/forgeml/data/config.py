@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, PositiveInt, Tag, field_validator, model_validator
 
-from forgeml.section import Section
+from forgeml.section import UNHASHED, Section
 
 # ---------------------------------------------------------------- the built-in datasets' options
 
@@ -118,6 +118,9 @@ class DataConfig(Section):
     test_source: str | None = Field(None, description="a separate test set (same columns); else split off")
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="malformed CSV/JSONL rows: stop, or skip")
     max_rows: PositiveInt | None = Field(None, description="keep a seeded random sample of this many rows")
+    batch_rows: PositiveInt = Field(
+        16_384, description="rows read at a time: what bounds memory with the text length", json_schema_extra=UNHASHED
+    )
     seed: int = 0
 
     @field_validator("source", mode="before")
@@ -148,6 +151,14 @@ class PrepareConfig(Section):
         False, description="causal LMs: pack several examples into each sequence, attention kept within each"
     )
     shard_rows: PositiveInt = Field(50_000, description="rows per Parquet shard")
+    workers: PositiveInt = Field(
+        1, description="processes that encode (tokenize) and write the shards", json_schema_extra=UNHASHED
+    )
+    memory_budget_mb: PositiveInt = Field(
+        4096,
+        description="rebalancing by resampling holds the training split in memory: at most this much",
+        json_schema_extra=UNHASHED,
+    )
     shards_url: str | None = Field(
         None, description="write the shards here (path or fsspec URL: file://, s3://, ...) instead of data/"
     )

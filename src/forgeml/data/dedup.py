@@ -51,13 +51,6 @@ def normalize(text: str, lowercase: bool = True, whitespace: bool = True) -> str
     return text
 
 
-def exact_groups(keys: Sequence[Hashable]) -> list[list[int]]:
-    """Groups (len >= 2) of positions with equal keys, each sorted, ordered by their first position."""
-    first_seen: dict[Hashable, int] = {}
-    labels = np.fromiter((first_seen.setdefault(key, len(first_seen)) for key in keys), np.int64, len(keys))
-    return groups_of_labels(labels)
-
-
 @dataclass(frozen=True)
 class MinHashing:
     """The near-duplicate settings: MinHash of word ``ngram`` shingles with ``num_perm`` permutations, and the
@@ -299,36 +292,6 @@ def near_duplicates(
     order = np.lexsort((j, i))
     pairs = list(zip(i[order].tolist(), j[order].tolist(), s[order].tolist(), strict=True))
     return NearDuplicates(groups=components(len(texts), i, j), pairs=pairs)
-
-
-def cross_matches(
-    queries: Sequence[str],
-    corpus: Sequence[str],
-    num_perm: int = 128,
-    threshold: float = 0.8,
-    ngram: int = 5,
-    seed: int = 1,
-    processes: int | None = None,
-) -> list[tuple[int, int, float]]:
-    """(query index, best corpus index, Jaccard) for each query with a corpus text at or above ``threshold``,
-    sorted by query index; among equally similar corpus texts the first is reported."""
-    hashing = MinHashing(num_perm, threshold, ngram, seed)
-    queries, corpus = list(queries), list(corpus)
-    # Ids: the corpus first, then the queries; equal corpus texts score alike, so the first stands for them.
-    texts = corpus + queries
-    n = len(corpus)
-    rep = first_of_equal(texts)
-    worded = has_shingles(texts)
-    exact = {q - n: int(rep[q]) for q in range(n, len(texts)) if rep[q] < n and worded[q]}
-    added = np.flatnonzero((rep == np.arange(len(texts))) & worded)
-    with BandIndex(hashing.bands[0], budget_bytes=1 << 62) as index:
-        index.add(added, band_keys(hashing, [texts[i] for i in added], processes))
-        left, right = index.pairs()
-    cross = (left < n) & (right >= n)
-    corpus_ids, query_ids = left[cross], right[cross]
-    sim = verify(hashing.ngram, texts, corpus_ids, query_ids)
-    keep = sim >= threshold
-    return best_matches(query_ids[keep] - n, corpus_ids[keep], sim[keep], exact)
 
 
 def best_matches(

@@ -200,7 +200,7 @@ class Scan:
     test_rows: int | None = None
     test_key: np.ndarray | None = None  # what matches a test row to a training row (no label)
     cross_pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (test row, main row, Jaccard)
-    extra: dict[str, np.ndarray] = field(default_factory=dict)  # masks asked for by the caller, per row
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the caller's masks: source rows, then test rows
 
     @property
     def match_key(self) -> np.ndarray:
@@ -224,9 +224,12 @@ def scan(
     near: bool = True,
     masks: dict[str, Mask] | None = None,
     sample_seed: int = 0,
+    columns_of: Callable[[Table], Columns] = Columns.of,
 ) -> Scan:
     """One pass over ``source`` (then ``test``), checking each batch; for text with ``near``, the near
-    duplicates within the source and between the test set and the source, verified by a second pass."""
+    duplicates within the source and between the test set and the source, verified by a second pass.
+    ``masks`` are kept for the rows of both, the source's first; ``columns_of`` picks the columns that
+    matter from the first batch."""
     masks = masks or {}
     near_cfg = cfg.near_duplicates
     hashing = MinHashing(near_cfg.num_perm, near_cfg.threshold, near_cfg.ngram)
@@ -245,7 +248,7 @@ def scan(
         offset = 0
         for batch in source.batches():
             check(batch)
-            columns = columns or Columns.of(batch)
+            columns = columns or columns_of(batch)
             frame = batch.frame
             missing = missing_mask(frame)
             stats.add(frame, missing)
@@ -280,6 +283,8 @@ def scan(
         if test is not None:
             for batch in test.batches():
                 (check_test or check)(batch)
+                for name, mask in masks.items():
+                    keep(name, mask(batch))
                 if columns.text:
                     texts = text_keys(batch.frame[columns.text], cfg)
                     test_keys.append(hash_texts(texts))

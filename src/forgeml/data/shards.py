@@ -61,21 +61,38 @@ def write_shards(frame: pd.DataFrame, folder: str, split: str, rows_per_shard: i
     into ``folder`` (a path or fsspec URL, created if needed); returns their manifest entries."""
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
-    fs, root = fsspec.core.url_to_fs(str(folder))
-    fs.makedirs(root, exist_ok=True)
     # One schema for all shards, so a shard whose slice happens to be all-null keeps its types.
     schema = pa.Schema.from_pandas(frame, preserve_index=False)
     starts = range(0, len(frame), rows_per_shard) if len(frame) else [0]  # empty frame: one empty shard
-    entries = []
-    for i, start in enumerate(starts):
-        part = frame.iloc[start : start + rows_per_shard]
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False), sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        name = f"{split}-{i:05d}.parquet"
-        _write_atomically(fs, f"{root.rstrip('/')}/{name}", data)
-        entries.append({"path": name, "rows": len(part), "sha256": hashlib.sha256(data).hexdigest()})
-    return entries
+    return [
+        write_shard(frame.iloc[start : start + rows_per_shard], folder, shard_name(split, i), schema)
+        for i, start in enumerate(starts)
+    ]
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.parquet"
+
+
+def write_shard(frame: pd.DataFrame, folder: str, name: str, schema: pa.Schema | None = None) -> dict:
+    """Write one shard atomically (a half-written shard is never visible); its manifest entry."""
+    fs, root = fsspec.core.url_to_fs(str(folder))
+    fs.makedirs(root, exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    _write_atomically(fs, f"{root.rstrip('/')}/{name}", data)
+    return {"path": name, "rows": len(frame), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def shard_intact(folder: str, entry: dict) -> bool:
+    """Whether the shard is there with the bytes its entry names."""
+    fs, root = fsspec.core.url_to_fs(str(folder))
+    try:
+        data = fs.cat_file(f"{root.rstrip('/')}/{entry['path']}")
+    except FileNotFoundError:
+        return False
+    return hashlib.sha256(data).hexdigest() == entry["sha256"]
 
 
 def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

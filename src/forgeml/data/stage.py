@@ -14,7 +14,8 @@ class Prepare(Stage):
     name = "prepare"
     # The audit's normalisation and near-duplicate settings decide which rows are duplicates; the
     # model section decides the encoder (tokenizer, feature scales) fitted here.
-    sections = ("data", "prepare", "audit.normalize", "audit.near_duplicates", "model")
+    # The audit's sample stands for a training split too large to hold: the encoder is fitted on it.
+    sections = ("data", "prepare", "audit.normalize", "audit.near_duplicates", "audit.sample_rows", "model")
 
     def check(self, recipe: Recipe) -> None:
         family_for(recipe.model).check_config(recipe.model)

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from forgeml.data.config import DataConfig
 
 SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-BATCH_ROWS = 16_384  # rows per batch: large enough for vectorised work, small enough to bound memory
 LISTED_BAD_ROWS = 100  # malformed rows listed by file and line; the rest are counted
 _GLOB = re.compile(r"[*?\[]")
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # a line end of its own (old Mac files), as pandas reads it
@@ -317,10 +316,10 @@ class Source:
     """The rows of ``cfg.source`` (a built-in's ``table``, or the files), read batch by batch each time
     ``batches`` is iterated, with the recipe's column choices and ``max_rows`` sample applied."""
 
-    def __init__(self, cfg: DataConfig, table: Table | None = None, batch_rows: int = BATCH_ROWS) -> None:
+    def __init__(self, cfg: DataConfig, table: Table | None = None) -> None:
         self.cfg = cfg
         self.table = table
-        self.batch_rows = batch_rows
+        self.batch_rows = cfg.batch_rows
         self.files = [] if table is not None else source_files(cfg.source, cfg.file_format)
         self.origin = table.origin if table is not None else cfg.source
         # The recipe's column choices win over a built-in's defaults.

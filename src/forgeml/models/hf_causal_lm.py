@@ -181,6 +181,12 @@ class CausalEncoder(Encoder):
         self.too_long = counted  # shown, not stored: these count as nothing left out
         return segments(self.tokenizer, fitting[0].input_ids, fitting[0].labels) if fitting else None
 
+    def counts(self) -> dict[str, int]:
+        return {"too_long": self.too_long}
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        self.too_long += counts.get("too_long", 0)
+
     def notes(self) -> list[str]:
         if not self.too_long:
             return []

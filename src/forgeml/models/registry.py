@@ -96,6 +96,14 @@ class Encoder(ABC):
         """What encoding did to the rows that a user should know (examples left out), for prepare's notes."""
         return []
 
+    def counts(self) -> dict[str, int]:
+        """What ``notes`` reports, as numbers: prepare's worker processes each encode with a copy of the
+        encoder, and their counts are added up into the one that writes the notes (``add_counts``)."""
+        return {}
+
+    def add_counts(self, counts: dict[str, int]) -> None:  # noqa: B027 - nothing to add for most encoders
+        """Add the counts of a copy that encoded other rows."""
+
     def shown(self, frame: pd.DataFrame) -> list[tuple[str, bool]] | None:
         """The first row as the model trains on it, where that says more than the row: its text in
         runs, each with whether a loss falls on it."""

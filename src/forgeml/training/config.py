@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
-from forgeml.section import Probability, Section
+from forgeml.section import UNHASHED, Probability, Section
 
 
 class EarlyStoppingConfig(Section):
@@ -22,11 +22,6 @@ class AugmentConfig(Section):
     random_mask: Probability = Field(0.0, description="text: replace each token by [MASK] with this probability")
     gaussian_noise: NonNegativeFloat = Field(0.0, description="tables: std of noise added to standardised features")
     mixup_alpha: NonNegativeFloat = Field(0.0, description="tables: Beta(alpha, alpha) mixup of rows and labels")
-
-
-# Train fields that decide nothing about the weights (when to write a log line, collect garbage,
-# or whether to continue): a change of them keeps the run's checkpoints and its trained model.
-UNHASHED = {"hashed": False}
 
 
 class TrainConfig(Section):
@@ -77,12 +72,6 @@ class TrainConfig(Section):
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set train.max_steps or train.max_epochs (or both: training stops at the first)")
         return self
-
-    def hashed_dump(self) -> dict[str, Any]:
-        """The fields that decide the trained weights: what a checkpoint and the stages after
-        training are keyed on (the parallel section is not, so a run resumes at another scale)."""
-        unhashed = {name for name, f in type(self).model_fields.items() if f.json_schema_extra == UNHASHED}
-        return self.model_dump(mode="json", exclude=unhashed)
 
 
 class ParallelConfig(Section):
